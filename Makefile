@@ -1,0 +1,45 @@
+# tidegate: `make serve` and `make test` work on a fresh clone (they create .venv themselves).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+ARGS ?=
+
+# Models are always loaded from local files; nothing is ever downloaded from a model hub.
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := true
+
+.PHONY: serve test lint typecheck unit bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned in pyproject.toml (torch==2.13.0, a CPU build); an unpinned torch would pull CUDA.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e ".[dev]"
+	touch $@
+
+serve: $(VENV)/.installed
+	$(BIN)/tidegate serve $(ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests bench
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+unit: $(VENV)/.installed-dev
+	$(BIN)/pytest $(ARGS)
+
+test: lint typecheck unit
+
+# Benchmarks need wrk (Debian: apt-get install wrk). Results go to BENCHMARKS.md.
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""HTTP API: the ASGI app, request schemas and error mapping."""

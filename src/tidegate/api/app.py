@@ -1,0 +1,211 @@
+"""The ASGI application: thin routes that parse, call the model manager, and encode."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive
+
+from tidegate.api.errors import error_response, http_error_handler, unexpected_error_response
+from tidegate.api.schemas import encode_embedding_response, parse_embedding_request
+from tidegate.config import Config
+from tidegate.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    TidegateError,
+    UnsupportedMediaType,
+)
+from tidegate.metrics import Metrics
+from tidegate.models.manager import ModelManager, RuntimeFactory
+from tidegate.runtimes import create_runtime
+
+__all__ = ["AppState", "create_app"]
+
+log = logging.getLogger("tidegate.api")
+
+T = TypeVar("T")
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class AppState:
+    config: Config
+    manager: ModelManager
+    metrics: Metrics
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was ready."""
+
+
+def _json(data: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _state(request: Request) -> AppState:
+    state: AppState = request.app.state.tidegate
+    return state
+
+
+def endpoint(handler: Handler) -> Handler:
+    """Turn tidegate errors into OpenAI-shaped responses and bugs into logged 500s."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except TidegateError as exc:
+            return error_response(exc)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except Exception as exc:
+            return unexpected_error_response(request, exc)
+
+    return wrapper
+
+
+async def read_json_body(request: Request, max_bytes: int) -> bytes:
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaType(media)
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError as exc:
+            raise InvalidRequest(f"Invalid Content-Length header: {declared!r}") from exc
+        if length > max_bytes:
+            raise PayloadTooLarge(
+                f"Request body of {length} bytes exceeds the limit of {max_bytes} bytes.",
+                limit=max_bytes, actual=length,
+            )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(
+                f"Request body exceeds the limit of {max_bytes} bytes.", limit=max_bytes
+            )
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_while_connected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (which withdraws queued
+    inputs) and raise :class:`ClientDisconnected`."""
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait((work_task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work_task.done():
+            work_task.cancel()
+            await asyncio.gather(work_task, return_exceptions=True)
+            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise ClientDisconnected()
+    return work_task.result()
+
+
+@endpoint
+async def create_embeddings(request: Request) -> Response:
+    state = _state(request)
+    server = state.config.server
+    body = await read_json_body(request, server.max_body_bytes)
+    parsed = parse_embedding_request(body, max_inputs=server.max_inputs_per_request)
+    model = state.manager.get(parsed.model)
+    dimensions = model.runtime.dimensions
+    if parsed.dimensions is not None and parsed.dimensions != dimensions:
+        raise InvalidRequest(
+            f"Model '{model.id}' produces {dimensions}-dimensional embeddings and does not "
+            f"support 'dimensions'={parsed.dimensions}.", param="dimensions",
+        )
+    try:
+        async with asyncio.timeout(server.request_timeout_s):
+            result = await run_while_connected(request, model.embed(parsed.inputs))
+    except TimeoutError:
+        raise RequestTimeout(model=model.id, timeout_s=server.request_timeout_s) from None
+    content = encode_embedding_response(
+        model=model.id,
+        vectors=result.vectors,
+        prompt_tokens=result.prompt_tokens,
+        encoding_format=parsed.encoding_format,
+    )
+    return Response(content, media_type="application/json")
+
+
+@endpoint
+async def list_models(request: Request) -> Response:
+    return _json({"object": "list", "data": _state(request).manager.describe()})
+
+
+@endpoint
+async def retrieve_model(request: Request) -> Response:
+    return _json(_state(request).manager.describe_one(request.path_params["model_id"]))
+
+
+async def health_live(request: Request) -> Response:
+    return _json({"status": "ok"})
+
+
+async def health_ready(request: Request) -> Response:
+    manager = _state(request).manager
+    models = {card["id"]: card["status"] for card in manager.describe()}
+    if manager.ready:
+        return _json({"status": "ready", "models": models})
+    return _json({"status": "not_ready", "models": models}, status=503)
+
+
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runtime) -> Starlette:
+    """Build the app. Models start loading when the app starts (ASGI lifespan)."""
+    app_metrics = Metrics()
+    model_manager = ModelManager(config, app_metrics, runtime_factory=runtime_factory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await model_manager.start()
+        try:
+            yield
+        finally:
+            await model_manager.aclose()
+
+    routes = [
+        Route("/v1/embeddings", create_embeddings, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
+        Route("/health/live", health_live, methods=["GET"]),
+        Route("/health/ready", health_ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    handlers: dict[Any, Any] = {HTTPException: http_error_handler}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.tidegate = AppState(config=config, manager=model_manager, metrics=app_metrics)
+    return app

@@ -1,0 +1,1 @@
+"""Dynamic request batching: a pure dispatch policy, adaptive sizing, and the batcher."""

@@ -1,0 +1,231 @@
+"""Typed, validated configuration.
+
+Config objects are frozen, keyword-only value objects that validate themselves. The only code
+that reads files is :func:`load_config`, called by the CLI at the edge; library code takes the
+objects. Unknown keys and bad values raise :class:`~tidegate.errors.ConfigError` naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from tidegate.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "BatchingConfig",
+    "Config",
+    "ModelConfig",
+    "RuntimeKind",
+    "ServerConfig",
+    "default_cache_dir",
+    "load_config",
+]
+
+DEFAULT_MODEL_ID = "all-minilm-l6-v2"
+RuntimeKind = Literal["embedding", "echo"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+def default_cache_dir() -> Path:
+    """``$TIDEGATE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tidegate``, else ``~/.cache/tidegate``."""
+    explicit = os.environ.get("TIDEGATE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "tidegate"
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _integer(name: str, value: object, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _choice(name: str, value: object, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BatchingConfig:
+    """How one model's requests are coalesced into batches (see README, "Batching").
+
+    Defaults were chosen by measurement on 2 CPU cores with MiniLM (BENCHMARKS.md): throughput
+    saturates near 64 short inputs per batch, and waiting only pays once a batch is computing.
+    """
+
+    max_batch_size: int = 64
+    """Most inputs in one forward pass."""
+    max_batch_tokens: int = 8192
+    """Most tokens (sum over inputs) in one forward pass."""
+    max_wait_ms: float = 2.0
+    """How long the oldest queued input may wait for more to join, while a batch is computing."""
+    max_queue_items: int = 4096
+    """Inputs queued beyond this are refused with 429 (or ``overload_status``)."""
+    target_p99_ms: float | None = None
+    """If set, the batch size adapts so queue + compute p99 tracks this target."""
+    overload_status: Literal[429, 503] = 429
+    """HTTP status for a full queue."""
+    max_concurrent_batches: int = 1
+    """Batches computing at once. CPU runtimes already use every core for one batch."""
+
+    def __post_init__(self) -> None:
+        _integer("max_batch_size", self.max_batch_size)
+        _integer("max_batch_tokens", self.max_batch_tokens)
+        _positive("max_wait_ms", self.max_wait_ms, allow_zero=True)
+        _integer("max_queue_items", self.max_queue_items)
+        _integer("max_concurrent_batches", self.max_concurrent_batches)
+        if self.target_p99_ms is not None:
+            _positive("target_p99_ms", self.target_p99_ms)
+        _choice("overload_status", self.overload_status, (429, 503))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """One served model."""
+
+    id: str
+    runtime: RuntimeKind = "embedding"
+    source: str | None = None
+    """A local model directory; ``None`` means the bundled all-MiniLM-L6-v2."""
+    max_input_tokens: int | None = None
+    """Truncate inputs to this many tokens; ``None`` means the model's own limit."""
+    intra_op_threads: int | None = None
+    """Threads one forward pass may use; ``None`` means every core."""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id.strip():
+            raise ConfigError(f"models.id must be a non-empty string, got {self.id!r}")
+        _choice(f"models[{self.id}].runtime", self.runtime, get_args(RuntimeKind))
+        if self.source is not None and not isinstance(self.source, str):
+            raise ConfigError(f"models[{self.id}].source must be a path string")
+        if self.max_input_tokens is not None:
+            _integer(f"models[{self.id}].max_input_tokens", self.max_input_tokens)
+        if self.intra_op_threads is not None:
+            _integer(f"models[{self.id}].intra_op_threads", self.intra_op_threads)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    """The HTTP front."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: LogLevel = "info"
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_inputs_per_request: int = 2048
+    request_timeout_s: float = 60.0
+    """A request still queued or computing after this gets 504 and its queued inputs are dropped."""
+    cache_dir: str | None = None
+    """Where exported model graphs are kept; ``None`` means :func:`default_cache_dir`."""
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"server.host must be a non-empty string, got {self.host!r}")
+        _integer("server.port", self.port, minimum=0)
+        if self.port > 65535:
+            raise ConfigError(f"server.port must be <= 65535, got {self.port}")
+        _choice("server.log_level", self.log_level, get_args(LogLevel))
+        _integer("server.max_body_bytes", self.max_body_bytes)
+        _integer("server.max_inputs_per_request", self.max_inputs_per_request)
+        _positive("server.request_timeout_s", self.request_timeout_s)
+        if not isinstance(self.access_log, bool):
+            raise ConfigError(f"server.access_log must be true or false, got {self.access_log!r}")
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+
+def _default_models() -> tuple[ModelConfig, ...]:
+    return (ModelConfig(id=DEFAULT_MODEL_ID),)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    """Everything ``tidegate serve`` needs."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("at least one [[models]] entry is required")
+        seen: set[str] = set()
+        for model in self.models:
+            if model.id in seen:
+                raise ConfigError(f"model id '{model.id}' is configured twice")
+            seen.add(model.id)
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+
+def _build(cls: type[Any], data: object, where: str) -> Any:
+    """Instantiate a config dataclass from a TOML table, refusing unknown keys."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a table, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} in {where}: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _build_model(data: object, index: int) -> ModelConfig:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"models[{index}] must be a table")
+    values = dict(data)
+    if "batching" in values:
+        values["batching"] = _build(
+            BatchingConfig, values["batching"], f"models[{index}].batching"
+        )
+    model: ModelConfig = _build(ModelConfig, values, f"models[{index}]")
+    return model
+
+
+def load_config(path: str | Path | None = None, **server_overrides: Any) -> Config:
+    """Read ``tidegate.toml`` (if given) and apply CLI overrides (``None`` values are ignored)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(raw) - {"server", "models"})
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) in config: {', '.join(unknown)}")
+    server_table = dict(raw.get("server", {}))
+    server_table.update({k: v for k, v in server_overrides.items() if v is not None})
+    server: ServerConfig = _build(ServerConfig, server_table, "[server]")
+    models_raw = raw.get("models")
+    if models_raw is None:
+        return Config(server=server)
+    if not isinstance(models_raw, list):
+        raise ConfigError("models must be an array of tables ([[models]])")
+    models = tuple(_build_model(m, i) for i, m in enumerate(models_raw))
+    return Config(server=server, models=models)

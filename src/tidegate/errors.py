@@ -1,0 +1,128 @@
+"""The one exception tree of tidegate.
+
+Every error a caller can see derives from :class:`TidegateError`. Each carries the numbers
+that explain it, and ``api.errors`` maps each class to one HTTP status and OpenAI error type::
+
+    TidegateError
+    ├── ConfigError            bad tidegate.toml / flags: start-up stops (exit 2)
+    ├── RequestError           the client's mistake (4xx)
+    │   ├── InvalidRequest     400, names the parameter
+    │   ├── ModelNotFound      404 model_not_found
+    │   ├── PayloadTooLarge    413
+    │   └── UnsupportedMediaType 415
+    ├── Overloaded             429 (or 503) with Retry-After: the queue is full
+    ├── ModelUnavailable       503: the model is loading or failed to load
+    ├── RequestTimeout         504: the request waited longer than its timeout
+    └── RuntimeFailure         500: the model raised while computing
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "InvalidRequest",
+    "ModelNotFound",
+    "ModelUnavailable",
+    "Overloaded",
+    "PayloadTooLarge",
+    "RequestError",
+    "RequestTimeout",
+    "RuntimeFailure",
+    "TidegateError",
+    "UnsupportedMediaType",
+]
+
+
+class TidegateError(Exception):
+    """Base class of every error raised by tidegate."""
+
+
+class ConfigError(TidegateError):
+    """The configuration is invalid; the message names the offending key or value."""
+
+
+class RequestError(TidegateError):
+    """The request cannot be served as sent; retrying it unchanged will fail again."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(RequestError):
+    """A parameter is missing, of the wrong type or out of range."""
+
+
+class ModelNotFound(RequestError):
+    """No model with this id is configured."""
+
+    def __init__(self, model: str, *, available: list[str] | None = None):
+        hint = f" Available models: {', '.join(available)}." if available else ""
+        super().__init__(
+            f"The model '{model}' does not exist.{hint}", param="model", code="model_not_found"
+        )
+        self.model = model
+
+
+class PayloadTooLarge(RequestError):
+    """The body or the number of inputs is above the configured limit."""
+
+    def __init__(self, message: str, *, limit: int, actual: int | None = None):
+        super().__init__(message, code="payload_too_large")
+        self.limit = limit
+        self.actual = actual
+
+
+class UnsupportedMediaType(RequestError):
+    """The body is not sent as application/json."""
+
+    def __init__(self, content_type: str):
+        super().__init__(
+            f"Unsupported Content-Type '{content_type or '(none)'}'; send application/json.",
+            code="unsupported_media_type",
+        )
+
+
+class Overloaded(TidegateError):
+    """The model's queue is full; the client should retry after ``retry_after_s``."""
+
+    def __init__(self, *, model: str, queued: int, limit: int, retry_after_s: int, status: int):
+        super().__init__(
+            f"Model '{model}' is overloaded: {queued} inputs queued, limit {limit}. "
+            f"Retry after {retry_after_s}s."
+        )
+        self.model = model
+        self.queued = queued
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.status = status
+
+
+class ModelUnavailable(TidegateError):
+    """The model exists but cannot serve now (still loading, or its load failed)."""
+
+    def __init__(self, model: str, reason: str, *, retry_after_s: int = 1):
+        super().__init__(f"Model '{model}' is not available: {reason}")
+        self.model = model
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeout(TidegateError):
+    """The request was not served within its timeout; its queued work was withdrawn."""
+
+    def __init__(self, *, model: str, timeout_s: float):
+        super().__init__(f"Request to model '{model}' timed out after {timeout_s:g}s.")
+        self.model = model
+        self.timeout_s = timeout_s
+
+
+class RuntimeFailure(TidegateError):
+    """The model's runtime raised while computing this request."""
+
+    def __init__(self, model: str, detail: str):
+        super().__init__(f"Model '{model}' failed while computing: {detail}")
+        self.model = model
+        self.detail = detail

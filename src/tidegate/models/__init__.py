@@ -1,0 +1,1 @@
+"""Model lifecycle: configuration to loaded runtimes."""
