@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -20,7 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tidegate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the configured models over HTTP")
-    serve.add_argument("--config", help="path to tidegate.toml (default: ./tidegate.toml if present)")
+    serve.add_argument(
+        "--config", help="path to tidegate.toml (default: ./tidegate.toml if present)"
+    )
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 8000)")
     serve.add_argument(
@@ -56,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(config.server.log_level)
     from tidegate.server import serve
 
-    serve(config)
+    # uvicorn re-raises the signal after a graceful shutdown; that is a normal exit.
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(config)
     return 0
 
 

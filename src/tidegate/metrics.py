@@ -25,6 +25,7 @@ class BatchMetrics:
     compute: Histogram
     queue_depth: Gauge
     rejected: Counter
+    withdrawn: Counter
     dispatch: dict[str, Counter]
 
 
@@ -63,9 +64,10 @@ class Metrics:
             "tidegate_rejected_requests", "Requests refused because the queue was full",
             ["model"], registry=r,
         )
-        self.requests = Counter(
-            "tidegate_http_requests", "HTTP requests by route and status", ["route", "status"],
-            registry=r,
+        self.withdrawn = Counter(
+            "tidegate_withdrawn_items",
+            "Queued inputs removed before dispatch (client gone or request timed out)",
+            ["model"], registry=r,
         )
 
     def for_batcher(self, model: str) -> BatchMetrics:
@@ -78,6 +80,7 @@ class Metrics:
             compute=self.compute.labels(model),
             queue_depth=self.queue_depth.labels(model),
             rejected=self.rejected.labels(model),
+            withdrawn=self.withdrawn.labels(model),
             dispatch={reason.value: self.dispatch.labels(model, reason.value)
                       for reason in DispatchReason},
         )

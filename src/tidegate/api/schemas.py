@@ -104,10 +104,14 @@ def parse_embedding_request(body: bytes, *, max_inputs: int) -> EmbeddingRequest
     if "input" not in data:
         raise InvalidRequest("Missing required parameter: 'input'.", param="input")
     inputs = _parse_inputs(data["input"], max_inputs)
-    encoding_format = data.get("encoding_format") or "float"
-    if encoding_format not in ("float", "base64"):
+    requested = data.get("encoding_format") or "float"
+    if requested == "float":
+        encoding_format: EncodingFormat = "float"
+    elif requested == "base64":
+        encoding_format = "base64"
+    else:
         raise InvalidRequest(
-            f"Invalid value for 'encoding_format': {encoding_format!r}; "
+            f"Invalid value for 'encoding_format': {requested!r}; "
             "supported values are 'float' and 'base64'.", param="encoding_format",
         )
     dimensions = data.get("dimensions")

@@ -8,11 +8,11 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from tidegate.batching.adaptive import AdaptiveBatchSize
 from tidegate.batching.policy import Decision, DispatchReason, decide
@@ -26,7 +26,18 @@ __all__ = ["Batcher", "BatcherStatistics"]
 log = logging.getLogger("tidegate.batching")
 
 R = TypeVar("R")
-RunBatch = Callable[[list[Any]], Sequence[R]]
+R_co = TypeVar("R_co", covariant=True)
+
+
+class BatchResults(Protocol[R_co]):
+    """What ``run_batch`` returns: one result per payload (a list, or an array's rows)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[R_co]: ...
+
+
+RunBatch = Callable[[Sequence[Any]], BatchResults[R]]
 
 
 class _Request:
@@ -217,6 +228,8 @@ class Batcher(Generic[R]):
             self._queued_tokens -= sum(i.tokens for i in self._queue if i.request is request)
             self._queue = kept
             self._cancelled += removed
+            if self._metrics:
+                self._metrics.withdrawn.inc(removed)
             request.pending = 0
             self._update_depth()
         self._wakeup.set()
@@ -271,7 +284,7 @@ class Batcher(Generic[R]):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _compute(self, items: list[_Item]) -> Sequence[R]:
+    async def _compute(self, items: list[_Item]) -> BatchResults[R]:
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(
             self._executor, self._run_batch, [item.payload for item in items]
@@ -323,7 +336,7 @@ class Batcher(Generic[R]):
             request.future.set_exception(failure)
 
     @staticmethod
-    def _deliver(items: list[_Item], results: Sequence[R]) -> None:
+    def _deliver(items: list[_Item], results: BatchResults[R]) -> None:
         for item, result in zip(items, results, strict=True):
             request = item.request
             if request.future.done():  # cancelled or failed: drop the result

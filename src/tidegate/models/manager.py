@@ -161,7 +161,7 @@ class ModelManager:
         if entry is None:
             raise ModelNotFound(model_id, available=sorted(self._entries))
         if entry.served is None:
-            reason = entry.error if entry.state is ModelState.FAILED else entry.state.value
+            reason = entry.error or entry.state.value
             raise ModelUnavailable(model_id, reason)
         return entry.served
 

@@ -110,7 +110,7 @@ def _export(model_dir: Path, entry: Path) -> None:
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     pooling = read_pooling(model_dir)
     model = AutoModel.from_pretrained(
         str(model_dir), attn_implementation="eager", dtype=torch.float32

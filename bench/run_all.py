@@ -1,0 +1,212 @@
+"""Run every benchmark and write BENCHMARKS.md: ``python -m bench.run_all`` (``make bench``).
+
+Sections, in order (``--only`` picks some):
+
+* ``ceiling``: raw in-process sentences/s at batch 1, 16, 64 (PyTorch and ONNX);
+* ``minilm``: tidegate serving MiniLM with default batching, at 1, 10 and 64 connections;
+* ``nobatch``: the same with ``max_batch_size = 1``, at 64 connections;
+* ``echo``: tidegate's echo runtime vs a bare Starlette echo, at 10 connections.
+
+Then the target checks are printed as PASS/MISS with their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.bare_echo import bare_echo_server
+from bench.ceiling import CeilingSettings, format_table, run_ceiling
+from bench.http_load import (
+    REPO_ROOT,
+    ModelSpec,
+    ServerProcess,
+    load_test,
+    read_batch_totals,
+    tidegate_server,
+    write_bodies,
+)
+from bench.report import (
+    LoadRun,
+    Results,
+    Scenario,
+    capture_environment,
+    compute_checks,
+    format_checks,
+    format_load_table,
+    render_markdown,
+)
+from bench.workload import embedding_bodies, make_sentences
+
+__all__ = ["main"]
+
+SECTIONS = ("ceiling", "minilm", "nobatch", "echo")
+MODEL_ID = "all-minilm-l6-v2"
+ECHO_ID = "echo"
+MINILM_CONNECTIONS = (1, 10, 64)
+_SENTENCES = 1024
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunSettings:
+    sections: tuple[str, ...]
+    duration_s: int
+    warmup_s: int
+    ceiling_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Workdir:
+    path: Path
+
+    def bodies(self, model: str) -> Path:
+        """The request bodies for ``model``, written once."""
+        path = self.path / f"bodies-{model}.jsonl"
+        if not path.exists():
+            write_bodies(path, embedding_bodies(model, make_sentences(_SENTENCES)))
+        return path
+
+
+def _measure(
+    server: ServerProcess, scenario: Scenario, *, model: str, connections: int,
+    settings: RunSettings, workdir: Workdir,
+) -> LoadRun:
+    before = read_batch_totals(server.base_url, model)
+    result = load_test(
+        server.embeddings_url, workdir.bodies(model), connections=connections,
+        duration_s=settings.duration_s, warmup_s=settings.warmup_s,
+    )
+    after = read_batch_totals(server.base_url, model)
+    # The warm-up's batches fall before ``before``, so the mean covers the measured run only.
+    mean_batch = after.mean_since(before) if before and after else None
+    run = LoadRun(scenario=scenario, server=server, result=result, mean_batch=mean_batch)
+    print(
+        f"  {scenario.value}, {connections} conns: {result.requests_per_s:.1f} req/s, "
+        f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, non-2xx {result.non_2xx}",
+        flush=True,
+    )
+    return run
+
+
+def _run_minilm(settings: RunSettings, workdir: Workdir) -> list[LoadRun]:
+    models = [ModelSpec(id=MODEL_ID)]
+    with tidegate_server(models, workdir=workdir.path, name="minilm-batching") as server:
+        return [
+            _measure(
+                server, Scenario.BATCHING_ON, model=MODEL_ID, connections=connections,
+                settings=settings, workdir=workdir,
+            )
+            for connections in MINILM_CONNECTIONS
+        ]
+
+
+def _run_nobatch(settings: RunSettings, workdir: Workdir) -> list[LoadRun]:
+    models = [ModelSpec(id=MODEL_ID, max_batch_size=1)]
+    with tidegate_server(models, workdir=workdir.path, name="minilm-nobatch") as server:
+        run = _measure(
+            server, Scenario.BATCHING_OFF, model=MODEL_ID, connections=64, settings=settings,
+            workdir=workdir,
+        )
+    return [run]
+
+
+def _run_echo(settings: RunSettings, workdir: Workdir) -> list[LoadRun]:
+    models = [ModelSpec(id=ECHO_ID, runtime="echo")]
+    with tidegate_server(models, workdir=workdir.path, name="echo") as server:
+        echo = _measure(
+            server, Scenario.ECHO, model=ECHO_ID, connections=10, settings=settings,
+            workdir=workdir,
+        )
+    with bare_echo_server(workdir=workdir.path) as server:
+        bare = _measure(
+            server, Scenario.BARE, model=ECHO_ID, connections=10, settings=settings,
+            workdir=workdir,
+        )
+    return [echo, bare]
+
+
+_HTTP_SECTIONS = {"minilm": _run_minilm, "nobatch": _run_nobatch, "echo": _run_echo}
+
+
+def run(settings: RunSettings) -> Results:
+    results = Results()
+    if "ceiling" in settings.sections:
+        print("== raw ceiling", flush=True)
+        ceiling = CeilingSettings(seconds=settings.ceiling_seconds)
+        results.ceiling = run_ceiling(ceiling)
+        print(format_table(results.ceiling), flush=True)
+    with tempfile.TemporaryDirectory(prefix="tidegate-bench-") as tmp:
+        workdir = Workdir(Path(tmp))
+        for section, runner in _HTTP_SECTIONS.items():
+            if section in settings.sections:
+                print(f"== http: {section}", flush=True)
+                results.loads += runner(settings, workdir)
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run_all", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--duration", type=int, help="seconds per measured wrk run (default 10; 2 with --quick)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="smoke test: 2 s load runs, 1 s warm-ups, 0.5 s per ceiling cell",
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, metavar="SECTION",
+        help=f"run only these sections ({', '.join(SECTIONS)})",
+    )
+    parser.add_argument(
+        "--write", action=argparse.BooleanOptionalAction, default=True,
+        help="write BENCHMARKS.md at the repository root (default: yes)",
+    )
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> RunSettings:
+    duration = args.duration or (2 if args.quick else 10)
+    if duration < 1:
+        raise SystemExit("--duration must be at least 1 second")
+    return RunSettings(
+        sections=tuple(args.only or SECTIONS),
+        duration_s=duration,
+        warmup_s=1 if args.quick else 2,
+        ceiling_seconds=0.5 if args.quick else 3.0,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    settings = _settings(args)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    invocation = shlex.join(["python", "-m", "bench.run_all", *argv])
+    env = capture_environment()
+    print(f"{env.cpu_model}, nproc {env.nproc}, load average {env.load_average[0]:.2f}")
+    results = run(settings)
+    if results.loads:
+        print("== http summary")
+        print(format_load_table(results.loads))
+    checks = compute_checks(results)
+    print("== targets")
+    print(format_checks(checks))
+    if args.write:
+        args.output.write_text(render_markdown(env, results, checks, invocation), "utf-8")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
