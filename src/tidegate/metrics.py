@@ -1,89 +1,134 @@
-"""Every Prometheus instrument, declared once, in a registry owned by the app (not the global
-one, so several apps can live in one process, as in tests)."""
+"""Every Prometheus instrument, declared once.
+
+The hot path (per request, per batch) records into plain Python counters and bucket arrays that
+live with each model (:class:`BatchMetrics`); a collector turns them into Prometheus samples only
+when ``/metrics`` is scraped. prometheus_client's own instruments take a lock per update, which
+measured ~10% of the echo runtime's request cost. Everything runs on the event loop thread, so
+the plain counters need no lock. Each app owns its registry (not the global one), so several
+apps can live in one process, as in tests.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import exposition as _exposition
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
-__all__ = ["BatchMetrics", "Metrics"]
+__all__ = ["BatchMetrics", "Histogram", "Metrics"]
 
-_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-_TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DISPATCH_REASONS = ("full", "tokens", "timeout", "idle")
 
 
-@dataclass(frozen=True, slots=True)
+class Histogram:
+    """A lock-free histogram for single-threaded (event loop) use."""
+
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        total = 0
+        out = []
+        for bound, count in zip((*map(str, map(float, self.buckets)), "+Inf"), self.counts,
+                                strict=True):
+            total += count
+            out.append((bound, float(total)))
+        return out
+
+
 class BatchMetrics:
-    """The batcher's instruments with the model label already bound (no per-call lookup)."""
+    """One model's batching instruments. Outlives a batcher, so counters survive a reload."""
 
-    batch_items: Histogram
-    batch_tokens: Histogram
-    queue_wait: Histogram
-    compute: Histogram
-    queue_depth: Gauge
-    rejected: Counter
-    withdrawn: Counter
-    dispatch: dict[str, Counter]
+    __slots__ = ("batch_items", "batch_tokens", "compute", "dispatch", "queue_depth",
+                 "queue_wait", "rejected", "withdrawn")
+
+    def __init__(self) -> None:
+        self.batch_items = Histogram(SIZE_BUCKETS)
+        self.batch_tokens = Histogram(TOKEN_BUCKETS)
+        self.queue_wait = Histogram(TIME_BUCKETS)
+        self.compute = Histogram(TIME_BUCKETS)
+        self.dispatch = dict.fromkeys(DISPATCH_REASONS, 0)
+        self.rejected = 0
+        self.withdrawn = 0
+        self.queue_depth: Callable[[], int] = lambda: 0
+
+
+class _BatchCollector:
+    def __init__(self, models: dict[str, BatchMetrics]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        histograms = {
+            "batch_items": ("tidegate_batch_size_items", "Inputs per dispatched batch"),
+            "batch_tokens": ("tidegate_batch_size_tokens", "Tokens per dispatched batch"),
+            "queue_wait": ("tidegate_queue_wait_seconds", "Time an input waited in the queue"),
+            "compute": ("tidegate_batch_compute_seconds", "Time to compute one batch"),
+        }
+        for attr, (name, doc) in histograms.items():
+            family = HistogramMetricFamily(name, doc, labels=["model"])
+            for model, metrics in self._models.items():
+                hist: Histogram = getattr(metrics, attr)
+                family.add_metric([model], hist.cumulative(), hist.sum)
+            yield family
+        dispatch = CounterMetricFamily(
+            "tidegate_batch_dispatch", "Batches dispatched, by reason", labels=["model", "reason"]
+        )
+        depth = GaugeMetricFamily(
+            "tidegate_queue_depth_items", "Inputs waiting in the queue", labels=["model"]
+        )
+        rejected = CounterMetricFamily(
+            "tidegate_rejected_requests", "Requests refused because the queue was full",
+            labels=["model"],
+        )
+        withdrawn = CounterMetricFamily(
+            "tidegate_withdrawn_items",
+            "Queued inputs removed before dispatch (client gone or request timed out)",
+            labels=["model"],
+        )
+        for model, metrics in self._models.items():
+            for reason, count in metrics.dispatch.items():
+                dispatch.add_metric([model, reason], count)
+            depth.add_metric([model], metrics.queue_depth())
+            rejected.add_metric([model], metrics.rejected)
+            withdrawn.add_metric([model], metrics.withdrawn)
+        yield from (dispatch, depth, rejected, withdrawn)
 
 
 class Metrics:
-    """All of tidegate's instruments."""
+    """All of tidegate's instruments, in a registry of the app's own."""
 
     content_type = _exposition.CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.batch_items = Histogram(
-            "tidegate_batch_size_items", "Inputs per dispatched batch", ["model"],
-            buckets=_SIZE_BUCKETS, registry=r,
-        )
-        self.batch_tokens = Histogram(
-            "tidegate_batch_size_tokens", "Tokens per dispatched batch", ["model"],
-            buckets=_TOKEN_BUCKETS, registry=r,
-        )
-        self.dispatch = Counter(
-            "tidegate_batch_dispatch", "Batches dispatched, by reason", ["model", "reason"],
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "tidegate_queue_wait_seconds", "Time an input waited in the queue", ["model"],
-            buckets=_TIME_BUCKETS, registry=r,
-        )
-        self.compute = Histogram(
-            "tidegate_batch_compute_seconds", "Time to compute one batch", ["model"],
-            buckets=_TIME_BUCKETS, registry=r,
-        )
-        self.queue_depth = Gauge(
-            "tidegate_queue_depth_items", "Inputs waiting in the queue", ["model"], registry=r
-        )
-        self.rejected = Counter(
-            "tidegate_rejected_requests", "Requests refused because the queue was full",
-            ["model"], registry=r,
-        )
-        self.withdrawn = Counter(
-            "tidegate_withdrawn_items",
-            "Queued inputs removed before dispatch (client gone or request timed out)",
-            ["model"], registry=r,
-        )
+        self._batching: dict[str, BatchMetrics] = {}
+        self.registry.register(_BatchCollector(self._batching))
 
     def for_batcher(self, model: str) -> BatchMetrics:
-        from tidegate.batching.policy import DispatchReason
-
-        return BatchMetrics(
-            batch_items=self.batch_items.labels(model),
-            batch_tokens=self.batch_tokens.labels(model),
-            queue_wait=self.queue_wait.labels(model),
-            compute=self.compute.labels(model),
-            queue_depth=self.queue_depth.labels(model),
-            rejected=self.rejected.labels(model),
-            withdrawn=self.withdrawn.labels(model),
-            dispatch={reason.value: self.dispatch.labels(model, reason.value)
-                      for reason in DispatchReason},
-        )
+        """The (persistent) batching instruments of ``model``."""
+        return self._batching.setdefault(model, BatchMetrics())
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -248,3 +248,26 @@ def test_adaptive_target_is_wired_to_the_batch_size() -> None:
         assert "batch_size=32" in repr(batcher)
 
     run(scenario, max_batch_size=32, target_p99_ms=5)
+
+
+def test_inline_runtime_serves_on_the_loop_and_isolates_failures() -> None:
+    def doubler(payloads: Sequence[Any]) -> list[Any]:
+        if "poison" in payloads:
+            raise ValueError("poisoned input")
+        return [p * 2 for p in payloads]
+
+    async def main() -> None:
+        batcher: Batcher[Any] = Batcher(
+            model="m", run_batch=doubler, config=BatchingConfig(), inline=True
+        )
+        await batcher.start()
+        results = await asyncio.gather(
+            batcher.submit(items(1, 2)), batcher.submit(items("poison")), batcher.submit(items(3)),
+            return_exceptions=True,
+        )
+        assert results[0] == [2, 4] and results[2] == [6]
+        assert isinstance(results[1], RuntimeFailure)
+        assert batcher.statistics().inflight_batches == 0
+        await batcher.aclose()
+
+    asyncio.run(main())

@@ -8,7 +8,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 from starlette.applications import Starlette
@@ -77,13 +77,24 @@ def endpoint(handler: Handler) -> Handler:
     return wrapper
 
 
+def _headers(request: Request) -> tuple[str | None, bytes | None]:
+    """Content-Type and Content-Length from the raw ASGI headers (no Headers object)."""
+    content_type: str | None = None
+    length: bytes | None = None
+    for key, value in request.scope["headers"]:
+        if key == b"content-type":
+            content_type = value.decode("latin-1")
+        elif key == b"content-length":
+            length = value
+    return content_type, length
+
+
 async def read_json_body(request: Request, max_bytes: int) -> bytes:
-    content_type = request.headers.get("content-type")
+    content_type, declared = _headers(request)
     if content_type is not None:
         media = content_type.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             raise UnsupportedMediaType(media)
-    declared = request.headers.get("content-length")
     if declared is not None:
         try:
             length = int(declared)
@@ -94,40 +105,79 @@ async def read_json_body(request: Request, max_bytes: int) -> bytes:
                 f"Request body of {length} bytes exceeds the limit of {max_bytes} bytes.",
                 limit=max_bytes, actual=length,
             )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(
-                f"Request body exceeds the limit of {max_bytes} bytes.", limit=max_bytes
-            )
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
+    receive = request.receive
+    body = b""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            raise ClientDisconnected()
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            if len(body) + len(chunk) > max_bytes:
+                raise PayloadTooLarge(
+                    f"Request body exceeds the limit of {max_bytes} bytes.", limit=max_bytes
+                )
+            body = body + chunk if body else chunk
+        if not message.get("more_body", False):
+            return body
 
 
-async def run_while_connected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it (which withdraws queued
-    inputs) and raise :class:`ClientDisconnected`."""
-    work_task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+# Most requests finish within a few milliseconds; only those still waiting after this long get a
+# task that watches for the client going away and for the request timeout. Creating that task
+# (and a timeout) for every request measured ~10% of the echo runtime's throughput.
+_WATCH_AFTER_S = 0.005
+
+
+class _RequestGuard:
+    """Cancels the request's task when its client disconnects or its timeout passes."""
+
+    __slots__ = ("_deadline", "_handle", "_receive", "_task", "_watcher", "outcome", "timeout_s")
+
+    def __init__(self, receive: Receive, timeout_s: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        self._task = task
+        self._receive = receive
+        self._watcher: asyncio.Task[None] | None = None
+        self._deadline = loop.time() + timeout_s
+        self.timeout_s = timeout_s
+        self.outcome: Literal["disconnected", "timeout"] | None = None
+        self._handle = loop.call_later(min(_WATCH_AFTER_S, timeout_s), self._start)
+
+    def _start(self) -> None:
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                while (await self._receive())["type"] != "http.disconnect":
+                    pass
+            self.outcome = "disconnected"
+        except TimeoutError:
+            self.outcome = "timeout"
+        self._task.cancel()
+
+    def close(self) -> None:
+        self._handle.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+async def run_guarded(request: Request, work: Awaitable[T], *, model: str, timeout_s: float) -> T:
+    """Await ``work``, cancelling it (which withdraws its queued inputs) if the client
+    disconnects (:class:`ClientDisconnected`) or ``timeout_s`` passes (:class:`RequestTimeout`)."""
+    guard = _RequestGuard(request.receive, timeout_s)
     try:
-        await asyncio.wait((work_task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if guard.outcome is None or guard._task.uncancel() > 0:
+            raise
+        if guard.outcome == "timeout":
+            raise RequestTimeout(model=model, timeout_s=timeout_s) from None
+        raise ClientDisconnected() from None
     finally:
-        watcher.cancel()
-        if not work_task.done():
-            work_task.cancel()
-            await asyncio.gather(work_task, return_exceptions=True)
-            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise ClientDisconnected()
-    return work_task.result()
+        guard.close()
 
 
 @endpoint
@@ -143,11 +193,9 @@ async def create_embeddings(request: Request) -> Response:
             f"Model '{model.id}' produces {dimensions}-dimensional embeddings and does not "
             f"support 'dimensions'={parsed.dimensions}.", param="dimensions",
         )
-    try:
-        async with asyncio.timeout(server.request_timeout_s):
-            result = await run_while_connected(request, model.embed(parsed.inputs))
-    except TimeoutError:
-        raise RequestTimeout(model=model.id, timeout_s=server.request_timeout_s) from None
+    result = await run_guarded(
+        request, model.embed(parsed.inputs), model=model.id, timeout_s=server.request_timeout_s
+    )
     content = encode_embedding_response(
         model=model.id,
         vectors=result.vectors,

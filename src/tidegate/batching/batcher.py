@@ -1,5 +1,10 @@
-"""The per-model batcher: a bounded queue of inputs, a worker that forms batches with the pure
-policy, and an executor that computes them off the event loop."""
+"""The per-model batcher: a bounded queue of inputs, a pump that forms batches with the pure
+policy, and an executor that computes them off the event loop.
+
+The pump is event-driven rather than a worker task: it runs when an input arrives, when a batch
+finishes, and when a ``max_wait`` timer fires. An arrival at an idle model is therefore
+dispatched within the same event-loop step, with no task switch on the critical path.
+"""
 
 from __future__ import annotations
 
@@ -91,21 +96,27 @@ class Batcher(Generic[R]):
         run_batch: RunBatch[R],
         config: BatchingConfig,
         executor: Executor | None = None,
+        inline: bool = False,
         metrics: BatchMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``inline=True`` runs ``run_batch`` on the event loop itself: only for runtimes whose
+        batches take microseconds (the echo runtime), where a thread hop would cost more."""
         self.model = model
         self._run_batch = run_batch
         self._config = config
         self._executor = executor
-        self._metrics = metrics
+        self._inline = inline
+        self._metrics = metrics = metrics or BatchMetrics()
+        metrics.queue_depth = self._queue_depth
         self._clock = clock
         self._queue: deque[_Item] = deque()
         self._queued_tokens = 0
         self._inflight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._wakeup = asyncio.Event()
-        self._worker: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._pumping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._adaptive = (
             AdaptiveBatchSize(target_s=config.target_p99_ms / 1000, max_size=config.max_batch_size)
@@ -114,33 +125,27 @@ class Batcher(Generic[R]):
         )
         self._batches = 0
         self._items = 0
-        self._reasons: dict[str, int] = {reason.value: 0 for reason in DispatchReason}
-        self._rejected = 0
-        self._cancelled = 0
         self._failed = 0
         self._rate = 0.0  # EWMA of items/s while computing, for Retry-After
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._run(), name=f"batcher:{self.model}")
+        self._loop = asyncio.get_running_loop()
 
     async def aclose(self) -> None:
         """Stop taking work, fail what is queued, and wait for running batches to finish."""
         self._closed = True
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self._queue:
             item = self._queue.popleft()
             if not item.request.future.done():
                 item.request.future.set_exception(ModelUnavailable(self.model, "shutting down"))
         self._queued_tokens = 0
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._update_depth()
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
 
     # -- the public operation ------------------------------------------------------------------
 
@@ -166,9 +171,7 @@ class Batcher(Generic[R]):
                 limit=limit, actual=size,
             )
         if len(self._queue) + size > limit:
-            self._rejected += 1
-            if self._metrics:
-                self._metrics.rejected.inc()
+            self._metrics.rejected += 1
             raise Overloaded(
                 model=self.model, queued=len(self._queue), limit=limit,
                 retry_after_s=self._retry_after(), status=self._config.overload_status,
@@ -179,8 +182,7 @@ class Batcher(Generic[R]):
         for index, prepared in enumerate(inputs):
             queue.append(_Item(request, index, prepared, now))
             self._queued_tokens += prepared.tokens
-        self._update_depth()
-        self._wakeup.set()
+        self._pump()
         try:
             results: list[R] = await request.future
         except asyncio.CancelledError:
@@ -196,9 +198,9 @@ class Batcher(Generic[R]):
             effective_batch_size=self.batch_size,
             batches=self._batches,
             items=self._items,
-            dispatch_reasons=dict(self._reasons),
-            rejected_requests=self._rejected,
-            cancelled_items=self._cancelled,
+            dispatch_reasons=dict(self._metrics.dispatch),
+            rejected_requests=self._metrics.rejected,
+            cancelled_items=self._metrics.withdrawn,
             failed_batches=self._failed,
             items_per_second=self._rate,
         )
@@ -217,9 +219,8 @@ class Batcher(Generic[R]):
             return 1
         return max(1, math.ceil(len(self._queue) / self._rate))
 
-    def _update_depth(self) -> None:
-        if self._metrics:
-            self._metrics.queue_depth.set(len(self._queue))
+    def _queue_depth(self) -> int:
+        return len(self._queue)
 
     def _withdraw(self, request: _Request) -> None:
         if request.pending:
@@ -227,12 +228,8 @@ class Batcher(Generic[R]):
             removed = len(self._queue) - len(kept)
             self._queued_tokens -= sum(i.tokens for i in self._queue if i.request is request)
             self._queue = kept
-            self._cancelled += removed
-            if self._metrics:
-                self._metrics.withdrawn.inc(removed)
+            self._metrics.withdrawn += removed
             request.pending = 0
-            self._update_depth()
-        self._wakeup.set()
 
     def _decide(self) -> Decision:
         queue = self._queue
@@ -247,21 +244,29 @@ class Batcher(Generic[R]):
             max_wait_s=self._config.max_wait_ms / 1000,
         )
 
-    async def _run(self) -> None:
-        while True:
-            decision = self._decide()
-            if decision.reason is not None:
+    def _pump(self) -> None:
+        """Dispatch every batch the policy allows now; arm a timer for the next deadline."""
+        if self._pumping or self._closed:
+            return
+        self._pumping = True
+        try:
+            while True:
+                decision = self._decide()
+                if decision.reason is None:
+                    break
                 self._dispatch(decision.reason, decision.count)
-                continue
-            self._wakeup.clear()
-            if decision.wake_after_s is None:
-                await self._wakeup.wait()
-            else:
-                try:
-                    async with asyncio.timeout(decision.wake_after_s):
-                        await self._wakeup.wait()
-                except TimeoutError:
-                    pass
+        finally:
+            self._pumping = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if decision.wake_after_s is not None:
+            loop = self._loop or asyncio.get_running_loop()
+            self._timer = loop.call_later(decision.wake_after_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
 
     def _dispatch(self, reason: DispatchReason, count: int) -> None:
         queue = self._queue
@@ -274,60 +279,98 @@ class Batcher(Generic[R]):
         self._inflight += 1
         self._batches += 1
         self._items += count
-        self._reasons[reason.value] += 1
-        if self._metrics:
-            self._metrics.dispatch[reason.value].inc()
-            self._metrics.batch_items.observe(count)
-            self._metrics.batch_tokens.observe(tokens)
-        self._update_depth()
-        task = asyncio.create_task(self._execute(items, backlogged=bool(queue)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _compute(self, items: list[_Item]) -> BatchResults[R]:
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(
-            self._executor, self._run_batch, [item.payload for item in items]
+        metrics = self._metrics
+        metrics.dispatch[reason.value] += 1
+        metrics.batch_items.observe(count)
+        metrics.batch_tokens.observe(tokens)
+        backlogged = bool(queue)
+        started = self._clock()
+        payloads = [item.payload for item in items]
+        if self._inline:
+            try:
+                results = self._checked(self._run_batch(payloads), items)
+            except Exception as exc:
+                self._failed += 1
+                self._isolate_inline(items, exc)
+            else:
+                self._deliver(items, results)
+            self._finish(items, started, backlogged)
+            return
+        loop = self._loop or asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._run_batch, payloads)
+        self._pending.add(future)
+        future.add_done_callback(
+            lambda done: self._on_computed(done, items, started, backlogged)
         )
+
+    @staticmethod
+    def _checked(results: BatchResults[R], items: list[_Item]) -> BatchResults[R]:
         if len(results) != len(items):
             raise RuntimeError(f"runtime returned {len(results)} results for {len(items)} inputs")
         return results
 
-    async def _execute(self, items: list[_Item], *, backlogged: bool) -> None:
-        started = self._clock()
+    def _on_computed(
+        self, done: asyncio.Future[Any], items: list[_Item], started: float, backlogged: bool
+    ) -> None:
+        self._pending.discard(done)
         try:
-            try:
-                results = await self._compute(items)
-            except Exception as exc:
-                self._failed += 1
-                await self._isolate_failure(items, exc)
-            else:
-                self._deliver(items, results)
-        finally:
-            finished = self._clock()
-            self._inflight -= 1
-            self._observe(items, started, finished, backlogged)
-            self._wakeup.set()
+            results = self._checked(done.result(), items)
+        except Exception as exc:
+            self._failed += 1
+            task = asyncio.ensure_future(self._isolate(items, exc))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+            task.add_done_callback(lambda _: self._finish(items, started, backlogged))
+            return
+        except asyncio.CancelledError as exc:  # the executor was shut down under us
+            for group in self._by_request(items):
+                self._fail(group, exc)
+        else:
+            self._deliver(items, results)
+        self._finish(items, started, backlogged)
 
-    async def _isolate_failure(self, items: list[_Item], exc: Exception) -> None:
-        """A failed batch is re-run request by request, so one bad request fails only itself."""
+    def _finish(self, items: list[_Item], started: float, backlogged: bool) -> None:
+        self._inflight -= 1
+        self._observe(items, started, self._clock(), backlogged)
+        self._pump()
+
+    @staticmethod
+    def _by_request(items: list[_Item]) -> list[list[_Item]]:
         groups: dict[int, list[_Item]] = {}
         for item in items:
             groups.setdefault(id(item.request), []).append(item)
+        return list(groups.values())
+
+    async def _isolate(self, items: list[_Item], exc: Exception) -> None:
+        """A failed batch is re-run request by request, so one bad request fails only itself."""
+        groups = self._by_request(items)
         if len(groups) == 1:
             self._fail(items, exc)
             return
-        for group in groups.values():
+        loop = asyncio.get_running_loop()
+        for group in groups:
             if group[0].request.future.done():
                 continue
             try:
-                results = await self._compute(group)
+                payloads = [item.payload for item in group]
+                results = await loop.run_in_executor(self._executor, self._run_batch, payloads)
+                self._deliver(group, self._checked(results, group))
             except Exception as group_exc:
                 self._fail(group, group_exc)
-            else:
-                self._deliver(group, results)
 
-    def _fail(self, items: list[_Item], exc: Exception) -> None:
+    def _isolate_inline(self, items: list[_Item], exc: Exception) -> None:
+        groups = self._by_request(items)
+        if len(groups) == 1:
+            self._fail(items, exc)
+            return
+        for group in groups:
+            try:
+                results = self._run_batch([item.payload for item in group])
+                self._deliver(group, self._checked(results, group))
+            except Exception as group_exc:
+                self._fail(group, group_exc)
+
+    def _fail(self, items: list[_Item], exc: BaseException) -> None:
         request = items[0].request
         log.warning("model %s failed a batch: %r", self.model, exc, exc_info=exc)
         if not request.future.done():
@@ -353,10 +396,10 @@ class Batcher(Generic[R]):
         if compute_s > 0:
             rate = len(items) / compute_s
             self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
-        if self._metrics:
-            self._metrics.compute.observe(compute_s)
-            for item in items:
-                self._metrics.queue_wait.observe(started - item.enqueued_at)
+        self._metrics.compute.observe(compute_s)
+        queue_wait = self._metrics.queue_wait
+        for item in items:
+            queue_wait.observe(started - item.enqueued_at)
         if self._adaptive is not None:
             self._adaptive.observe(
                 [finished - item.enqueued_at for item in items], backlogged=backlogged

@@ -58,6 +58,7 @@ class ServedModel:
             run_batch=runtime.run_batch,
             config=config.batching,
             executor=self._executor,
+            inline=runtime.inline,
             metrics=metrics.for_batcher(config.id),
         )
 

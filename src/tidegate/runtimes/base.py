@@ -29,12 +29,18 @@ class EmbeddingRuntime(Protocol):
     """
 
     kind: str
+    inline: bool
+    """True when a batch costs microseconds: the batcher then runs it on the event loop."""
     dimensions: int
     max_input_tokens: int
     memory_bytes: int
 
     def prepare(self, texts: Sequence[str]) -> list[Prepared]: ...
 
-    def run_batch(self, payloads: Sequence[Any]) -> npt.NDArray[np.float32]: ...
+    def run_batch(
+        self, payloads: Sequence[Any]
+    ) -> npt.NDArray[np.float32] | list[npt.NDArray[np.float32]]:
+        """One vector per payload: a 2-D array's rows, or a list of 1-D arrays."""
+        ...
 
     def close(self) -> None: ...

@@ -17,6 +17,7 @@ class EchoRuntime:
     """Returns the same unit vector for every input; tokens are counted as whitespace words + 2."""
 
     kind = "embedding"
+    inline = True
 
     def __init__(self, *, dimensions: int = 8, max_input_tokens: int = 512) -> None:
         self.dimensions = dimensions
@@ -30,8 +31,8 @@ class EchoRuntime:
         limit = self.max_input_tokens
         return [Prepared(min(len(t.split()) + 2, limit), None) for t in texts]
 
-    def run_batch(self, payloads: Sequence[Any]) -> npt.NDArray[np.float32]:
-        return np.broadcast_to(self._vector, (len(payloads), self.dimensions))
+    def run_batch(self, payloads: Sequence[Any]) -> list[npt.NDArray[np.float32]]:
+        return [self._vector] * len(payloads)
 
     def close(self) -> None:
         return None

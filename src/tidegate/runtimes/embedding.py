@@ -54,6 +54,7 @@ class OnnxEmbeddingRuntime:
     """
 
     kind = "embedding"
+    inline = False
 
     def __init__(
         self,
