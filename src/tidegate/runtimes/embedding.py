@@ -82,6 +82,8 @@ class OnnxEmbeddingRuntime:
         options.intra_op_num_threads = intra_op_threads or len(os.sched_getaffinity(0))
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning worker threads burn the cores the event loop needs between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         graph = ensure_onnx(model_dir, cache_dir)
         try:
             session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
