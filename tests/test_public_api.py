@@ -6,7 +6,8 @@ from tidegate import errors
 
 def test_public_api_is_curated() -> None:
     assert sorted(tidegate.__all__) == sorted([
-        "BatchingConfig", "Config", "ConfigError", "InvalidRequest", "ModelConfig",
+        "AuthenticationRequired", "BatchingConfig", "CacheConfig", "Config", "ConfigError",
+        "InvalidRequest", "ModelConfig", "PermissionDenied",
         "ModelNotFound", "ModelUnavailable", "Overloaded", "PayloadTooLarge", "RequestError",
         "RequestTimeout", "RuntimeFailure", "ServerConfig", "TidegateError",
         "UnsupportedMediaType", "__version__", "load_config",

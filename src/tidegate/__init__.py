@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from tidegate.config import BatchingConfig, Config, ModelConfig, ServerConfig, load_config
+from tidegate.config import (
+    BatchingConfig,
+    CacheConfig,
+    Config,
+    ModelConfig,
+    ServerConfig,
+    load_config,
+)
 from tidegate.errors import (
+    AuthenticationRequired,
     ConfigError,
     InvalidRequest,
     ModelNotFound,
     ModelUnavailable,
     Overloaded,
     PayloadTooLarge,
+    PermissionDenied,
     RequestError,
     RequestTimeout,
     RuntimeFailure,
@@ -20,7 +29,9 @@ from tidegate.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationRequired",
     "BatchingConfig",
+    "CacheConfig",
     "Config",
     "ConfigError",
     "InvalidRequest",
@@ -29,6 +40,7 @@ __all__ = [
     "ModelUnavailable",
     "Overloaded",
     "PayloadTooLarge",
+    "PermissionDenied",
     "RequestError",
     "RequestTimeout",
     "RuntimeFailure",

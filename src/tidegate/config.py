@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -20,6 +20,7 @@ from tidegate.errors import ConfigError
 __all__ = [
     "DEFAULT_MODEL_ID",
     "BatchingConfig",
+    "CacheConfig",
     "Config",
     "ModelConfig",
     "RuntimeKind",
@@ -29,7 +30,8 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_ID = "all-minilm-l6-v2"
-RuntimeKind = Literal["embedding", "echo"]
+RuntimeKind = Literal["embedding", "echo", "python"]
+PreloadMode = Literal["eager", "lazy", "predictive"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 
@@ -102,19 +104,50 @@ class ModelConfig:
     id: str
     runtime: RuntimeKind = "embedding"
     source: str | None = None
-    """A local model directory; ``None`` means the bundled all-MiniLM-L6-v2."""
+    """``embedding``: a local model directory (``None``: the bundled all-MiniLM-L6-v2).
+    ``python``: ``"package.module:ClassName"``."""
     max_input_tokens: int | None = None
     """Truncate inputs to this many tokens; ``None`` means the model's own limit."""
     intra_op_threads: int | None = None
     """Threads one forward pass may use; ``None`` means every core."""
+    depends_on: tuple[str, ...] = ()
+    """Models loaded before this one and kept loaded while it is."""
+    priority: int = 0
+    """Eager preloading order (higher first)."""
+    preload: PreloadMode = "eager"
+    """``eager``: load at start; ``lazy``: on first request; ``predictive``: also when the
+    request history predicts it is next."""
+    keep_alive_s: float = 0.0
+    """Idle seconds before the model may be evicted; -1 means never evict."""
+    memory_bytes: int | None = None
+    """Estimated size, used to make room before loading; the measured size replaces it."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a ``python`` model's class."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id.strip():
             raise ConfigError(f"models.id must be a non-empty string, got {self.id!r}")
-        _choice(f"models[{self.id}].runtime", self.runtime, get_args(RuntimeKind))
+        where = f"models[{self.id}]"
+        _choice(f"{where}.runtime", self.runtime, get_args(RuntimeKind))
         if self.source is not None and not isinstance(self.source, str):
-            raise ConfigError(f"models[{self.id}].source must be a path string")
+            raise ConfigError(f"{where}.source must be a string")
+        if self.runtime == "python" and (not self.source or ":" not in self.source):
+            raise ConfigError(f"{where}.source must be 'module:ClassName' for a python model")
+        if isinstance(self.depends_on, list):
+            object.__setattr__(self, "depends_on", tuple(self.depends_on))
+        if not all(isinstance(d, str) for d in self.depends_on):
+            raise ConfigError(f"{where}.depends_on must be a list of model ids")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise ConfigError(f"{where}.priority must be an integer")
+        _choice(f"{where}.preload", self.preload, get_args(PreloadMode))
+        if isinstance(self.keep_alive_s, bool) or not isinstance(self.keep_alive_s, int | float) \
+                or (self.keep_alive_s < 0 and self.keep_alive_s != -1):
+            raise ConfigError(f"{where}.keep_alive_s must be >= 0 or -1, got {self.keep_alive_s!r}")
+        if self.memory_bytes is not None:
+            _integer(f"{where}.memory_bytes", self.memory_bytes, minimum=0)
+        if not isinstance(self.options, Mapping):
+            raise ConfigError(f"{where}.options must be a table")
         if self.max_input_tokens is not None:
             _integer(f"models[{self.id}].max_input_tokens", self.max_input_tokens)
         if self.intra_op_threads is not None:
@@ -153,6 +186,34 @@ class ServerConfig:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CacheConfig:
+    """The set of loaded models as a cache (``[cache]``)."""
+
+    max_memory_bytes: int | None = None
+    """Budget for the measured size of all loaded models; ``None``: unbounded."""
+    max_loaded_models: int | None = None
+    max_concurrent_loads: int = 2
+    load_timeout_s: float = 300.0
+    admin_token: str | None = None
+    """If set, /admin routes need ``Authorization: Bearer <token>``; otherwise loopback only."""
+    predictive_threshold: float = 0.3
+    """A ``predictive`` model is preloaded when P(next | current) is at least this."""
+
+    def __post_init__(self) -> None:
+        if self.max_memory_bytes is not None:
+            _integer("cache.max_memory_bytes", self.max_memory_bytes)
+        if self.max_loaded_models is not None:
+            _integer("cache.max_loaded_models", self.max_loaded_models)
+        _integer("cache.max_concurrent_loads", self.max_concurrent_loads)
+        _positive("cache.load_timeout_s", self.load_timeout_s)
+        if self.admin_token is not None and (
+            not isinstance(self.admin_token, str) or not self.admin_token
+        ):
+            raise ConfigError("cache.admin_token must be a non-empty string")
+        _positive("cache.predictive_threshold", self.predictive_threshold)
+
+
 def _default_models() -> tuple[ModelConfig, ...]:
     return (ModelConfig(id=DEFAULT_MODEL_ID),)
 
@@ -162,6 +223,7 @@ class Config:
     """Everything ``tidegate serve`` needs."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
 
     def __post_init__(self) -> None:
@@ -172,9 +234,39 @@ class Config:
             if model.id in seen:
                 raise ConfigError(f"model id '{model.id}' is configured twice")
             seen.add(model.id)
+        for model in self.models:
+            for dep in model.depends_on:
+                if dep not in seen:
+                    raise ConfigError(f"model '{model.id}' depends on unknown model '{dep}'")
+        cycle = _find_cycle({m.id: m.depends_on for m in self.models})
+        if cycle:
+            raise ConfigError(f"dependency cycle: {' -> '.join(cycle)}")
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
+
+
+def _find_cycle(graph: Mapping[str, Sequence[str]]) -> list[str] | None:
+    """A dependency cycle as a path that starts and ends at the same id, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                return [*path[path.index(dep):], dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state and (found := visit(node)):
+            return found
+    return None
 
 
 def _build(cls: type[Any], data: object, where: str) -> Any:
@@ -216,16 +308,17 @@ def load_config(path: str | Path | None = None, **server_overrides: Any) -> Conf
             raise ConfigError(f"config file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    unknown = sorted(set(raw) - {"server", "models"})
+    unknown = sorted(set(raw) - {"server", "cache", "models"})
     if unknown:
         raise ConfigError(f"unknown top-level key(s) in config: {', '.join(unknown)}")
     server_table = dict(raw.get("server", {}))
     server_table.update({k: v for k, v in server_overrides.items() if v is not None})
     server: ServerConfig = _build(ServerConfig, server_table, "[server]")
+    cache: CacheConfig = _build(CacheConfig, raw.get("cache", {}), "[cache]")
     models_raw = raw.get("models")
     if models_raw is None:
-        return Config(server=server)
+        return Config(server=server, cache=cache)
     if not isinstance(models_raw, list):
         raise ConfigError("models must be an array of tables ([[models]])")
     models = tuple(_build_model(m, i) for i, m in enumerate(models_raw))
-    return Config(server=server, models=models)
+    return Config(server=server, cache=cache, models=models)

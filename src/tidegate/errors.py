@@ -7,6 +7,8 @@ that explain it, and ``api.errors`` maps each class to one HTTP status and OpenA
     ├── ConfigError            bad tidegate.toml / flags: start-up stops (exit 2)
     ├── RequestError           the client's mistake (4xx)
     │   ├── InvalidRequest     400, names the parameter
+    │   ├── AuthenticationRequired 401 (admin routes)
+    │   ├── PermissionDenied   403 (admin routes)
     │   ├── ModelNotFound      404 model_not_found
     │   ├── PayloadTooLarge    413
     │   └── UnsupportedMediaType 415
@@ -19,12 +21,14 @@ that explain it, and ``api.errors`` maps each class to one HTTP status and OpenA
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationRequired",
     "ConfigError",
     "InvalidRequest",
     "ModelNotFound",
     "ModelUnavailable",
     "Overloaded",
     "PayloadTooLarge",
+    "PermissionDenied",
     "RequestError",
     "RequestTimeout",
     "RuntimeFailure",
@@ -53,6 +57,14 @@ class RequestError(TidegateError):
 
 class InvalidRequest(RequestError):
     """A parameter is missing, of the wrong type or out of range."""
+
+
+class AuthenticationRequired(RequestError):
+    """An admin route was called without credentials while ``admin_token`` is set."""
+
+
+class PermissionDenied(RequestError):
+    """Wrong credentials, or an admin route called from a non-loopback client without a token."""
 
 
 class ModelNotFound(RequestError):

@@ -22,7 +22,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-__all__ = ["BatchMetrics", "Histogram", "Metrics"]
+__all__ = ["BatchMetrics", "CacheMetrics", "Histogram", "Metrics"]
 
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -75,6 +75,75 @@ class BatchMetrics:
         self.queue_depth: Callable[[], int] = lambda: 0
 
 
+class CacheMetrics:
+    """The model cache's counters."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.loads: dict[str, int] = {}
+        self.load_failures = 0
+        self.evictions: dict[str, int] = {}
+        self.load_seconds = Histogram((0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0))
+        self.preloads = 0
+        self.preload_hits = 0
+        self.preload_wasted = 0
+        self.describe: Callable[[], list[dict[str, object]]] = list
+
+    def preload_hit_rate(self) -> float | None:
+        settled = self.preload_hits + self.preload_wasted
+        return self.preload_hits / settled if settled else None
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+class _CacheCollector:
+    def __init__(self, cache: CacheMetrics) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._cache
+        yield _counter("tidegate_cache_hits", "Requests that found their model loaded", c.hits)
+        yield _counter("tidegate_cache_misses", "Requests that had to wait for a load", c.misses)
+        loads = CounterMetricFamily("tidegate_model_loads", "Model loads by reason",
+                                    labels=["reason"])
+        for reason, count in c.loads.items():
+            loads.add_metric([reason], count)
+        yield loads
+        yield _counter("tidegate_model_load_failures", "Failed or timed-out loads",
+                       c.load_failures)
+        evictions = CounterMetricFamily("tidegate_model_evictions", "Evictions by reason",
+                                        labels=["reason"])
+        for reason, count in c.evictions.items():
+            evictions.add_metric([reason], count)
+        yield evictions
+        hist = HistogramMetricFamily("tidegate_model_load_seconds", "Time to load a model")
+        hist.add_metric([], c.load_seconds.cumulative(), c.load_seconds.sum)
+        yield hist
+        yield _counter("tidegate_predictive_preloads", "Predictive preloads started", c.preloads)
+        yield _counter("tidegate_preload_hits", "Preloaded models used before eviction",
+                       c.preload_hits)
+        yield _counter("tidegate_preload_wasted", "Preloaded models evicted unused",
+                       c.preload_wasted)
+        rate = c.preload_hit_rate()
+        yield GaugeMetricFamily("tidegate_preload_hit_rate",
+                                "preload hits / (hits + wasted); NaN before any settle",
+                                value=float("nan") if rate is None else rate)
+        memory = GaugeMetricFamily("tidegate_model_memory_bytes", "Measured size of loaded models",
+                                   labels=["model"])
+        state = GaugeMetricFamily("tidegate_model_loaded", "1 if the model is loaded",
+                                  labels=["model"])
+        for card in c.describe():
+            loaded = card["status"] == "loaded"
+            state.add_metric([str(card["id"])], 1.0 if loaded else 0.0)
+            if loaded:
+                memory.add_metric([str(card["id"])], float(card["memory_bytes"] or 0))  # type: ignore[arg-type]
+        yield memory
+        yield state
+
+
 class _BatchCollector:
     def __init__(self, models: dict[str, BatchMetrics]) -> None:
         self._models = models
@@ -124,7 +193,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._batching: dict[str, BatchMetrics] = {}
+        self.cache = CacheMetrics()
         self.registry.register(_BatchCollector(self._batching))
+        self.registry.register(_CacheCollector(self.cache))
 
     def for_batcher(self, model: str) -> BatchMetrics:
         """The (persistent) batching instruments of ``model``."""

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -18,18 +15,24 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive
 
-from tidegate.api.errors import error_response, http_error_handler, unexpected_error_response
-from tidegate.api.schemas import encode_embedding_response, parse_embedding_request
+from tidegate.api import admin
+from tidegate.api.common import AppState, ClientDisconnected, app_state, endpoint, json_response
+from tidegate.api.errors import http_error_handler
+from tidegate.api.schemas import (
+    EmbeddingRequest,
+    encode_embedding_response,
+    parse_embedding_request,
+)
 from tidegate.config import Config
 from tidegate.errors import (
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
-    TidegateError,
     UnsupportedMediaType,
 )
 from tidegate.metrics import Metrics
 from tidegate.models.manager import ModelManager, RuntimeFactory
+from tidegate.models.served import EmbeddingResult
 from tidegate.runtimes import create_runtime
 
 __all__ = ["AppState", "create_app"]
@@ -38,43 +41,6 @@ log = logging.getLogger("tidegate.api")
 
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-@dataclass(frozen=True, slots=True)
-class AppState:
-    config: Config
-    manager: ModelManager
-    metrics: Metrics
-
-
-class ClientDisconnected(Exception):
-    """The client went away before the response was ready."""
-
-
-def _json(data: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
-
-
-def _state(request: Request) -> AppState:
-    state: AppState = request.app.state.tidegate
-    return state
-
-
-def endpoint(handler: Handler) -> Handler:
-    """Turn tidegate errors into OpenAI-shaped responses and bugs into logged 500s."""
-
-    @functools.wraps(handler)
-    async def wrapper(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except TidegateError as exc:
-            return error_response(exc)
-        except ClientDisconnected:
-            return Response(status_code=499)
-        except Exception as exc:
-            return unexpected_error_response(request, exc)
-
-    return wrapper
 
 
 def _headers(request: Request) -> tuple[str | None, bytes | None]:
@@ -180,24 +146,31 @@ async def run_guarded(request: Request, work: Awaitable[T], *, model: str, timeo
         guard.close()
 
 
+async def _embed(manager: ModelManager, parsed: EmbeddingRequest) -> tuple[str, EmbeddingResult]:
+    async with manager.lease(parsed.model) as model:
+        dimensions = model.runtime.dimensions
+        if parsed.dimensions is not None and parsed.dimensions != dimensions:
+            raise InvalidRequest(
+                f"Model '{model.id}' produces {dimensions}-dimensional embeddings and does not "
+                f"support 'dimensions'={parsed.dimensions}.", param="dimensions",
+            )
+        return model.id, await model.embed(parsed.inputs)
+
+
 @endpoint
 async def create_embeddings(request: Request) -> Response:
-    state = _state(request)
+    state = app_state(request)
     server = state.config.server
     body = await read_json_body(request, server.max_body_bytes)
     parsed = parse_embedding_request(body, max_inputs=server.max_inputs_per_request)
-    model = state.manager.get(parsed.model)
-    dimensions = model.runtime.dimensions
-    if parsed.dimensions is not None and parsed.dimensions != dimensions:
-        raise InvalidRequest(
-            f"Model '{model.id}' produces {dimensions}-dimensional embeddings and does not "
-            f"support 'dimensions'={parsed.dimensions}.", param="dimensions",
-        )
-    result = await run_guarded(
-        request, model.embed(parsed.inputs), model=model.id, timeout_s=server.request_timeout_s
+    if not state.manager.has(parsed.model):
+        state.manager.describe_one(parsed.model)  # raises ModelNotFound with the list
+    model_id, result = await run_guarded(
+        request, _embed(state.manager, parsed), model=parsed.model,
+        timeout_s=server.request_timeout_s,
     )
     content = encode_embedding_response(
-        model=model.id,
+        model=model_id,
         vectors=result.vectors,
         prompt_tokens=result.prompt_tokens,
         encoding_format=parsed.encoding_format,
@@ -207,28 +180,28 @@ async def create_embeddings(request: Request) -> Response:
 
 @endpoint
 async def list_models(request: Request) -> Response:
-    return _json({"object": "list", "data": _state(request).manager.describe()})
+    return json_response({"object": "list", "data": app_state(request).manager.describe()})
 
 
 @endpoint
 async def retrieve_model(request: Request) -> Response:
-    return _json(_state(request).manager.describe_one(request.path_params["model_id"]))
+    return json_response(app_state(request).manager.describe_one(request.path_params["model_id"]))
 
 
 async def health_live(request: Request) -> Response:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def health_ready(request: Request) -> Response:
-    manager = _state(request).manager
+    manager = app_state(request).manager
     models = {card["id"]: card["status"] for card in manager.describe()}
     if manager.ready:
-        return _json({"status": "ready", "models": models})
-    return _json({"status": "not_ready", "models": models}, status=503)
+        return json_response({"status": "ready", "models": models})
+    return json_response({"status": "not_ready", "models": models}, status=503)
 
 
 async def metrics(request: Request) -> Response:
-    state = _state(request)
+    state = app_state(request)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 
@@ -252,6 +225,8 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
         Route("/health/live", health_live, methods=["GET"]),
         Route("/health/ready", health_ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/admin/models/{model_id:path}/load", admin.admin_load, methods=["POST"]),
+        Route("/admin/models/{model_id:path}/unload", admin.admin_unload, methods=["POST"]),
     ]
     handlers: dict[Any, Any] = {HTTPException: http_error_handler}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)

@@ -10,11 +10,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tidegate.errors import (
+    AuthenticationRequired,
     InvalidRequest,
     ModelNotFound,
     ModelUnavailable,
     Overloaded,
     PayloadTooLarge,
+    PermissionDenied,
     RequestError,
     RequestTimeout,
     RuntimeFailure,
@@ -28,6 +30,8 @@ log = logging.getLogger("tidegate.api")
 
 _STATUS: dict[type[TidegateError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
+    AuthenticationRequired: (401, "authentication_error"),
+    PermissionDenied: (403, "permission_error"),
     ModelNotFound: (404, "invalid_request_error"),
     PayloadTooLarge: (413, "invalid_request_error"),
     UnsupportedMediaType: (415, "invalid_request_error"),

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from tidegate.config import ModelConfig
 from tidegate.runtimes.base import EmbeddingRuntime, Prepared
 from tidegate.runtimes.echo import EchoRuntime
+from tidegate.runtimes.python import ModelHandle, load_python_model
 
-__all__ = ["EmbeddingRuntime", "Prepared", "create_runtime"]
+__all__ = ["EmbeddingRuntime", "ModelHandle", "Prepared", "create_runtime"]
 
 
-def create_runtime(model: ModelConfig, cache_dir: Path) -> EmbeddingRuntime:
+def create_runtime(
+    model: ModelConfig, cache_dir: Path, dependencies: Mapping[str, ModelHandle]
+) -> EmbeddingRuntime:
     """Load the runtime ``model`` names. Blocking: call it off the event loop."""
     if model.runtime == "echo":
         return EchoRuntime(max_input_tokens=model.max_input_tokens or 512)
+    if model.runtime == "python":
+        assert model.source is not None  # validated by ModelConfig
+        return load_python_model(
+            model.source, options=model.options, dependencies=dependencies,
+            max_input_tokens=model.max_input_tokens,
+        )
     from tidegate.runtimes.embedding import OnnxEmbeddingRuntime, bundled_model_dir
 
     model_dir = Path(model.source).expanduser() if model.source else bundled_model_dir()

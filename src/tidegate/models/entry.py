@@ -1,0 +1,112 @@
+"""One configured model's cache state. Plain data plus its state transitions."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass
+
+from tidegate.config import ModelConfig
+from tidegate.models.policy import EntryView
+from tidegate.models.served import ServedModel
+
+__all__ = ["Entry", "ModelState"]
+
+
+class ModelState(enum.StrEnum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    FAILED = "failed"
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    config: ModelConfig
+    created: int
+    state: ModelState = ModelState.UNLOADED
+    served: ServedModel | None = None
+    load_future: asyncio.Future[ServedModel] | None = None
+    resident: bool = False
+    """Counted against the budget: loaded, or loading with room reserved."""
+    reserved_bytes: int = 0
+    measured_bytes: int = 0
+    leases: int = 0
+    last_used: float = 0.0
+    last_used_wall: float | None = None
+    error: str | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    load_seconds: float | None = None
+    preloaded: bool = False
+    """Loaded by predictive preloading and not used since."""
+    skipped: str | None = None
+    """Why eager preloading passed over it."""
+
+    def view(self) -> EntryView:
+        return EntryView(
+            id=self.config.id,
+            size=self.measured_bytes if self.state is ModelState.LOADED else self.reserved_bytes,
+            last_used=self.last_used,
+            leases=self.leases,
+            keep_alive_s=self.config.keep_alive_s,
+            depends_on=self.config.depends_on,
+            loading=self.state is not ModelState.LOADED,
+        )
+
+    def touch(self, now: float) -> None:
+        self.last_used = now
+        self.last_used_wall = time.time()
+
+    def loaded(self, served: ServedModel, *, measured: int, seconds: float, preloaded: bool,
+               now: float) -> None:
+        self.served = served
+        self.state = ModelState.LOADED
+        self.resident = True
+        self.measured_bytes = measured or self.config.memory_bytes or 0
+        self.load_seconds = seconds
+        self.error = None
+        self.failures = 0
+        self.preloaded = preloaded
+        self.skipped = None
+        self.last_used = now
+
+    def failed(self, detail: str, *, retry_at: float) -> None:
+        self.state = ModelState.FAILED
+        self.error = detail
+        self.retry_at = retry_at
+        self.resident = False
+        self.reserved_bytes = 0
+        self.load_future = None
+
+    def unloaded(self) -> ServedModel | None:
+        served, self.served = self.served, None
+        self.state = ModelState.UNLOADED
+        self.resident = False
+        self.reserved_bytes = 0
+        self.load_future = None
+        self.preloaded = False
+        return served
+
+    def card(self, *, now: float) -> dict[str, object]:
+        card: dict[str, object] = {
+            "id": self.config.id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tidegate",
+            "runtime": self.config.runtime,
+            "status": self.state.value,
+            "memory_bytes": self.measured_bytes if self.state is ModelState.LOADED else None,
+            "last_used": self.last_used_wall,
+            "depends_on": list(self.config.depends_on),
+        }
+        if self.error:
+            card["error"] = self.error
+        if self.skipped:
+            card["skipped"] = self.skipped
+        if self.served is not None:
+            card["dimensions"] = self.served.runtime.dimensions
+            card["max_input_tokens"] = self.served.runtime.max_input_tokens
+            card["load_seconds"] = round(self.load_seconds or 0.0, 3)
+        return card

@@ -1,0 +1,70 @@
+"""Real ``python``-runtime models for the model-cache tests: each really sleeps for its load
+time, really allocates its memory, and appends a line to a log file per load/close."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _log(path: str | None, line: str) -> None:
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{line} {time.monotonic():.6f} {os.getpid()}\n")
+
+
+class Blob:
+    """An embedder of ``dimensions`` dims that holds ``allocate_mb`` MiB of touched memory."""
+
+    def __init__(
+        self,
+        *,
+        dependencies: Mapping[str, Any],
+        name: str = "blob",
+        load_seconds: float = 0.0,
+        embed_seconds: float = 0.0,
+        allocate_mb: int = 0,
+        dimensions: int = 4,
+        fail_if_exists: str | None = None,
+        log: str | None = None,
+    ) -> None:
+        self._name = name
+        self._log = log
+        _log(log, f"load-start {name}")
+        time.sleep(load_seconds)
+        if fail_if_exists and Path(fail_if_exists).exists():
+            _log(log, f"load-failed {name}")
+            raise RuntimeError(f"{name} cannot load while {fail_if_exists} exists")
+        self._memory = np.ones(allocate_mb << 20, dtype=np.uint8)  # touched: really resident
+        self.dimensions = dimensions
+        self._embed_seconds = embed_seconds
+        _log(log, f"loaded {name}")
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        _log(self._log, f"embed-start {self._name}")
+        time.sleep(self._embed_seconds)
+        _log(self._log, f"embed-end {self._name}")
+        return [[float(len(t))] + [0.0] * (self.dimensions - 1) for t in texts]
+
+    def close(self) -> None:
+        _log(self._log, f"closed {self._name}")
+        del self._memory
+
+
+class Reranker:
+    """Scores texts with its ``embedder`` dependency: returns that model's first 4 dims."""
+
+    dimensions = 4
+
+    def __init__(self, *, dependencies: Mapping[str, Any], log: str | None = None) -> None:
+        self._embedder = dependencies["embedder"]
+        self._log = log
+        _log(log, "loaded reranker")
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(self._embedder.embed(texts))[:, :4] * 2.0
