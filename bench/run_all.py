@@ -5,7 +5,9 @@ Sections, in order (``--only`` picks some):
 * ``ceiling``: raw in-process sentences/s at batch 1, 16, 64 (PyTorch and ONNX);
 * ``minilm``: tidegate serving MiniLM with default batching, at 1, 10 and 64 connections;
 * ``nobatch``: the same with ``max_batch_size = 1``, at 64 connections;
-* ``echo``: tidegate's echo runtime vs a bare Starlette echo, at 10 connections.
+* ``echo``: tidegate's echo runtime vs a bare Starlette echo, at 10 connections;
+* ``trace``: model-cache policy replay (LRU, LRU + predictive, Belady) on Zipf and patterned
+  traces (``bench.trace_replay``).
 
 Then the target checks are printed as PASS/MISS with their ratios.
 """
@@ -42,11 +44,12 @@ from bench.report import (
     format_load_table,
     render_markdown,
 )
+from bench.trace_replay import report as trace_report
 from bench.workload import embedding_bodies, make_sentences
 
 __all__ = ["main"]
 
-SECTIONS = ("ceiling", "minilm", "nobatch", "echo")
+SECTIONS = ("ceiling", "minilm", "nobatch", "echo", "trace")
 MODEL_ID = "all-minilm-l6-v2"
 ECHO_ID = "echo"
 MINILM_CONNECTIONS = (1, 10, 64)
@@ -202,8 +205,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks = compute_checks(results)
     print("== targets")
     print(format_checks(checks))
+    markdown = render_markdown(env, results, checks, invocation)
+    if "trace" in settings.sections:
+        replay = trace_report()
+        print("== model cache trace replay")
+        print(replay)
+        markdown += ("\n## Model cache: trace replay\n\nCommand: `python -m bench.trace_replay`"
+                     " (policy simulation with tidegate's own eviction and prediction code)."
+                     "\n\n" + replay + "\n")
     if args.write:
-        args.output.write_text(render_markdown(env, results, checks, invocation), "utf-8")
+        args.output.write_text(markdown, "utf-8")
         print(f"wrote {args.output}")
     return 0
 

@@ -26,7 +26,7 @@ from tidegate.config import Config, ModelConfig
 from tidegate.errors import ModelNotFound, ModelUnavailable, RequestTimeout
 from tidegate.metrics import CacheMetrics, Metrics
 from tidegate.models.entry import Entry, ModelState
-from tidegate.models.policy import EntryView, plan_eviction
+from tidegate.models.policy import EntryView, hotter_than, plan_eviction
 from tidegate.models.predictor import TransitionPredictor
 from tidegate.models.served import ServedModel
 from tidegate.runtimes import EmbeddingRuntime, ModelHandle, create_runtime
@@ -240,6 +240,10 @@ class ModelManager:
                 async with asyncio.timeout(min(remaining, 1.0)):
                     await changed.wait()
 
+    def _loop_deadline(self, deadline: float) -> float:
+        """``deadline`` on this manager's clock, as event-loop time."""
+        return asyncio.get_running_loop().time() + (deadline - self._clock())
+
     def _dependency_closure(self, model_id: str) -> set[str]:
         closure: set[str] = set()
         stack = [model_id]
@@ -257,11 +261,19 @@ class ModelManager:
         started = time.perf_counter()
         deadline = self._clock() + self._cache.load_timeout_s
         try:
-            async with asyncio.timeout(self._cache.load_timeout_s):
+            async with asyncio.timeout_at(self._loop_deadline(deadline)):
                 deps = entry.config.depends_on
                 await asyncio.gather(*(self._ensure_loaded(self._entries[d], reason="dependency")
                                        for d in deps))
-                await self._make_room(entry, deadline)
+            try:
+                await self._make_room(entry, deadline)  # at the deadline: 503 naming holders
+            except ModelUnavailable as no_room:
+                # Not the model's fault: no failure backoff, the next request tries again.
+                entry.unloaded()
+                future.set_exception(no_room)
+                self._notify()
+                return
+            async with asyncio.timeout_at(self._loop_deadline(deadline)):
                 runtime, measured = await self._run_factory(entry)
             served = ServedModel(entry.config, runtime, self._metrics)
             await served.start()
@@ -388,19 +400,25 @@ class ModelManager:
                     or entry.state in (ModelState.LOADED, ModelState.LOADING)
                     or (entry.state is ModelState.FAILED and self._clock() < entry.retry_at)):
                 continue
+            resident = self._resident()
             plan = plan_eviction(
-                self._resident(), need_bytes=self._estimate(entry),
+                resident, need_bytes=self._estimate(entry),
                 max_bytes=self._cache.max_memory_bytes, max_models=self._cache.max_loaded_models,
                 now=self._clock(),
+                # Only models less likely to be next than the candidate may make room for it.
+                protect=hotter_than(resident, self._predictor.probability, probability)
+                | {self._predictor.last or ""},
             )
-            if plan.fits and not plan.victims:  # never evict anything for a guess
+            if plan.fits:
                 self._stats.preloads += 1
                 log.info("predictive preload of %s (p=%.2f after %s)", model_id, probability,
                          self._predictor.last)
-                self._spawn(self._preload(entry), name=f"preload:{model_id}")
+                self._spawn(self._preload(entry, plan.victims), name=f"preload:{model_id}")
                 return
 
-    async def _preload(self, entry: Entry) -> None:
+    async def _preload(self, entry: Entry, victims: list[str]) -> None:
+        await self._evict([self._entries[v] for v in victims if self._entries[v].resident
+                           and not self._entries[v].leases], reason="predictive")
         with contextlib.suppress(ModelUnavailable):
             await self._ensure_loaded(entry, reason="predictive")
 

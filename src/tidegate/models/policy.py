@@ -4,10 +4,10 @@ this, then unloads outside it."""
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["EntryView", "EvictionPlan", "plan_eviction"]
+__all__ = ["EntryView", "EvictionPlan", "hotter_than", "plan_eviction"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +96,11 @@ def plan_eviction(
         for dep in victim.depends_on:
             dependents[dep] -= 1
     return EvictionPlan(fits=True, victims=victims)
+
+
+def hotter_than(
+    resident: Sequence[EntryView], probability: Callable[[str], float], threshold: float
+) -> set[str]:
+    """The resident models at least as likely to be used next as a preload candidate of
+    probability ``threshold``: a predictive preload may not evict these."""
+    return {e.id for e in resident if probability(e.id) >= threshold}

@@ -30,6 +30,15 @@ class TransitionPredictor:
             self._transitions[self._last][model] += 1
         self._last = model
 
+    def probability(self, model: str, current: str | None = None) -> float:
+        """Estimated P(next = ``model`` | ``current``), from the same counts as :meth:`predict`."""
+        current = self._last if current is None else current
+        following = self._transitions.get(current) if current is not None else None
+        if following:
+            return following[model] / sum(following.values())
+        total = sum(self._frequency.values())
+        return self._frequency[model] / total if total else 0.0
+
     def predict(self, current: str | None = None, k: int = 2) -> list[tuple[str, float]]:
         """The ``k`` likeliest next models after ``current`` (default: the last observed), with
         their estimated probabilities."""
