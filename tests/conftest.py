@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +41,75 @@ def reference_model(model_dir: Path) -> object:
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(model_dir), device="cpu")
+
+
+# -- tiny random-weight causal LMs (built offline, saved with save_pretrained) -------------------
+# A GPT-2 and a Llama sharing a byte-level BPE tokenizer trained on a few sentences.
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Café, naïve, résumé: déjà vu in Zürich.",
+    "日本語のテキストと絵文字 🙂🚀 を含む文章。",
+    "tidegate streams tokens to many clients at once.",
+    "Ünïcödé byte pairs split characters across tokens.",
+]
+EOS = "<|endoftext|>"
+
+
+def build_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS
+    )
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer() -> Any:
+    return build_tokenizer()
+
+
+def _save(model: Any, tokenizer: Any, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer: Any) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=2, n_positions=256, vocab_size=len(byte_tokenizer),
+        bos_token_id=byte_tokenizer.eos_token_id, eos_token_id=byte_tokenizer.eos_token_id,
+        initializer_range=0.2,
+    )
+    return _save(GPT2LMHeadModel(config), byte_tokenizer, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer: Any) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, vocab_size=len(byte_tokenizer),
+        bos_token_id=byte_tokenizer.eos_token_id, eos_token_id=byte_tokenizer.eos_token_id,
+        initializer_range=0.2,
+    )
+    return _save(LlamaForCausalLM(config), byte_tokenizer, tmp_path_factory.mktemp("llama"))

@@ -7,7 +7,6 @@ objects. Unknown keys and bad values raise :class:`~tidegate.errors.ConfigError`
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -15,13 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from tidegate.configutil import build_dataclass, require_table
 from tidegate.errors import ConfigError
+from tidegate.upstream.config import UpstreamConfig
 
 __all__ = [
     "DEFAULT_MODEL_ID",
     "BatchingConfig",
     "CacheConfig",
     "Config",
+    "GenerationConfig",
     "ModelConfig",
     "RuntimeKind",
     "ServerConfig",
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_ID = "all-minilm-l6-v2"
-RuntimeKind = Literal["embedding", "echo", "python"]
+RuntimeKind = Literal["embedding", "echo", "python", "remote", "causal-lm"]
 PreloadMode = Literal["eager", "lazy", "predictive"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -98,6 +100,37 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class GenerationConfig:
+    """One causal-LM model's continuous-batching engine (``[models.generation]``)."""
+
+    max_num_seqs: int = 16
+    """Sequences in the running decode batch at once."""
+    max_prefill_tokens: int = 2048
+    """Prompt tokens prefilled per step, over all admitted sequences (one long prompt excepted)."""
+    max_waiting: int = 256
+    """Sequences waiting for a slot; beyond this, requests get 429 (or ``overload_status``)."""
+    stream_buffer: int = 64
+    """Deltas buffered per stream before its reader counts as behind."""
+    stream_timeout_s: float = 30.0
+    """A stream whose reader stays behind this long is aborted and its slot freed."""
+    overload_status: Literal[429, 503] = 429
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_context_tokens: int | None = None
+    """Context length; ``None`` means the model config's own."""
+
+    def __post_init__(self) -> None:
+        _integer("generation.max_num_seqs", self.max_num_seqs)
+        _integer("generation.max_prefill_tokens", self.max_prefill_tokens)
+        _integer("generation.max_waiting", self.max_waiting)
+        _integer("generation.stream_buffer", self.stream_buffer)
+        _positive("generation.stream_timeout_s", self.stream_timeout_s)
+        _choice("generation.overload_status", self.overload_status, (429, 503))
+        _choice("generation.dtype", self.dtype, ("float32", "bfloat16"))
+        if self.max_context_tokens is not None:
+            _integer("generation.max_context_tokens", self.max_context_tokens)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     """One served model."""
 
@@ -123,6 +156,10 @@ class ModelConfig:
     """Estimated size, used to make room before loading; the measured size replaces it."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Keyword arguments for a ``python`` model's class."""
+    upstream: UpstreamConfig | None = None
+    """For ``remote`` models: the replicas and how to reach them."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """For ``causal-lm`` models: the engine's limits."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self) -> None:
@@ -132,6 +169,8 @@ class ModelConfig:
         _choice(f"{where}.runtime", self.runtime, get_args(RuntimeKind))
         if self.source is not None and not isinstance(self.source, str):
             raise ConfigError(f"{where}.source must be a string")
+        if self.runtime == "causal-lm" and not self.source:
+            raise ConfigError(f"{where}.source must be a local model directory for causal-lm")
         if self.runtime == "python" and (not self.source or ":" not in self.source):
             raise ConfigError(f"{where}.source must be 'module:ClassName' for a python model")
         if isinstance(self.depends_on, list):
@@ -148,6 +187,8 @@ class ModelConfig:
             _integer(f"{where}.memory_bytes", self.memory_bytes, minimum=0)
         if not isinstance(self.options, Mapping):
             raise ConfigError(f"{where}.options must be a table")
+        if (self.runtime == "remote") != (self.upstream is not None):
+            raise ConfigError(f"{where}: 'upstreams' is required for, and only for, remote models")
         if self.max_input_tokens is not None:
             _integer(f"models[{self.id}].max_input_tokens", self.max_input_tokens)
         if self.intra_op_threads is not None:
@@ -269,32 +310,26 @@ def _find_cycle(graph: Mapping[str, Sequence[str]]) -> list[str] | None:
     return None
 
 
-def _build(cls: type[Any], data: object, where: str) -> Any:
-    """Instantiate a config dataclass from a TOML table, refusing unknown keys."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a table, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} in {where}: {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(known))})"
-        )
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-
-
 def _build_model(data: object, index: int) -> ModelConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"models[{index}] must be a table")
     values = dict(data)
+    upstream = dict(require_table(values.pop("upstream", {}), f"models[{index}].upstream"))
+    for key, target in (("upstreams", "replicas"), ("upstream_model", "model"),
+                        ("api_key_env", "api_key_env"), ("api_key", "api_key")):
+        if key in values:
+            upstream[target] = values.pop(key)
+    if upstream:
+        values["upstream"] = UpstreamConfig.from_mapping(upstream, where=f"models[{index}]")
     if "batching" in values:
-        values["batching"] = _build(
+        values["batching"] = build_dataclass(
             BatchingConfig, values["batching"], f"models[{index}].batching"
         )
-    model: ModelConfig = _build(ModelConfig, values, f"models[{index}]")
+    if "generation" in values:
+        values["generation"] = build_dataclass(
+            GenerationConfig, values["generation"], f"models[{index}].generation"
+        )
+    model: ModelConfig = build_dataclass(ModelConfig, values, f"models[{index}]")
     return model
 
 
@@ -313,8 +348,8 @@ def load_config(path: str | Path | None = None, **server_overrides: Any) -> Conf
         raise ConfigError(f"unknown top-level key(s) in config: {', '.join(unknown)}")
     server_table = dict(raw.get("server", {}))
     server_table.update({k: v for k, v in server_overrides.items() if v is not None})
-    server: ServerConfig = _build(ServerConfig, server_table, "[server]")
-    cache: CacheConfig = _build(CacheConfig, raw.get("cache", {}), "[cache]")
+    server: ServerConfig = build_dataclass(ServerConfig, server_table, "[server]")
+    cache: CacheConfig = build_dataclass(CacheConfig, raw.get("cache", {}), "[cache]")
     models_raw = raw.get("models")
     if models_raw is None:
         return Config(server=server, cache=cache)

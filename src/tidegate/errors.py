@@ -15,7 +15,12 @@ that explain it, and ``api.errors`` maps each class to one HTTP status and OpenA
     ├── Overloaded             429 (or 503) with Retry-After: the queue is full
     ├── ModelUnavailable       503: the model is loading or failed to load
     ├── RequestTimeout         504: the request waited longer than its timeout
-    └── RuntimeFailure         500: the model raised while computing
+    ├── RuntimeFailure         500: the model raised while computing
+    └── UpstreamError          a remote replica failed (status on the instance)
+        ├── UpstreamBadGateway   502: unreachable, broken connection, or its 5xx
+        ├── UpstreamTimeout      504: no answer within the read timeout
+        ├── UpstreamUnavailable  503: no healthy replica, pool wait timed out, or its 503
+        └── UpstreamRejected     its own 4xx, relayed with its status and fields
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ __all__ = [
     "RuntimeFailure",
     "TidegateError",
     "UnsupportedMediaType",
+    "UpstreamBadGateway",
+    "UpstreamError",
+    "UpstreamRejected",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
 ]
 
 
@@ -138,3 +148,54 @@ class RuntimeFailure(TidegateError):
         super().__init__(f"Model '{model}' failed while computing: {detail}")
         self.model = model
         self.detail = detail
+
+
+class UpstreamError(TidegateError):
+    """A remote replica failed to serve a request; ``status`` is what tidegate should answer."""
+
+    status = 502
+
+    def __init__(self, message: str, *, model: str, replica: str | None,
+                 upstream_status: int | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.model = model
+        self.replica = replica
+        self.upstream_status = upstream_status
+        self.detail = detail
+
+
+class UpstreamBadGateway(UpstreamError):
+    """502: the replica could not be reached, broke the connection, or answered 5xx."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """504: the replica sent nothing within the read timeout, or answered 504 itself."""
+
+    status = 504
+
+
+class UpstreamUnavailable(UpstreamError):
+    """503: no healthy replica, no free connection within the pool-wait timeout, or 503."""
+
+    status = 503
+
+    def __init__(self, message: str, *, model: str, replica: str | None,
+                 upstream_status: int | None = None, detail: str | None = None,
+                 retry_after_s: int = 1) -> None:
+        super().__init__(message, model=model, replica=replica,
+                         upstream_status=upstream_status, detail=detail)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamRejected(UpstreamError):
+    """The replica refused the request itself (4xx); relay its status and error fields."""
+
+    def __init__(self, message: str, *, model: str, replica: str, upstream_status: int,
+                 detail: str, type_: str | None, param: str | None, code: str | None) -> None:
+        super().__init__(message, model=model, replica=replica,
+                         upstream_status=upstream_status, detail=detail)
+        self.status = upstream_status
+        self.type = type_
+        self.param = param
+        self.code = code

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import exposition as _exposition
@@ -21,6 +22,10 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+
+if TYPE_CHECKING:
+    from tidegate.generation.stats import EngineStatistics, GenerationMetrics
+    from tidegate.upstream.client import UpstreamClient
 
 __all__ = ["BatchMetrics", "CacheMetrics", "Histogram", "Metrics"]
 
@@ -185,6 +190,105 @@ class _BatchCollector:
         yield from (dispatch, depth, rejected, withdrawn)
 
 
+def _histogram(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, labels=labels)
+
+
+class _GenerationCollector:
+    def __init__(self, metrics: dict[str, GenerationMetrics],
+                 engines: dict[str, Callable[[], EngineStatistics]]) -> None:
+        self._metrics = metrics
+        self._engines = engines
+
+    def collect(self) -> Iterator[Metric]:
+        histograms = {
+            "time_to_first_token": ("tidegate_generation_ttft_seconds",
+                                    "Submit to first token, queueing and prefill included"),
+            "inter_token_latency": ("tidegate_generation_inter_token_seconds",
+                                    "Time between consecutive tokens of a sequence"),
+            "step_seconds": ("tidegate_generation_step_seconds", "One engine step"),
+            "batch_size": ("tidegate_generation_decode_batch_size", "Sequences per decode step"),
+        }
+        for attr, (name, doc) in histograms.items():
+            family = _histogram(name, doc, ["model"])
+            for model, metrics in self._metrics.items():
+                hist: Histogram = getattr(metrics, attr)
+                family.add_metric([model], hist.cumulative(), hist.sum)
+            yield family
+        tokens = CounterMetricFamily("tidegate_generation_tokens", "Tokens processed",
+                                     labels=["model", "kind"])
+        finished = CounterMetricFamily("tidegate_generation_finished", "Sequences ended",
+                                       labels=["model", "reason"])
+        rejected = CounterMetricFamily("tidegate_generation_rejected",
+                                       "Sequences refused: waiting queue full", labels=["model"])
+        for model, metrics in self._metrics.items():
+            tokens.add_metric([model, "prompt"], metrics.prompt_tokens)
+            tokens.add_metric([model, "completion"], metrics.generated_tokens)
+            for reason, count in metrics.finished.items():
+                finished.add_metric([model, reason], count)
+            rejected.add_metric([model], metrics.rejected)
+        yield from (tokens, finished, rejected)
+        running = GaugeMetricFamily("tidegate_generation_running", "Sequences holding a slot",
+                                    labels=["model"])
+        waiting = GaugeMetricFamily("tidegate_generation_waiting", "Sequences waiting for a slot",
+                                    labels=["model"])
+        rate = GaugeMetricFamily("tidegate_generation_tokens_per_second",
+                                 "Generated tokens per second of step time (smoothed)",
+                                 labels=["model"])
+        for model, statistics in self._engines.items():
+            stats = statistics()
+            running.add_metric([model], stats.running)
+            waiting.add_metric([model], stats.waiting)
+            rate.add_metric([model], stats.tokens_per_second)
+        yield from (running, waiting, rate)
+
+
+class _UpstreamCollector:
+    def __init__(self, clients: dict[str, UpstreamClient]) -> None:
+        self._clients = clients
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "replica"]
+        families = {
+            "opened": CounterMetricFamily("tidegate_upstream_connections_opened",
+                                          "Connections opened to a replica", labels=labels),
+            "closed": CounterMetricFamily("tidegate_upstream_connections_closed",
+                                          "Connections closed", labels=labels),
+            "reused": CounterMetricFamily("tidegate_upstream_connections_reused",
+                                          "Requests sent on a kept-alive connection",
+                                          labels=labels),
+            "requests": CounterMetricFamily("tidegate_upstream_requests",
+                                            "Requests handed a connection", labels=labels),
+            "retired_by_age": CounterMetricFamily("tidegate_upstream_connections_retired",
+                                                  "Connections retired at max age",
+                                                  labels=labels),
+            "pool_timeouts": CounterMetricFamily("tidegate_upstream_pool_timeouts",
+                                                 "Requests that found no free connection",
+                                                 labels=labels),
+        }
+        reuse = GaugeMetricFamily("tidegate_upstream_connection_reuse_ratio",
+                                  "reused / requests", labels=labels)
+        in_use = GaugeMetricFamily("tidegate_upstream_in_use",
+                                   "Requests in flight (connections in use)", labels=labels)
+        healthy = GaugeMetricFamily("tidegate_upstream_healthy", "1 if the replica is routable",
+                                    labels=labels)
+        wait = _histogram("tidegate_upstream_pool_wait_seconds",
+                          "Time waiting for a pooled connection", labels)
+        for model, client in self._clients.items():
+            health = {r["url"]: r["status"] for r in client.describe()["replicas"]}
+            for pool in client.pools:
+                stats = pool.statistics()
+                key = [model, stats.url]
+                for attr, family in families.items():
+                    family.add_metric(key, getattr(stats, attr))
+                reuse.add_metric(key, stats.reuse_rate)
+                in_use.add_metric(key, stats.in_flight)
+                healthy.add_metric(key, 1.0 if health.get(stats.url) == "healthy" else 0.0)
+                wait.add_metric(key, pool.pool_wait.cumulative(), pool.pool_wait.sum)
+        yield from families.values()
+        yield from (reuse, in_use, healthy, wait)
+
+
 class Metrics:
     """All of tidegate's instruments, in a registry of the app's own."""
 
@@ -194,12 +298,34 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._batching: dict[str, BatchMetrics] = {}
         self.cache = CacheMetrics()
+        self._generation: dict[str, GenerationMetrics] = {}
+        self._engines: dict[str, Callable[[], EngineStatistics]] = {}
+        self._upstreams: dict[str, UpstreamClient] = {}
         self.registry.register(_BatchCollector(self._batching))
         self.registry.register(_CacheCollector(self.cache))
+        self.registry.register(_GenerationCollector(self._generation, self._engines))
+        self.registry.register(_UpstreamCollector(self._upstreams))
 
     def for_batcher(self, model: str) -> BatchMetrics:
         """The (persistent) batching instruments of ``model``."""
         return self._batching.setdefault(model, BatchMetrics())
+
+    def for_generation(self, model: str) -> GenerationMetrics:
+        """The (persistent) generation instruments of ``model``."""
+        from tidegate.generation.stats import GenerationMetrics
+
+        return self._generation.setdefault(model, GenerationMetrics())
+
+    def track_engine(self, model: str, statistics: Callable[[], EngineStatistics]) -> None:
+        self._engines[model] = statistics
+
+    def track_upstream(self, model: str, client: UpstreamClient) -> None:
+        self._upstreams[model] = client
+
+    def untrack(self, model: str) -> None:
+        """A model was unloaded: stop reading its live engine or upstream client."""
+        self._engines.pop(model, None)
+        self._upstreams.pop(model, None)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -15,8 +15,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive
 
-from tidegate.api import admin
-from tidegate.api.common import AppState, ClientDisconnected, app_state, endpoint, json_response
+from tidegate.api import admin, generation
+from tidegate.api.common import (
+    AppState,
+    ClientDisconnected,
+    app_state,
+    endpoint,
+    json_response,
+    read_json_body,
+)
 from tidegate.api.errors import http_error_handler
 from tidegate.api.schemas import (
     EmbeddingRequest,
@@ -26,9 +33,7 @@ from tidegate.api.schemas import (
 from tidegate.config import Config
 from tidegate.errors import (
     InvalidRequest,
-    PayloadTooLarge,
     RequestTimeout,
-    UnsupportedMediaType,
 )
 from tidegate.metrics import Metrics
 from tidegate.models.manager import ModelManager, RuntimeFactory
@@ -41,51 +46,6 @@ log = logging.getLogger("tidegate.api")
 
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-def _headers(request: Request) -> tuple[str | None, bytes | None]:
-    """Content-Type and Content-Length from the raw ASGI headers (no Headers object)."""
-    content_type: str | None = None
-    length: bytes | None = None
-    for key, value in request.scope["headers"]:
-        if key == b"content-type":
-            content_type = value.decode("latin-1")
-        elif key == b"content-length":
-            length = value
-    return content_type, length
-
-
-async def read_json_body(request: Request, max_bytes: int) -> bytes:
-    content_type, declared = _headers(request)
-    if content_type is not None:
-        media = content_type.split(";", 1)[0].strip().lower()
-        if media != "application/json" and not media.endswith("+json"):
-            raise UnsupportedMediaType(media)
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError as exc:
-            raise InvalidRequest(f"Invalid Content-Length header: {declared!r}") from exc
-        if length > max_bytes:
-            raise PayloadTooLarge(
-                f"Request body of {length} bytes exceeds the limit of {max_bytes} bytes.",
-                limit=max_bytes, actual=length,
-            )
-    receive = request.receive
-    body = b""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
-        chunk: bytes = message.get("body", b"")
-        if chunk:
-            if len(body) + len(chunk) > max_bytes:
-                raise PayloadTooLarge(
-                    f"Request body exceeds the limit of {max_bytes} bytes.", limit=max_bytes
-                )
-            body = body + chunk if body else chunk
-        if not message.get("more_body", False):
-            return body
 
 
 # Most requests finish within a few milliseconds; only those still waiting after this long get a
@@ -148,8 +108,8 @@ async def run_guarded(request: Request, work: Awaitable[T], *, model: str, timeo
 
 async def _embed(manager: ModelManager, parsed: EmbeddingRequest) -> tuple[str, EmbeddingResult]:
     async with manager.lease(parsed.model) as model:
-        dimensions = model.runtime.dimensions
-        if parsed.dimensions is not None and parsed.dimensions != dimensions:
+        dimensions = model.dimensions
+        if parsed.dimensions is not None and dimensions and parsed.dimensions != dimensions:
             raise InvalidRequest(
                 f"Model '{model.id}' produces {dimensions}-dimensional embeddings and does not "
                 f"support 'dimensions'={parsed.dimensions}.", param="dimensions",
@@ -224,7 +184,11 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
         Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
         Route("/health/live", health_live, methods=["GET"]),
         Route("/health/ready", health_ready, methods=["GET"]),
+        # /health is what vLLM and llama.cpp serve: lets tidegate be another gateway's upstream.
+        Route("/health", health_ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/completions", generation.completions, methods=["POST"]),
+        Route("/v1/chat/completions", generation.chat_completions, methods=["POST"]),
         Route("/admin/models/{model_id:path}/load", admin.admin_load, methods=["POST"]),
         Route("/admin/models/{model_id:path}/unload", admin.admin_unload, methods=["POST"]),
     ]

@@ -12,11 +12,24 @@ from starlette.responses import Response
 
 from tidegate.api.errors import error_response, unexpected_error_response
 from tidegate.config import Config
-from tidegate.errors import TidegateError
+from tidegate.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    TidegateError,
+    UnsupportedMediaType,
+)
 from tidegate.metrics import Metrics
 from tidegate.models.manager import ModelManager
 
-__all__ = ["AppState", "ClientDisconnected", "Handler", "app_state", "endpoint", "json_response"]
+__all__ = [
+    "AppState",
+    "ClientDisconnected",
+    "Handler",
+    "app_state",
+    "endpoint",
+    "json_response",
+    "read_json_body",
+]
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -58,3 +71,46 @@ def endpoint(handler: Handler) -> Handler:
     return wrapper
 
 
+def _headers(request: Request) -> tuple[str | None, bytes | None]:
+    """Content-Type and Content-Length from the raw ASGI headers (no Headers object)."""
+    content_type: str | None = None
+    length: bytes | None = None
+    for key, value in request.scope["headers"]:
+        if key == b"content-type":
+            content_type = value.decode("latin-1")
+        elif key == b"content-length":
+            length = value
+    return content_type, length
+
+
+async def read_json_body(request: Request, max_bytes: int) -> bytes:
+    content_type, declared = _headers(request)
+    if content_type is not None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaType(media)
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError as exc:
+            raise InvalidRequest(f"Invalid Content-Length header: {declared!r}") from exc
+        if length > max_bytes:
+            raise PayloadTooLarge(
+                f"Request body of {length} bytes exceeds the limit of {max_bytes} bytes.",
+                limit=max_bytes, actual=length,
+            )
+    receive = request.receive
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            if len(body) + len(chunk) > max_bytes:
+                raise PayloadTooLarge(
+                    f"Request body exceeds the limit of {max_bytes} bytes.", limit=max_bytes
+                )
+            body = body + chunk if body else chunk
+        if not message.get("more_body", False):
+            return body

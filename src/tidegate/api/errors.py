@@ -22,6 +22,9 @@ from tidegate.errors import (
     RuntimeFailure,
     TidegateError,
     UnsupportedMediaType,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamUnavailable,
 )
 
 __all__ = ["error_body", "error_response", "http_error_handler", "unexpected_error_response"]
@@ -58,6 +61,8 @@ def error_response(exc: TidegateError) -> Response:
     if isinstance(exc, Overloaded):
         body = error_body(str(exc), type_="rate_limit_exceeded", code="overloaded")
         return _json(exc.status, body, {"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, UpstreamError):
+        return _upstream_response(exc)
     status, type_ = _STATUS.get(type(exc), (500, "server_error"))
     if isinstance(exc, RequestError):
         return _json(status, error_body(exc.message, type_=type_, param=exc.param, code=exc.code))
@@ -66,6 +71,19 @@ def error_response(exc: TidegateError) -> Response:
         return _json(status, body, {"Retry-After": str(exc.retry_after_s)})
     code = "timeout" if isinstance(exc, RequestTimeout) else None
     return _json(status, error_body(str(exc), type_=type_, code=code))
+
+
+def _upstream_response(exc: UpstreamError) -> Response:
+    """A replica's failure: its own 4xx relayed as is; ours (502/503/504) with its detail."""
+    if isinstance(exc, UpstreamRejected):
+        body = error_body(exc.detail or exc.message, type_=exc.type or "invalid_request_error",
+                          param=exc.param, code=exc.code)
+        return _json(exc.status, body)
+    code = {502: "upstream_error", 503: "upstream_unavailable", 504: "upstream_timeout"}
+    body = error_body(exc.message, type_="upstream_error", code=code.get(exc.status))
+    headers = ({"Retry-After": str(exc.retry_after_s)}
+               if isinstance(exc, UpstreamUnavailable) else None)
+    return _json(exc.status, body, headers)
 
 
 def unexpected_error_response(request: Request, exc: BaseException) -> Response:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import islice
@@ -22,7 +22,13 @@ from typing import Any, Generic, Protocol, TypeVar
 from tidegate.batching.adaptive import AdaptiveBatchSize
 from tidegate.batching.policy import Decision, DispatchReason, decide
 from tidegate.config import BatchingConfig
-from tidegate.errors import ModelUnavailable, Overloaded, PayloadTooLarge, RuntimeFailure
+from tidegate.errors import (
+    ModelUnavailable,
+    Overloaded,
+    PayloadTooLarge,
+    RuntimeFailure,
+    TidegateError,
+)
 from tidegate.metrics import BatchMetrics
 from tidegate.runtimes.base import Prepared
 
@@ -43,6 +49,7 @@ class BatchResults(Protocol[R_co]):
 
 
 RunBatch = Callable[[Sequence[Any]], BatchResults[R]]
+RunBatchAsync = Callable[[Sequence[Any]], Awaitable[BatchResults[R]]]
 
 
 class _Request:
@@ -93,17 +100,22 @@ class Batcher(Generic[R]):
         self,
         *,
         model: str,
-        run_batch: RunBatch[R],
+        run_batch: RunBatch[R] | None = None,
+        run_batch_async: RunBatchAsync[R] | None = None,
         config: BatchingConfig,
         executor: Executor | None = None,
         inline: bool = False,
         metrics: BatchMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``inline=True`` runs ``run_batch`` on the event loop itself: only for runtimes whose
-        batches take microseconds (the echo runtime), where a thread hop would cost more."""
+        """Give ``run_batch`` (synchronous: it runs in ``executor``, or on the event loop itself
+        with ``inline=True``, only for batches that take microseconds, like the echo runtime's)
+        or ``run_batch_async`` (a coroutine on the loop, for remote models)."""
+        if (run_batch is None) == (run_batch_async is None):
+            raise ValueError("give exactly one of run_batch and run_batch_async")
         self.model = model
         self._run_batch = run_batch
+        self._run_batch_async = run_batch_async
         self._config = config
         self._executor = executor
         self._inline = inline
@@ -286,7 +298,7 @@ class Batcher(Generic[R]):
         backlogged = bool(queue)
         started = self._clock()
         payloads = [item.payload for item in items]
-        if self._inline:
+        if self._inline and self._run_batch is not None:
             try:
                 results = self._checked(self._run_batch(payloads), items)
             except Exception as exc:
@@ -296,12 +308,17 @@ class Batcher(Generic[R]):
                 self._deliver(items, results)
             self._finish(items, started, backlogged)
             return
-        loop = self._loop or asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._run_batch, payloads)
+        future = self._start_compute(payloads)
         self._pending.add(future)
         future.add_done_callback(
             lambda done: self._on_computed(done, items, started, backlogged)
         )
+
+    def _start_compute(self, payloads: list[Any]) -> asyncio.Future[BatchResults[R]]:
+        if self._run_batch_async is not None:
+            return asyncio.ensure_future(self._run_batch_async(payloads))
+        loop = self._loop or asyncio.get_running_loop()
+        return loop.run_in_executor(self._executor, self._run_batch, payloads)  # type: ignore[arg-type]
 
     @staticmethod
     def _checked(results: BatchResults[R], items: list[_Item]) -> BatchResults[R]:
@@ -347,13 +364,11 @@ class Batcher(Generic[R]):
         if len(groups) == 1:
             self._fail(items, exc)
             return
-        loop = asyncio.get_running_loop()
         for group in groups:
             if group[0].request.future.done():
                 continue
             try:
-                payloads = [item.payload for item in group]
-                results = await loop.run_in_executor(self._executor, self._run_batch, payloads)
+                results = await self._start_compute([item.payload for item in group])
                 self._deliver(group, self._checked(results, group))
             except Exception as group_exc:
                 self._fail(group, group_exc)
@@ -363,6 +378,7 @@ class Batcher(Generic[R]):
         if len(groups) == 1:
             self._fail(items, exc)
             return
+        assert self._run_batch is not None
         for group in groups:
             try:
                 results = self._run_batch([item.payload for item in group])
@@ -373,10 +389,14 @@ class Batcher(Generic[R]):
     def _fail(self, items: list[_Item], exc: BaseException) -> None:
         request = items[0].request
         log.warning("model %s failed a batch: %r", self.model, exc, exc_info=exc)
-        if not request.future.done():
-            failure = RuntimeFailure(self.model, f"{type(exc).__name__}: {exc}")
-            failure.__cause__ = exc
-            request.future.set_exception(failure)
+        if request.future.done():
+            return
+        if isinstance(exc, TidegateError):  # already says what went wrong (an upstream's 502)
+            request.future.set_exception(exc)
+            return
+        failure = RuntimeFailure(self.model, f"{type(exc).__name__}: {exc}")
+        failure.__cause__ = exc
+        request.future.set_exception(failure)
 
     @staticmethod
     def _deliver(items: list[_Item], results: BatchResults[R]) -> None:

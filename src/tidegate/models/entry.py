@@ -105,8 +105,15 @@ class Entry:
             card["error"] = self.error
         if self.skipped:
             card["skipped"] = self.skipped
-        if self.served is not None:
-            card["dimensions"] = self.served.runtime.dimensions
-            card["max_input_tokens"] = self.served.runtime.max_input_tokens
+        served = self.served
+        if served is not None:
+            card["kind"] = served.kind
             card["load_seconds"] = round(self.load_seconds or 0.0, 3)
+            if served.kind == "generation":
+                card["context_length"] = served.causal_lm.context_length
+            else:
+                card["dimensions"] = served.dimensions
+                card["max_input_tokens"] = getattr(served.runtime, "max_input_tokens", None)
+            if served.kind == "remote":
+                card["upstream"] = served.upstream.describe()
         return card

@@ -29,13 +29,13 @@ from tidegate.models.entry import Entry, ModelState
 from tidegate.models.policy import EntryView, hotter_than, plan_eviction
 from tidegate.models.predictor import TransitionPredictor
 from tidegate.models.served import ServedModel
-from tidegate.runtimes import EmbeddingRuntime, ModelHandle, create_runtime
+from tidegate.runtimes import AnyRuntime, ModelHandle, create_runtime
 
 __all__ = ["ModelManager", "ModelState", "RuntimeFactory", "ServedModel"]
 
 log = logging.getLogger("tidegate.models")
 
-RuntimeFactory = Callable[[ModelConfig, Path, Mapping[str, ModelHandle]], EmbeddingRuntime]
+RuntimeFactory = Callable[[ModelConfig, Path, Mapping[str, ModelHandle]], AnyRuntime]
 
 _BACKOFF_BASE_S = 1.0
 _BACKOFF_MAX_S = 60.0
@@ -68,7 +68,7 @@ class _DependencyHandle:
             return (await served.embed(texts)).vectors
 
 
-def _close_abandoned(future: asyncio.Future[EmbeddingRuntime]) -> None:
+def _close_abandoned(future: asyncio.Future[AnyRuntime]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().close()
 
@@ -299,7 +299,7 @@ class ModelManager:
         self._notify()
         await self._enforce_budget(protect={model_id, *self._dependency_closure(model_id)})
 
-    async def _run_factory(self, entry: Entry) -> tuple[EmbeddingRuntime, int]:
+    async def _run_factory(self, entry: Entry) -> tuple[AnyRuntime, int]:
         loop = asyncio.get_running_loop()
         handles = {d: _DependencyHandle(self, d, loop) for d in entry.config.depends_on}
         async with self._load_slots:

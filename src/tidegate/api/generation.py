@@ -1,0 +1,288 @@
+"""``POST /v1/completions`` and ``POST /v1/chat/completions``, OpenAI's format, streaming or not.
+
+A local causal LM is served by its continuous-batching engine; a remote model's request is
+relayed to its upstream (streams chunk by chunk, never buffered whole).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tidegate.api.common import app_state, endpoint, json_response, read_json_body
+from tidegate.api.errors import error_response
+from tidegate.api.schemas import parse_json_object
+from tidegate.api.sse import DONE, EventStreamResponse, sse_event
+from tidegate.errors import InvalidRequest, RequestTimeout, TidegateError
+from tidegate.generation.params import SamplingParams
+from tidegate.generation.stream import GenerationResult, GenerationStream
+from tidegate.models.served import ServedModel
+from tidegate.upstream.client import UpstreamStream
+
+__all__ = ["chat_completions", "completions"]
+
+Endpoint = Literal["completion", "chat"]
+_DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}  # OpenAI's completions default is 16
+_FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    model: str
+    endpoint: Endpoint
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    body: dict[str, Any]
+
+
+def _text_content(content: object, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise InvalidRequest(f"messages[{index}].content: only text parts are supported.",
+                                     param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise InvalidRequest(f"messages[{index}].content must be a string.", param="messages")
+
+
+def _messages(value: object) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
+    messages = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(f"messages[{index}] must be an object with a 'role'.",
+                                 param="messages")
+        messages.append({"role": message["role"],
+                         "content": _text_content(message.get("content", ""), index)})
+    return messages
+
+
+def _prompt(value: object) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise InvalidRequest("'prompt' must be a string (one prompt per request).",
+                             param="prompt")
+    return value
+
+
+def parse_generation_request(body: bytes, endpoint: Endpoint) -> GenerationRequest:
+    data = parse_json_object(body)
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+    n = data.get("n", 1)
+    if n not in (None, 1):
+        raise InvalidRequest("Only n = 1 is supported.", param="n")
+    prompt = messages = None
+    if endpoint == "chat":
+        messages = _messages(data.get("messages"))
+    else:
+        if "prompt" not in data:
+            raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")
+        prompt = _prompt(data["prompt"])
+    max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+    params = SamplingParams(
+        max_tokens=_DEFAULT_MAX_TOKENS[endpoint] if max_tokens is None else max_tokens,
+        temperature=1.0 if data.get("temperature") is None else data["temperature"],
+        top_p=1.0 if data.get("top_p") is None else data["top_p"],
+        stop=data.get("stop") or (),
+        seed=data.get("seed"),
+    )
+    stream = data.get("stream") or False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    include_usage = bool(options.get("include_usage", False))
+    return GenerationRequest(model, endpoint, prompt, messages, params, stream, include_usage,
+                             data)
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+class _Encoder:
+    """OpenAI's response and chunk shapes for one request."""
+
+    def __init__(self, request: GenerationRequest, model: str) -> None:
+        self.request = request
+        self.model = model
+        prefix = "chatcmpl" if request.endpoint == "chat" else "cmpl"
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        chat = request.endpoint == "chat"
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+
+    def _chunk(self, choice: dict[str, Any], usage: dict[str, int] | None = None) -> bytes:
+        data: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created,
+                                "model": self.model, "choices": [choice] if choice else []}
+        if usage is not None:
+            data["usage"] = usage
+        return sse_event(data)
+
+    def first(self) -> bytes | None:
+        if self.request.endpoint != "chat":
+            return None
+        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None})
+
+    def delta(self, text: str) -> bytes:
+        if self.request.endpoint == "chat":
+            return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": None,
+                                "finish_reason": None})
+        return self._chunk({"index": 0, "text": text, "logprobs": None, "finish_reason": None})
+
+    def last(self, result: GenerationResult) -> list[bytes]:
+        reason = _FINISH.get(result.finish_reason, "stop")
+        if self.request.endpoint == "chat":
+            choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": reason}
+        chunks = [self._chunk(choice)]
+        if self.request.include_usage:
+            chunks.append(self._chunk({}, usage=_usage(result)))
+        return chunks
+
+    def whole(self, result: GenerationResult) -> bytes:
+        reason = _FINISH.get(result.finish_reason, "stop")
+        if self.request.endpoint == "chat":
+            choice: dict[str, Any] = {
+                "index": 0, "message": {"role": "assistant", "content": result.text},
+                "logprobs": None, "finish_reason": reason,
+            }
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason}
+            kind = "text_completion"
+        return orjson.dumps({"id": self.id, "object": kind, "created": self.created,
+                             "model": self.model, "choices": [choice], "usage": _usage(result)})
+
+
+def _usage(result: GenerationResult) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _error_event(exc: TidegateError) -> bytes:
+    """A failure after the stream began (the status is already sent): an error event."""
+    return b"data: " + bytes(error_response(exc).body) + b"\n\n"
+
+
+# -- serving -------------------------------------------------------------------------------------
+
+# Prompts longer than this are tokenized in a thread rather than on the event loop.
+_INLINE_TOKENIZE_CHARS = 2000
+
+
+async def _local_events(
+    stack: contextlib.AsyncExitStack[Any], stream: GenerationStream, encoder: _Encoder
+) -> AsyncIterator[bytes]:
+    """SSE chunks for one local sequence. Leaving early (the client went away) exits
+    ``async with stream``, which cancels the sequence and frees its slot; ``stack`` holds the
+    model's lease until then."""
+    async with stack, stream:
+        first = encoder.first()
+        if first:
+            yield first
+        try:
+            async for delta in stream:
+                yield encoder.delta(delta)
+        except TidegateError as exc:
+            yield _error_event(exc)
+            return
+        assert stream.result is not None
+        for chunk in encoder.last(stream.result):
+            yield chunk
+        yield DONE
+
+
+async def _serve_local(request: GenerationRequest, model: ServedModel,
+                       stack: contextlib.AsyncExitStack[Any]) -> Response | EventStreamResponse:
+    engine = model.engine  # 400 for an embedding model
+    runtime = model.causal_lm
+    if request.messages is not None:
+        prompt_ids = await asyncio.to_thread(runtime.encode_chat, request.messages)
+    else:
+        assert request.prompt is not None
+        if len(request.prompt) > _INLINE_TOKENIZE_CHARS:
+            prompt_ids = await asyncio.to_thread(runtime.encode, request.prompt)
+        else:
+            prompt_ids = runtime.encode(request.prompt)
+    stream = engine.submit(prompt_ids, request.params)
+    encoder = _Encoder(request, model.id)
+    if request.stream:
+        return EventStreamResponse(_local_events(stack.pop_all(), stream, encoder))
+    async with stream:
+        result = await stream.collect()
+    return Response(encoder.whole(result), media_type="application/json")
+
+
+async def _relay_events(stack: contextlib.AsyncExitStack[Any], upstream_stream: UpstreamStream
+                        ) -> AsyncIterator[bytes]:
+    """The upstream's bytes as they arrive; leaving early closes the upstream stream, which
+    returns or discards its connection."""
+    async with stack, upstream_stream:
+        async for chunk in upstream_stream:
+            yield chunk
+
+
+async def _serve_remote(request: GenerationRequest, model: ServedModel,
+                        stack: contextlib.AsyncExitStack[Any]) -> Response | EventStreamResponse:
+    client = model.upstream
+    body = {**request.body, "model": client.upstream_model}
+    path = "/v1/chat/completions" if request.endpoint == "chat" else "/v1/completions"
+    if request.stream:
+        upstream_stream = await client.open_stream(path, body)
+        return EventStreamResponse(_relay_events(stack.pop_all(), upstream_stream),
+                                   media_type=upstream_stream.media_type or "text/event-stream")
+    return json_response(await client.request_json(path, body))
+
+
+async def _generate(request: Request, endpoint: Endpoint) -> Response | EventStreamResponse:
+    state = app_state(request)
+    server = state.config.server
+    parsed = parse_generation_request(
+        await read_json_body(request, server.max_body_bytes), endpoint
+    )
+    state.manager.describe_one(parsed.model)  # 404 before anything is loaded
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            async with asyncio.timeout(server.request_timeout_s):
+                model = await stack.enter_async_context(state.manager.lease(parsed.model))
+        except TimeoutError:
+            raise RequestTimeout(model=parsed.model, timeout_s=server.request_timeout_s) from None
+        if model.kind == "remote":
+            return await _serve_remote(parsed, model, stack)
+        return await _serve_local(parsed, model, stack)
+    raise AssertionError("unreachable")
+
+
+@endpoint
+async def completions(request: Request) -> Response:
+    return await _generate(request, "completion")  # type: ignore[return-value]
+
+
+@endpoint
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, "chat")  # type: ignore[return-value]

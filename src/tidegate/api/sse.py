@@ -1,0 +1,81 @@
+"""Server-sent events: encoding, and a response that races the producer against the client.
+
+:class:`EventStreamResponse` sends each chunk an async iterator yields, as it yields it. A
+second task listens for ``http.disconnect``; when the client goes away the producer is
+cancelled at once, so whatever it holds (a sequence's slot, an upstream connection) is released
+by its own ``async with``/``finally`` blocks within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+__all__ = ["DONE", "EventStreamResponse", "sse_event"]
+
+log = logging.getLogger("tidegate.streaming")
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(data: object) -> bytes:
+    """One ``data:`` event with a JSON payload (orjson never emits raw newlines)."""
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class EventStreamResponse:
+    """An ASGI response streaming ``body`` chunk by chunk, cancelled on client disconnect."""
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        *,
+        status_code: int = 200,
+        media_type: str = "text/event-stream",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._body = body
+        self._status = status_code
+        raw = {"content-type": media_type, "cache-control": "no-cache",
+               "x-accel-buffering": "no", **{k.lower(): v for k, v in (headers or {}).items()}}
+        self._headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in raw.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        producer = asyncio.ensure_future(self._produce(send))
+        watcher = asyncio.ensure_future(self._watch(receive))
+        try:
+            await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (producer, watcher):
+                task.cancel()
+            # Let the producer's cleanup (closing the iterator) run to completion.
+            await asyncio.gather(producer, watcher, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self._close_body()
+        if producer.done() and not producer.cancelled() and producer.exception() is not None:
+            raise producer.exception()  # type: ignore[misc]
+
+    async def _close_body(self) -> None:
+        closer = getattr(self._body, "aclose", None)
+        if closer is not None:
+            await closer()
+
+    async def _produce(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self._status,
+                    "headers": self._headers})
+        try:
+            async for chunk in self._body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except OSError:  # the transport broke under us: same as a disconnect
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _watch(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass

@@ -1,0 +1,56 @@
+"""Pick each sequence's next token from its logits: greedy, or temperature + top-p sampling.
+
+Greedy rows take the argmax, exactly as ``model.generate(do_sample=False)`` does. Sampled rows
+draw from their own ``torch.Generator``, so a seeded request gets the same tokens whatever else
+shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tidegate.generation.params import SamplingParams
+
+__all__ = ["make_generator", "next_tokens", "sample_row"]
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or from OS entropy when it is ``None``."""
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from a 1-D row of logits, by temperature and nucleus (top-p) sampling."""
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep a token while the mass of the tokens ranked above it is still short of top_p:
+        # the most likely token is always kept.
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice].item())
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+) -> list[int]:
+    """The next token of each row of ``logits`` (shape ``[rows, vocab]``)."""
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens: list[int] = []
+    for row, (row_params, generator) in enumerate(zip(params, generators, strict=True)):
+        if row_params.greedy:
+            tokens.append(int(greedy[row]))
+        else:
+            tokens.append(sample_row(logits[row], row_params, generator))
+    return tokens

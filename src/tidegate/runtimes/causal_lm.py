@@ -1,0 +1,150 @@
+"""Causal language models with PyTorch on CPU: a local Hugging Face model directory, offline.
+
+The runtime loads the model and its tokenizer and answers questions about them (context length,
+end-of-sequence tokens, memory); generating is the job of
+:class:`tidegate.generation.GenerationEngine`, which takes this runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+
+__all__ = ["CausalLMRuntime", "Dtype", "default_chat_prompt"]
+
+log = logging.getLogger("tidegate.runtimes.causal_lm")
+
+Dtype = Literal["float32", "bfloat16"]
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_FALLBACK_CONTEXT = 2048
+
+def default_chat_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    """The chat format for tokenizers without a chat template: each message as
+    ``{role}: {content}`` on its own line, then ``assistant:`` for the model to continue::
+
+        system: You are terse.
+        user: Hi
+        assistant:
+    """
+    lines = [f"{message['role']}: {message['content']}\n" for message in messages]
+    return "".join(lines) + "assistant:"
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = getattr(model.config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list | tuple):
+        ids.update(int(i) for i in configured)
+    if isinstance(tokenizer.eos_token_id, int):
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _context_length(model: Any, tokenizer: Any) -> int:
+    config = model.config.get_text_config()
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        return positions
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    return _FALLBACK_CONTEXT
+
+
+def _check_cache_layout(model: Any) -> None:
+    """The engine keeps one growing key/value tensor pair per layer; refuse anything else
+    (sliding-window, linear-attention or mixed caches) instead of generating wrong text."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    odd = sorted({type(layer).__name__ for layer in cache.layers
+                  if type(layer) is not DynamicLayer})
+    if odd or getattr(model.config, "add_cross_attention", False):
+        raise ValueError(
+            f"{type(model).__name__} needs cache layers of type {', '.join(odd) or 'cross'}, "
+            "which the generation engine does not support yet"
+        )
+
+
+class CausalLMRuntime:
+    """A ``transformers`` causal LM and its tokenizer, loaded from a local directory.
+
+    Blocking: construct it off the event loop. ``memory_bytes`` counts parameters and buffers
+    (the KV cache of running sequences comes on top).
+    """
+
+    kind = "causal-lm"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        dtype: Dtype = "float32",
+        max_context_tokens: int | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(get_args(Dtype))}, got {dtype!r}")
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model source {model_dir} is not a directory")
+        self.model_dir = model_dir
+        self.dtype: Dtype = dtype
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.model: Any = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=_DTYPES[dtype], local_files_only=True
+        )
+        self.model.train(False)  # inference mode for dropout and the like
+        _check_cache_layout(self.model)
+        native = _context_length(self.model, self.tokenizer)
+        self.context_length = min(max_context_tokens or native, native)
+        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        rows = getattr(self.model.get_input_embeddings(), "num_embeddings", None)
+        self.vocab_size = rows if isinstance(rows, int) else int(
+            self.model.config.get_text_config().vocab_size
+        )
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        self.memory_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        log.info("loaded %s (%s, %d bytes, context %d)", model_dir, dtype, self.memory_bytes,
+                 self.context_length)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a completion prompt, with the model's usual special tokens (BOS)."""
+        ids: list[int] = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return list(ids)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The prompt text for chat ``messages`` (``role``/``content`` mappings): the
+        tokenizer's chat template with the assistant turn opened, else
+        :func:`default_chat_prompt`."""
+        if self.has_chat_template:
+            text: str = self.tokenizer.apply_chat_template(
+                [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+            )
+            return text
+        return default_chat_prompt(messages)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of :meth:`chat_prompt`. A chat template writes its own special tokens,
+        so none are added to it; the default format gets the usual ones."""
+        text = self.chat_prompt(messages)
+        ids: list[int] = self.tokenizer(text, add_special_tokens=not self.has_chat_template)[
+            "input_ids"
+        ]
+        return list(ids)
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,84 @@
+"""Incremental detokenization with a byte-level BPE tokenizer, and stop-string hold-back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tidegate.generation.detok import IncrementalDetokenizer, StopFilter
+
+TEXT = "Café déjà vu: 日本語 🙂🚀 naïve Zürich"
+
+
+def stream(tokenizer: Any, ids: list[int], prompt: list[int] | None = None) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids=prompt or [])
+    deltas = [detok.push(token) for token in ids]
+    deltas.append(detok.flush())
+    return deltas
+
+
+def test_multibyte_characters_are_never_split(byte_tokenizer: Any) -> None:
+    ids = byte_tokenizer.encode(TEXT, add_special_tokens=False)
+    # The test is only meaningful if some tokens carry part of a character.
+    assert any("\ufffd" in byte_tokenizer.decode([token]) for token in ids)
+    deltas = stream(byte_tokenizer, ids)
+    assert "".join(deltas) == TEXT
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "" in deltas  # some tokens had to wait for the rest of their character
+
+
+def test_prompt_context_does_not_leak_into_the_output(byte_tokenizer: Any) -> None:
+    prompt = byte_tokenizer.encode("Über ", add_special_tokens=False)
+    ids = byte_tokenizer.encode("日本 ok", add_special_tokens=False)
+    assert "".join(stream(byte_tokenizer, ids, prompt)) == "日本 ok"
+
+
+def test_invalid_bytes_are_emitted_after_a_bounded_wait(byte_tokenizer: Any) -> None:
+    # A lone continuation byte never completes: it must not hold the stream forever.
+    continuation = next(
+        t for t in range(len(byte_tokenizer)) if byte_tokenizer.decode([t]) == "\ufffd"
+    )
+    detok = IncrementalDetokenizer(byte_tokenizer)
+    deltas = [detok.push(continuation) for _ in range(4)]
+    assert deltas[:3] == ["", "", ""]
+    assert "\ufffd" in deltas[3]
+    assert detok.push(byte_tokenizer.encode("a", add_special_tokens=False)[0]) == "a"
+
+
+def test_special_tokens_are_skipped(byte_tokenizer: Any) -> None:
+    ids = [*byte_tokenizer.encode("hi", add_special_tokens=False), byte_tokenizer.eos_token_id]
+    assert "".join(stream(byte_tokenizer, ids)) == "hi"
+
+
+def feed_all(stops: list[str], deltas: list[str]) -> tuple[list[str], bool]:
+    stop_filter = StopFilter(stops)
+    out = []
+    for delta in deltas:
+        text, stopped = stop_filter.feed(delta)
+        out.append(text)
+        if stopped:
+            return out, True
+    out.append(stop_filter.flush())
+    return out, False
+
+
+def test_stop_string_split_across_deltas_is_never_streamed() -> None:
+    out, stopped = feed_all(["END"], ["Hello E", "N", "D and more"])
+    assert stopped
+    assert out == ["Hello ", "", ""]
+
+
+def test_held_text_is_released_when_it_turns_out_not_to_be_a_stop() -> None:
+    out, stopped = feed_all(["END"], ["Hello E", "N", "o"])
+    assert not stopped
+    assert out == ["Hello ", "", "ENo", ""]
+    out, stopped = feed_all(["END"], ["tail E"])
+    assert (out, stopped) == (["tail ", "E"], False)
+
+
+def test_earliest_of_several_stops_wins() -> None:
+    out, stopped = feed_all(["world", "lo"], ["hello world"])
+    assert (out, stopped) == (["hel"], True)
+
+
+def test_no_stops_passes_text_through() -> None:
+    assert feed_all([], ["a", "b"]) == (["a", "b", ""], False)

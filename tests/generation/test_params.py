@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tidegate.errors import InvalidRequest
+from tidegate.generation import SamplingParams
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.01}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": [3]}, "stop"),
+        ({"stop": 3}, "stop"),
+        ({"stop": ["x"] * 17}, "stop"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_invalid_values_name_the_parameter(kwargs: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param
+    assert param in str(info.value)
+
+
+def test_valid_edges_and_normalization() -> None:
+    # JSON bodies send `stop` as a string or a list: both are kept as a tuple.
+    params = SamplingParams(max_tokens=1, temperature=0, top_p=1, stop="###",  # type: ignore[arg-type]
+                            seed=0)
+    assert params.stop == ("###",)
+    assert params.greedy
+    assert not SamplingParams(temperature=2).greedy
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")  # type: ignore[arg-type]
+    assert SamplingParams().max_tokens is None

@@ -1,0 +1,70 @@
+"""The causal-LM runtime: loading offline, what it reports, chat prompts, dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tidegate.runtimes.causal_lm import CausalLMRuntime, default_chat_prompt
+
+MESSAGES = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+
+
+def test_reports_context_eos_and_memory(gpt2: CausalLMRuntime) -> None:
+    assert gpt2.kind == "causal-lm"
+    assert gpt2.context_length == 256
+    assert gpt2.eos_token_ids == frozenset({gpt2.tokenizer.eos_token_id})
+    tensors = [*gpt2.model.parameters(), *gpt2.model.buffers()]
+    assert gpt2.memory_bytes == sum(t.numel() * 4 for t in tensors) > 0
+    assert gpt2.encode("The fox") == gpt2.tokenizer("The fox")["input_ids"]
+
+
+def test_bfloat16_halves_parameter_memory(llama_dir: Path, llama: CausalLMRuntime) -> None:
+    half = CausalLMRuntime(llama_dir, dtype="bfloat16", max_context_tokens=64)
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    params = sum(p.numel() for p in half.model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in half.model.buffers())
+    assert half.memory_bytes == 2 * params + buffers
+    assert llama.memory_bytes == 4 * params + buffers  # rotary tables stay float32
+    assert half.context_length == 64
+
+
+def test_default_chat_format_without_a_template(gpt2_dir: Path) -> None:
+    runtime = CausalLMRuntime(gpt2_dir)
+    assert not runtime.has_chat_template
+    text = "system: Be terse.\nuser: Hi\nassistant:"
+    assert default_chat_prompt(MESSAGES) == runtime.chat_prompt(MESSAGES) == text
+    assert runtime.encode_chat(MESSAGES) == runtime.encode(text)
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one(gpt2_dir: Path) -> None:
+    runtime = CausalLMRuntime(gpt2_dir)
+    runtime.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    assert runtime.chat_prompt(MESSAGES) == "<system>Be terse.<user>Hi<assistant>"
+    ids = runtime.encode_chat(MESSAGES)
+    assert runtime.tokenizer.decode(ids) == "<system>Be terse.<user>Hi<assistant>"
+
+
+def test_refuses_missing_dirs_and_unsupported_caches(
+    tmp_path: Path, byte_tokenizer: Any
+) -> None:
+    with pytest.raises(FileNotFoundError):
+        CausalLMRuntime(tmp_path / "absent")
+    with pytest.raises(ValueError, match="dtype"):
+        CausalLMRuntime(tmp_path, dtype="float16")  # type: ignore[arg-type]
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=len(byte_tokenizer), sliding_window=16,
+    )
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    byte_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="DynamicSlidingWindowLayer"):
+        CausalLMRuntime(tmp_path)
