@@ -194,3 +194,20 @@ def test_generation_metrics_are_exported(server: ServerProcess) -> None:
                  "tidegate_generation_inter_token_seconds_count",
                  "tidegate_generation_tokens_per_second"):
         assert f'{name}{{model="{GPT2}"}}' in page, name
+
+
+def test_admission_beyond_the_limits_is_429(server: ServerProcess) -> None:
+    body = {"model": GPT2, "prompt": "The", "max_tokens": 200, "temperature": 1.0, "seed": 3}
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            return list(await asyncio.gather(*(
+                http.post("/v1/completions", json=body) for _ in range(24))))
+
+    responses = asyncio.run(scenario())
+    statuses = [r.status_code for r in responses]
+    # 8 decode slots + 4 waiting places: the rest are refused at once.
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 8, statuses
+    refused = next(r for r in responses if r.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "overloaded"
