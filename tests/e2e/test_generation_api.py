@@ -206,8 +206,9 @@ def test_admission_beyond_the_limits_is_429(server: ServerProcess) -> None:
 
     responses = asyncio.run(scenario())
     statuses = [r.status_code for r in responses]
-    # 8 decode slots + 4 waiting places: the rest are refused at once.
-    assert statuses.count(429) >= 1 and statuses.count(200) >= 8, statuses
+    # At most 4 may wait for a slot (max_waiting); arrivals beyond that are refused at once.
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 4, statuses
+    assert statuses.count(200) + statuses.count(429) == len(statuses)
     refused = next(r for r in responses if r.status_code == 429)
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["code"] == "overloaded"
