@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from tidegate.configutil import build_dataclass, require_table
+from tidegate.configutil import (
+    build_dataclass,
+    check_choice,
+    check_integer,
+    check_number,
+    require_table,
+)
 from tidegate.errors import ConfigError
 from tidegate.upstream.config import UpstreamConfig
 
@@ -46,25 +52,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "tidegate"
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def _integer(name: str, value: object, *, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value!r}")
-
-
-def _choice(name: str, value: object, choices: tuple[Any, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BatchingConfig:
     """How one model's requests are coalesced into batches (see README, "Batching").
@@ -89,14 +76,14 @@ class BatchingConfig:
     """Batches computing at once. CPU runtimes already use every core for one batch."""
 
     def __post_init__(self) -> None:
-        _integer("max_batch_size", self.max_batch_size)
-        _integer("max_batch_tokens", self.max_batch_tokens)
-        _positive("max_wait_ms", self.max_wait_ms, allow_zero=True)
-        _integer("max_queue_items", self.max_queue_items)
-        _integer("max_concurrent_batches", self.max_concurrent_batches)
+        check_integer("max_batch_size", self.max_batch_size)
+        check_integer("max_batch_tokens", self.max_batch_tokens)
+        check_number("max_wait_ms", self.max_wait_ms, allow_zero=True)
+        check_integer("max_queue_items", self.max_queue_items)
+        check_integer("max_concurrent_batches", self.max_concurrent_batches)
         if self.target_p99_ms is not None:
-            _positive("target_p99_ms", self.target_p99_ms)
-        _choice("overload_status", self.overload_status, (429, 503))
+            check_number("target_p99_ms", self.target_p99_ms)
+        check_choice("overload_status", self.overload_status, (429, 503))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -119,15 +106,15 @@ class GenerationConfig:
     """Context length; ``None`` means the model config's own."""
 
     def __post_init__(self) -> None:
-        _integer("generation.max_num_seqs", self.max_num_seqs)
-        _integer("generation.max_prefill_tokens", self.max_prefill_tokens)
-        _integer("generation.max_waiting", self.max_waiting)
-        _integer("generation.stream_buffer", self.stream_buffer)
-        _positive("generation.stream_timeout_s", self.stream_timeout_s)
-        _choice("generation.overload_status", self.overload_status, (429, 503))
-        _choice("generation.dtype", self.dtype, ("float32", "bfloat16"))
+        check_integer("generation.max_num_seqs", self.max_num_seqs)
+        check_integer("generation.max_prefill_tokens", self.max_prefill_tokens)
+        check_integer("generation.max_waiting", self.max_waiting)
+        check_integer("generation.stream_buffer", self.stream_buffer)
+        check_number("generation.stream_timeout_s", self.stream_timeout_s)
+        check_choice("generation.overload_status", self.overload_status, (429, 503))
+        check_choice("generation.dtype", self.dtype, ("float32", "bfloat16"))
         if self.max_context_tokens is not None:
-            _integer("generation.max_context_tokens", self.max_context_tokens)
+            check_integer("generation.max_context_tokens", self.max_context_tokens)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -166,7 +153,7 @@ class ModelConfig:
         if not isinstance(self.id, str) or not self.id.strip():
             raise ConfigError(f"models.id must be a non-empty string, got {self.id!r}")
         where = f"models[{self.id}]"
-        _choice(f"{where}.runtime", self.runtime, get_args(RuntimeKind))
+        check_choice(f"{where}.runtime", self.runtime, get_args(RuntimeKind))
         if self.source is not None and not isinstance(self.source, str):
             raise ConfigError(f"{where}.source must be a string")
         if self.runtime == "causal-lm" and not self.source:
@@ -179,20 +166,20 @@ class ModelConfig:
             raise ConfigError(f"{where}.depends_on must be a list of model ids")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise ConfigError(f"{where}.priority must be an integer")
-        _choice(f"{where}.preload", self.preload, get_args(PreloadMode))
+        check_choice(f"{where}.preload", self.preload, get_args(PreloadMode))
         if isinstance(self.keep_alive_s, bool) or not isinstance(self.keep_alive_s, int | float) \
                 or (self.keep_alive_s < 0 and self.keep_alive_s != -1):
             raise ConfigError(f"{where}.keep_alive_s must be >= 0 or -1, got {self.keep_alive_s!r}")
         if self.memory_bytes is not None:
-            _integer(f"{where}.memory_bytes", self.memory_bytes, minimum=0)
+            check_integer(f"{where}.memory_bytes", self.memory_bytes, minimum=0)
         if not isinstance(self.options, Mapping):
             raise ConfigError(f"{where}.options must be a table")
         if (self.runtime == "remote") != (self.upstream is not None):
             raise ConfigError(f"{where}: 'upstreams' is required for, and only for, remote models")
         if self.max_input_tokens is not None:
-            _integer(f"models[{self.id}].max_input_tokens", self.max_input_tokens)
+            check_integer(f"models[{self.id}].max_input_tokens", self.max_input_tokens)
         if self.intra_op_threads is not None:
-            _integer(f"models[{self.id}].intra_op_threads", self.intra_op_threads)
+            check_integer(f"models[{self.id}].intra_op_threads", self.intra_op_threads)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -213,13 +200,13 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
             raise ConfigError(f"server.host must be a non-empty string, got {self.host!r}")
-        _integer("server.port", self.port, minimum=0)
+        check_integer("server.port", self.port, minimum=0)
         if self.port > 65535:
             raise ConfigError(f"server.port must be <= 65535, got {self.port}")
-        _choice("server.log_level", self.log_level, get_args(LogLevel))
-        _integer("server.max_body_bytes", self.max_body_bytes)
-        _integer("server.max_inputs_per_request", self.max_inputs_per_request)
-        _positive("server.request_timeout_s", self.request_timeout_s)
+        check_choice("server.log_level", self.log_level, get_args(LogLevel))
+        check_integer("server.max_body_bytes", self.max_body_bytes)
+        check_integer("server.max_inputs_per_request", self.max_inputs_per_request)
+        check_number("server.request_timeout_s", self.request_timeout_s)
         if not isinstance(self.access_log, bool):
             raise ConfigError(f"server.access_log must be true or false, got {self.access_log!r}")
 
@@ -243,16 +230,16 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.max_memory_bytes is not None:
-            _integer("cache.max_memory_bytes", self.max_memory_bytes)
+            check_integer("cache.max_memory_bytes", self.max_memory_bytes)
         if self.max_loaded_models is not None:
-            _integer("cache.max_loaded_models", self.max_loaded_models)
-        _integer("cache.max_concurrent_loads", self.max_concurrent_loads)
-        _positive("cache.load_timeout_s", self.load_timeout_s)
+            check_integer("cache.max_loaded_models", self.max_loaded_models)
+        check_integer("cache.max_concurrent_loads", self.max_concurrent_loads)
+        check_number("cache.load_timeout_s", self.load_timeout_s)
         if self.admin_token is not None and (
             not isinstance(self.admin_token, str) or not self.admin_token
         ):
             raise ConfigError("cache.admin_token must be a non-empty string")
-        _positive("cache.predictive_threshold", self.predictive_threshold)
+        check_number("cache.predictive_threshold", self.predictive_threshold)
 
 
 def _default_models() -> tuple[ModelConfig, ...]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from tidegate.errors import ConfigError
 
-__all__ = ["build_dataclass", "require_table"]
+__all__ = ["build_dataclass", "check_choice", "check_integer", "check_number", "require_table"]
 
 
 def require_table(data: object, where: str) -> Mapping[str, Any]:
@@ -31,3 +31,22 @@ def build_dataclass(cls: type[Any], data: object, where: str) -> Any:
         return cls(**table)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def check_number(name: str, value: object, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def check_integer(name: str, value: object, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def check_choice(name: str, value: object, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

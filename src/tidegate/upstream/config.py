@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from tidegate.configutil import build_dataclass, require_table
+from tidegate.configutil import build_dataclass, check_integer, check_number, require_table
 from tidegate.errors import ConfigError
 
 __all__ = [
@@ -25,20 +25,6 @@ __all__ = [
 ]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _number(where: str, value: object, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def _integer(where: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{where} must be >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -54,7 +40,7 @@ class UpstreamTimeouts:
 
     def __post_init__(self) -> None:
         for name in ("connect_s", "read_s", "write_s", "pool_s"):
-            _number(f"upstream.timeouts.{name}", getattr(self, name))
+            check_number(f"upstream.timeouts.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -72,15 +58,15 @@ class PoolConfig:
     new replica processes behind a DNS name or load balancer; ``None`` keeps connections."""
 
     def __post_init__(self) -> None:
-        _integer("upstream.pool.max_connections", self.max_connections, minimum=1)
+        check_integer("upstream.pool.max_connections", self.max_connections, minimum=1)
         if self.max_keepalive_connections is not None:
-            _integer(
+            check_integer(
                 "upstream.pool.max_keepalive_connections", self.max_keepalive_connections,
                 minimum=0,
             )
-        _number("upstream.pool.keepalive_expiry_s", self.keepalive_expiry_s, allow_zero=True)
+        check_number("upstream.pool.keepalive_expiry_s", self.keepalive_expiry_s, allow_zero=True)
         if self.max_connection_age_s is not None:
-            _number("upstream.pool.max_connection_age_s", self.max_connection_age_s)
+            check_number("upstream.pool.max_connection_age_s", self.max_connection_age_s)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -106,12 +92,12 @@ class HealthConfig:
         if self.path is not None and (not isinstance(self.path, str) or
                                       not self.path.startswith("/")):
             raise ConfigError(f"upstream.health.path must start with '/', got {self.path!r}")
-        _number("upstream.health.interval_s", self.interval_s)
-        _number("upstream.health.timeout_s", self.timeout_s)
-        _integer("upstream.health.unhealthy_after", self.unhealthy_after, minimum=1)
-        _integer("upstream.health.healthy_after", self.healthy_after, minimum=1)
-        _integer("upstream.health.eject_after_failures", self.eject_after_failures, minimum=0)
-        _number("upstream.health.ejection_s", self.ejection_s)
+        check_number("upstream.health.interval_s", self.interval_s)
+        check_number("upstream.health.timeout_s", self.timeout_s)
+        check_integer("upstream.health.unhealthy_after", self.unhealthy_after, minimum=1)
+        check_integer("upstream.health.healthy_after", self.healthy_after, minimum=1)
+        check_integer("upstream.health.eject_after_failures", self.eject_after_failures, minimum=0)
+        check_number("upstream.health.ejection_s", self.ejection_s)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -128,9 +114,9 @@ class RetryConfig:
     budget_burst: float = 10.0
 
     def __post_init__(self) -> None:
-        _integer("upstream.retry.max_retries", self.max_retries, minimum=0)
-        _number("upstream.retry.budget_ratio", self.budget_ratio, allow_zero=True)
-        _number("upstream.retry.budget_burst", self.budget_burst, allow_zero=True)
+        check_integer("upstream.retry.max_retries", self.max_retries, minimum=0)
+        check_number("upstream.retry.budget_ratio", self.budget_ratio, allow_zero=True)
+        check_number("upstream.retry.budget_burst", self.budget_burst, allow_zero=True)
 
 
 def _normalized_replica(url: object) -> str:
