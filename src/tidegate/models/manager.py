@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future as ThreadFuture
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,23 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
+class _Lease:
+    """The async context manager :meth:`ModelManager.lease` returns (a class, not a generator:
+    this is on every request's path)."""
+
+    __slots__ = ("_entry", "_manager")
+
+    def __init__(self, manager: ModelManager, entry: Entry) -> None:
+        self._manager = manager
+        self._entry = entry
+
+    async def __aenter__(self) -> ServedModel:
+        return await self._manager._acquire(self._entry)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._manager._release(self._entry)
+
+
 class ModelManager:
     """Owns every configured model's lifecycle. Requests use :meth:`lease`."""
 
@@ -106,6 +123,8 @@ class ModelManager:
         self._changed = asyncio.Event()
         self._ready = asyncio.Event()
         self._predictor = TransitionPredictor()
+        self._has_predictive = any(m.preload == "predictive" for m in config.models)
+        self._waiters = 0
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -147,6 +166,17 @@ class ModelManager:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    async def _wait_for_change(self, timeout_s: float) -> None:
+        """Wait until a lease ends or a model loads or unloads (or ``timeout_s`` passes)."""
+        changed = self._changed
+        self._waiters += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await changed.wait()
+        finally:
+            self._waiters -= 1
+
     # -- requests ------------------------------------------------------------------------------
 
     def _entry(self, model_id: str) -> Entry:
@@ -158,10 +188,12 @@ class ModelManager:
     def has(self, model_id: str) -> bool:
         return model_id in self._entries
 
-    @contextlib.asynccontextmanager
-    async def lease(self, model_id: str) -> AsyncIterator[ServedModel]:
-        """Hold ``model_id`` loaded (loading it if needed) for the duration of the block."""
-        entry = self._entry(model_id)
+    def lease(self, model_id: str) -> _Lease:
+        """``async with manager.lease(id) as served``: hold the model loaded (loading it if
+        needed) for the duration of the block. Raises ModelNotFound at once for an unknown id."""
+        return _Lease(self, self._entry(model_id))
+
+    async def _acquire(self, entry: Entry) -> ServedModel:
         if entry.state is ModelState.LOADED:
             self._stats.hits += 1
         else:
@@ -172,20 +204,21 @@ class ModelManager:
         try:
             served = await self._ensure_loaded(entry)
         except BaseException:
-            entry.leases -= 1
-            self._notify()
+            self._release(entry)
             raise
         entry.touch(self._clock())
         if entry.preloaded:
             entry.preloaded = False
             self._stats.preload_hits += 1
-        self._predictor.observe(model_id)
-        self._maybe_preload_next()
-        try:
-            yield served
-        finally:
-            entry.leases -= 1
-            entry.touch(self._clock())
+        self._predictor.observe(entry.config.id)
+        if self._has_predictive:
+            self._maybe_preload_next()
+        return served
+
+    def _release(self, entry: Entry) -> None:
+        entry.leases -= 1
+        entry.touch(self._clock())
+        if self._waiters:
             self._notify()
 
     # -- loading -------------------------------------------------------------------------------
@@ -235,10 +268,7 @@ class ModelManager:
                     f"{self._cache.max_loaded_models} models); held by: "
                     + "; ".join(plan.holders),
                 )
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(remaining, 1.0)):
-                    await changed.wait()
+            await self._wait_for_change(min(remaining, 1.0))
 
     def _loop_deadline(self, deadline: float) -> float:
         """``deadline`` on this manager's clock, as event-loop time."""
@@ -441,10 +471,7 @@ class ModelManager:
         while entry.leases or entry.state is ModelState.LOADING:
             if self._clock() >= deadline:
                 raise RequestTimeout(model=model_id, timeout_s=self._cache.load_timeout_s)
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await changed.wait()
+            await self._wait_for_change(1.0)
         if entry.state is ModelState.LOADED:
             await self._evict([entry], reason="admin")
         return self._card(entry)
