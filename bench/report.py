@@ -356,8 +356,10 @@ _NOTES = [
 
 
 def render_markdown(
-    env: Environment, results: Results, checks: Sequence[Check], invocation: str
+    env: Environment, results: Results, checks: Sequence[Check], invocation: str,
+    extra_sections: Sequence[str] = (),
 ) -> str:
+    """The whole BENCHMARKS.md; ``extra_sections`` (lines) go before the targets table."""
     lines = [
         "# tidegate benchmarks",
         "",
@@ -370,6 +372,7 @@ def render_markdown(
         lines += _ceiling_section(results.ceiling)
     if results.loads:
         lines += _load_section(results.loads)
+    lines += extra_sections
     lines += _checks_section(checks)
     lines += _NOTES
     return "\n".join(lines)

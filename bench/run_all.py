@@ -7,9 +7,17 @@ Sections, in order (``--only`` picks some):
 * ``nobatch``: the same with ``max_batch_size = 1``, at 64 connections;
 * ``echo``: tidegate's echo runtime vs a bare Starlette echo, at 10 connections;
 * ``trace``: model-cache policy replay (LRU, LRU + predictive, Belady) on Zipf and patterned
-  traces (``bench.trace_replay``).
+  traces (``bench.trace_replay``);
+* ``generation`` (about 1.5 minutes): streamed completions from a random-weight GPT-2 at 1, 4,
+  16 and 32 concurrent streams, and server memory per idle stream with 1,000 streams open
+  (``bench.generation``);
+* ``gateway`` (not run by default, about 3 minutes): MiniLM and echo upstreams measured directly
+  and through a tidegate gateway (``runtime = "remote"``), upstream connection reuse, and
+  coalescing on vs off (``bench.gateway``).
 
-Then the target checks are printed as PASS/MISS with their ratios.
+Every section but ``gateway`` runs by default; ``--only generation gateway`` runs just the
+last two, ``--all`` every section. Then the target checks are printed as PASS/MISS with their
+ratios (SKIP for sections not run).
 """
 
 from __future__ import annotations
@@ -25,16 +33,21 @@ from pathlib import Path
 
 from bench.bare_echo import bare_echo_server
 from bench.ceiling import CeilingSettings, format_table, run_ceiling
+from bench.gateway import GatewayResults, GatewaySettings, run_gateway
+from bench.gateway_report import format_gateway, gateway_checks, gateway_markdown
+from bench.generation import GenerationResults, GenerationSettings, run_generation
+from bench.generation_report import format_generation, generation_checks, generation_markdown
 from bench.http_load import (
     REPO_ROOT,
     ModelSpec,
     ServerProcess,
-    load_test,
     read_batch_totals,
+    run_wrk,
     tidegate_server,
     write_bodies,
 )
 from bench.report import (
+    Check,
     LoadRun,
     Results,
     Scenario,
@@ -49,7 +62,8 @@ from bench.workload import embedding_bodies, make_sentences
 
 __all__ = ["main"]
 
-SECTIONS = ("ceiling", "minilm", "nobatch", "echo", "trace")
+DEFAULT_SECTIONS = ("ceiling", "minilm", "nobatch", "echo", "trace", "generation")
+SECTIONS = (*DEFAULT_SECTIONS, "gateway")
 MODEL_ID = "all-minilm-l6-v2"
 ECHO_ID = "echo"
 MINILM_CONNECTIONS = (1, 10, 64)
@@ -62,6 +76,17 @@ class RunSettings:
     duration_s: int
     warmup_s: int
     ceiling_seconds: float
+
+
+@dataclass(slots=True)
+class AllResults:
+    core: Results
+    generation: GenerationResults | None = None
+    gateway: GatewayResults | None = None
+
+    def checks(self) -> tuple[list[Check], list[Check]]:
+        """The generation and gateway targets (SKIP for a section that was not run)."""
+        return generation_checks(self.generation), gateway_checks(self.gateway)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +105,13 @@ def _measure(
     server: ServerProcess, scenario: Scenario, *, model: str, connections: int,
     settings: RunSettings, workdir: Workdir,
 ) -> LoadRun:
+    bodies = workdir.bodies(model)
+    if settings.warmup_s > 0:
+        run_wrk(server.embeddings_url, bodies, connections=connections,
+                duration_s=settings.warmup_s)
     before = read_batch_totals(server.base_url, model)
-    result = load_test(
-        server.embeddings_url, workdir.bodies(model), connections=connections,
-        duration_s=settings.duration_s, warmup_s=settings.warmup_s,
+    result = run_wrk(
+        server.embeddings_url, bodies, connections=connections, duration_s=settings.duration_s
     )
     after = read_batch_totals(server.base_url, model)
     # The warm-up's batches fall before ``before``, so the mean covers the measured run only.
@@ -137,20 +165,42 @@ def _run_echo(settings: RunSettings, workdir: Workdir) -> list[LoadRun]:
 _HTTP_SECTIONS = {"minilm": _run_minilm, "nobatch": _run_nobatch, "echo": _run_echo}
 
 
-def run(settings: RunSettings) -> Results:
-    results = Results()
+def run(settings: RunSettings) -> AllResults:
+    results = AllResults(core=Results())
     if "ceiling" in settings.sections:
         print("== raw ceiling", flush=True)
         ceiling = CeilingSettings(seconds=settings.ceiling_seconds)
-        results.ceiling = run_ceiling(ceiling)
-        print(format_table(results.ceiling), flush=True)
+        results.core.ceiling = run_ceiling(ceiling)
+        print(format_table(results.core.ceiling), flush=True)
     with tempfile.TemporaryDirectory(prefix="tidegate-bench-") as tmp:
         workdir = Workdir(Path(tmp))
         for section, runner in _HTTP_SECTIONS.items():
             if section in settings.sections:
                 print(f"== http: {section}", flush=True)
-                results.loads += runner(settings, workdir)
+                results.core.loads += runner(settings, workdir)
+        if "generation" in settings.sections:
+            print("== generation (streamed completions)", flush=True)
+            results.generation = run_generation(
+                GenerationSettings(duration_s=settings.duration_s, warmup_s=settings.warmup_s),
+                workdir.path,
+            )
+        if "gateway" in settings.sections:
+            print("== gateway (tidegate -> tidegate)", flush=True)
+            results.gateway = run_gateway(
+                GatewaySettings(duration_s=settings.duration_s, warmup_s=settings.warmup_s),
+                workdir.path,
+            )
     return results
+
+
+def _extra_markdown(results: AllResults) -> list[str]:
+    generation, gateway = results.checks()
+    lines: list[str] = []
+    if results.generation is not None:
+        lines += generation_markdown(results.generation, generation)
+    if results.gateway is not None:
+        lines += gateway_markdown(results.gateway, gateway)
+    return lines
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -159,15 +209,21 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--duration", type=int, help="seconds per measured wrk run (default 10; 2 with --quick)"
+        "--duration", type=int,
+        help="seconds per measured run, wrk or streaming (default 10; 2 with --quick)",
     )
     parser.add_argument(
         "--quick", action="store_true",
         help="smoke test: 2 s load runs, 1 s warm-ups, 0.5 s per ceiling cell",
     )
-    parser.add_argument(
+    picked = parser.add_mutually_exclusive_group()
+    picked.add_argument(
         "--only", nargs="+", choices=SECTIONS, metavar="SECTION",
         help=f"run only these sections ({', '.join(SECTIONS)})",
+    )
+    picked.add_argument(
+        "--all", action="store_true",
+        help=f"run every section (default: {', '.join(DEFAULT_SECTIONS)})",
     )
     parser.add_argument(
         "--write", action=argparse.BooleanOptionalAction, default=True,
@@ -182,7 +238,7 @@ def _settings(args: argparse.Namespace) -> RunSettings:
     if duration < 1:
         raise SystemExit("--duration must be at least 1 second")
     return RunSettings(
-        sections=tuple(args.only or SECTIONS),
+        sections=SECTIONS if args.all else tuple(args.only or DEFAULT_SECTIONS),
         duration_s=duration,
         warmup_s=1 if args.quick else 2,
         ceiling_seconds=0.5 if args.quick else 3.0,
@@ -199,13 +255,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = capture_environment()
     print(f"{env.cpu_model}, nproc {env.nproc}, load average {env.load_average[0]:.2f}")
     results = run(settings)
-    if results.loads:
+    if results.core.loads:
         print("== http summary")
-        print(format_load_table(results.loads))
-    checks = compute_checks(results)
+        print(format_load_table(results.core.loads))
+    if results.generation is not None:
+        print("== generation summary")
+        print(format_generation(results.generation))
+    if results.gateway is not None:
+        print("== gateway summary")
+        print(format_gateway(results.gateway))
+    generation, gateway = results.checks()
+    checks = [*compute_checks(results.core), *generation, *gateway]
     print("== targets")
     print(format_checks(checks))
-    markdown = render_markdown(env, results, checks, invocation)
+    markdown = render_markdown(env, results.core, checks, invocation, _extra_markdown(results))
     if "trace" in settings.sections:
         replay = trace_report()
         print("== model cache trace replay")

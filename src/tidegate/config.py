@@ -7,6 +7,7 @@ objects. Unknown keys and bad values raise :class:`~tidegate.errors.ConfigError`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -64,26 +65,48 @@ class BatchingConfig:
     """Most inputs in one forward pass."""
     max_batch_tokens: int = 8192
     """Most tokens (sum over inputs) in one forward pass."""
-    max_wait_ms: float = 2.0
-    """How long the oldest queued input may wait for more to join, while a batch is computing."""
+    max_wait_ms: float | None = None
+    """How long the oldest queued input may wait for more to join while a batch is computing.
+    ``None``: 2 ms for local models, 0.5 ms for remote ones."""
     max_queue_items: int = 4096
     """Inputs queued beyond this are refused with 429 (or ``overload_status``)."""
     target_p99_ms: float | None = None
     """If set, the batch size adapts so queue + compute p99 tracks this target."""
     overload_status: Literal[429, 503] = 429
     """HTTP status for a full queue."""
-    max_concurrent_batches: int = 1
-    """Batches computing at once. CPU runtimes already use every core for one batch."""
+    max_concurrent_batches: int | None = None
+    """Batches computing at once. ``None``: 1 for local models (a CPU runtime already uses every
+    core for one batch), 8 for remote ones (the upstream batches too; one call at a time would
+    make every request wait for the round trip ahead of it)."""
 
     def __post_init__(self) -> None:
         check_integer("max_batch_size", self.max_batch_size)
         check_integer("max_batch_tokens", self.max_batch_tokens)
-        check_number("max_wait_ms", self.max_wait_ms, allow_zero=True)
+        if self.max_wait_ms is not None:
+            check_number("max_wait_ms", self.max_wait_ms, allow_zero=True)
         check_integer("max_queue_items", self.max_queue_items)
-        check_integer("max_concurrent_batches", self.max_concurrent_batches)
+        if self.max_concurrent_batches is not None:
+            check_integer("max_concurrent_batches", self.max_concurrent_batches)
         if self.target_p99_ms is not None:
             check_number("target_p99_ms", self.target_p99_ms)
         check_choice("overload_status", self.overload_status, (429, 503))
+
+    def resolved(self, *, remote: bool) -> BatchingConfig:
+        """This config with the runtime-dependent defaults filled in."""
+        return dataclasses.replace(
+            self,
+            max_wait_ms=(0.5 if remote else 2.0) if self.max_wait_ms is None else self.max_wait_ms,
+            max_concurrent_batches=(8 if remote else 1) if self.max_concurrent_batches is None
+            else self.max_concurrent_batches,
+        )
+
+    @property
+    def wait_s(self) -> float:
+        return (self.max_wait_ms if self.max_wait_ms is not None else 2.0) / 1000
+
+    @property
+    def concurrency(self) -> int:
+        return self.max_concurrent_batches or 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

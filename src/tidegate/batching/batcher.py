@@ -250,10 +250,10 @@ class Batcher(Generic[R]):
             oldest_enqueued_at=queue[0].enqueued_at if queue else None,
             head_tokens=(item.tokens for item in islice(queue, self.batch_size)),
             inflight=self._inflight,
-            max_inflight=self._config.max_concurrent_batches,
+            max_inflight=self._config.concurrency,
             batch_size=self.batch_size,
             max_batch_tokens=self._config.max_batch_tokens,
-            max_wait_s=self._config.max_wait_ms / 1000,
+            max_wait_s=self._config.wait_s,
         )
 
     def _pump(self) -> None:

@@ -30,7 +30,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """One token from a 1-D row of logits, by temperature and nucleus (top-p) sampling."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+        sorted_probs, order = torch.sort(probs, descending=True, stable=True)
         # Keep a token while the mass of the tokens ranked above it is still short of top_p:
         # the most likely token is always kept.
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
@@ -45,12 +45,28 @@ def next_tokens(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator],
 ) -> list[int]:
-    """The next token of each row of ``logits`` (shape ``[rows, vocab]``)."""
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens: list[int] = []
-    for row, (row_params, generator) in enumerate(zip(params, generators, strict=True)):
-        if row_params.greedy:
-            tokens.append(int(greedy[row]))
+    """The next token of each row of ``logits`` (shape ``[rows, vocab]``).
+
+    Softmax and the top-p cut run once for all sampled rows (the same arithmetic, row by row,
+    as :func:`sample_row`); only the draw itself is per row, from that row's generator.
+    """
+    tokens: list[int] = logits.argmax(dim=-1).tolist()
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return tokens
+    temperatures = torch.tensor([params[row].temperature for row in sampled]).unsqueeze(1)
+    probs = torch.softmax(logits[sampled].float() / temperatures, dim=-1)
+    top_ps = [params[row].top_p for row in sampled]
+    nucleus = any(top_p < 1.0 for top_p in top_ps)
+    if nucleus:
+        sorted_probs, order = torch.sort(probs, descending=True, dim=-1, stable=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= torch.tensor(top_ps).unsqueeze(1), 0.0)
+    for k, row in enumerate(sampled):
+        generator = generators[row]
+        if top_ps[k] < 1.0:
+            choice = torch.multinomial(sorted_probs[k], 1, generator=generator)
+            tokens[row] = int(order[k, choice].item())
         else:
-            tokens.append(sample_row(logits[row], row_params, generator))
+            tokens[row] = int(torch.multinomial(probs[k], 1, generator=generator).item())
     return tokens

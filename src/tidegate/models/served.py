@@ -57,17 +57,18 @@ class ServedModel:
             remote = cast("RemoteRuntime", runtime)
             self.batcher = Batcher(
                 model=config.id, run_batch_async=remote.run_batch_async,
-                config=config.batching, metrics=metrics.for_batcher(config.id),
+                config=config.batching.resolved(remote=True),
+                metrics=metrics.for_batcher(config.id),
             )
         else:
             self.kind = "embedding"
             local = cast(EmbeddingRuntime, runtime)
+            batching = config.batching.resolved(remote=False)
             self._executor = ThreadPoolExecutor(
-                max_workers=config.batching.max_concurrent_batches,
-                thread_name_prefix=f"tidegate-{config.id}",
+                max_workers=batching.concurrency, thread_name_prefix=f"tidegate-{config.id}"
             )
             self.batcher = Batcher(
-                model=config.id, run_batch=local.run_batch, config=config.batching,
+                model=config.id, run_batch=local.run_batch, config=batching,
                 executor=self._executor, inline=local.inline,
                 metrics=metrics.for_batcher(config.id),
             )

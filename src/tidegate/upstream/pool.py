@@ -154,11 +154,23 @@ class _AgedConnection(httpcore.AsyncConnectionInterface):
         return self._max_age_s is not None and self._clock() - self._created_at >= self._max_age_s
 
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        try:
+            response = await self._inner.handle_async_request(request)
+        except httpcore.ConnectionNotAvailable:
+            # httpcore's pool offered a connection that turned out busy and will try another:
+            # this one served nothing, so it counts neither as a request nor as a reuse.
+            raise
+        except BaseException:
+            self._count_request()
+            raise
+        self._count_request()
+        return response
+
+    def _count_request(self) -> None:
         self._served += 1
         self._counters.requests += 1
         if self._served > 1:
             self._counters.reused += 1
-        return await self._inner.handle_async_request(request)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
