@@ -52,6 +52,9 @@ RunBatch = Callable[[Sequence[Any]], BatchResults[R]]
 RunBatchAsync = Callable[[Sequence[Any]], Awaitable[BatchResults[R]]]
 
 
+_NOTHING_QUEUED = Decision(None)
+
+
 class _Request:
     __slots__ = ("future", "pending", "remaining", "results")
 
@@ -261,12 +264,14 @@ class Batcher(Generic[R]):
         if self._pumping or self._closed:
             return
         self._pumping = True
+        decision = _NOTHING_QUEUED
         try:
-            while True:
+            while self._queue:  # an empty queue needs no decision (and no timer)
                 decision = self._decide()
                 if decision.reason is None:
                     break
                 self._dispatch(decision.reason, decision.count)
+                decision = _NOTHING_QUEUED
         finally:
             self._pumping = False
         if self._timer is not None:
