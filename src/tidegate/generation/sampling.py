@@ -47,8 +47,10 @@ def next_tokens(
 ) -> list[int]:
     """The next token of each row of ``logits`` (shape ``[rows, vocab]``).
 
-    Softmax and the top-p cut run once for all sampled rows (the same arithmetic, row by row,
-    as :func:`sample_row`); only the draw itself is per row, from that row's generator.
+    Greedy rows take the argmax. Sampled rows are drawn together by inverse-CDF sampling: each
+    row draws one uniform number from its own generator (so a seeded request gets the same
+    tokens whatever else shares its batch), and softmax, the top-p cut and the search run once
+    for all rows. One small draw per row is much cheaper than one ``multinomial`` per row.
     """
     tokens: list[int] = logits.argmax(dim=-1).tolist()
     sampled = [row for row, p in enumerate(params) if not p.greedy]
@@ -57,16 +59,19 @@ def next_tokens(
     temperatures = torch.tensor([params[row].temperature for row in sampled]).unsqueeze(1)
     probs = torch.softmax(logits[sampled].float() / temperatures, dim=-1)
     top_ps = [params[row].top_p for row in sampled]
-    nucleus = any(top_p < 1.0 for top_p in top_ps)
-    if nucleus:
-        sorted_probs, order = torch.sort(probs, descending=True, dim=-1, stable=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before >= torch.tensor(top_ps).unsqueeze(1), 0.0)
-    for k, row in enumerate(sampled):
-        generator = generators[row]
-        if top_ps[k] < 1.0:
-            choice = torch.multinomial(sorted_probs[k], 1, generator=generator)
-            tokens[row] = int(order[k, choice].item())
-        else:
-            tokens[row] = int(torch.multinomial(probs[k], 1, generator=generator).item())
+    order: torch.Tensor | None = None
+    if any(top_p < 1.0 for top_p in top_ps):
+        probs, order = torch.sort(probs, descending=True, dim=-1, stable=True)
+        before = torch.cumsum(probs, dim=-1) - probs
+        # A row without nucleus sampling gets a limit no cumulative mass reaches.
+        limits = torch.tensor([p if p < 1.0 else 2.0 for p in top_ps]).unsqueeze(1)
+        probs = probs.masked_fill(before >= limits, 0.0)
+    uniforms = torch.cat([torch.rand(1, generator=generators[row]) for row in sampled])
+    cdf = torch.cumsum(probs, dim=-1)
+    targets = (uniforms.unsqueeze(1) * cdf[:, -1:]).contiguous()
+    picks = torch.searchsorted(cdf, targets, right=True).clamp_(max=probs.shape[-1] - 1)
+    if order is not None:
+        picks = order.gather(1, picks)
+    for row, token in zip(sampled, picks.squeeze(1).tolist(), strict=True):
+        tokens[row] = int(token)
     return tokens
