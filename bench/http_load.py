@@ -38,6 +38,7 @@ __all__ = [
     "read_batch_totals",
     "render_tidegate_toml",
     "run_wrk",
+    "tidegate_from_toml",
     "tidegate_server",
     "write_bodies",
 ]
@@ -212,8 +213,18 @@ def managed_server(
 def tidegate_server(
     models: Sequence[ModelSpec], *, workdir: Path, name: str, ready_timeout_s: float = 180.0
 ) -> Iterator[ServerProcess]:
-    """``tidegate serve --config <generated toml> --port <free port>``, ready to take load."""
-    config_text = render_tidegate_toml(models)
+    """``tidegate serve`` with a config generated from ``models``, ready to take load."""
+    with tidegate_from_toml(
+        render_tidegate_toml(models), workdir=workdir, name=name, ready_timeout_s=ready_timeout_s
+    ) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def tidegate_from_toml(
+    config_text: str, *, workdir: Path, name: str, ready_timeout_s: float = 180.0
+) -> Iterator[ServerProcess]:
+    """``tidegate serve --config <name>.toml --port <free port>`` until the block exits."""
     config_path = workdir / f"{name}.toml"
     config_path.write_text(config_text, encoding="utf-8")
     port = free_port()

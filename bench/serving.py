@@ -7,18 +7,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.http_load import HOST, ServerProcess, free_port, managed_server
+from bench.http_load import HOST, ServerProcess, tidegate_from_toml
 
 __all__ = [
     "MetricSamples",
@@ -33,28 +31,6 @@ __all__ = [
 
 MetricSamples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 """``(sample name, labels) -> value`` for every sample on a /metrics page."""
-
-
-def _tidegate_command() -> list[str]:
-    # The console script beside this interpreter is what `tidegate serve` runs in the venv.
-    script = Path(sys.executable).parent / "tidegate"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "tidegate"]
-
-
-@contextlib.contextmanager
-def tidegate_from_toml(
-    config_text: str, *, workdir: Path, name: str, ready_timeout_s: float = 180.0
-) -> Iterator[ServerProcess]:
-    """``tidegate serve --config <name>.toml --port <free port>`` until the block exits."""
-    config_path = workdir / f"{name}.toml"
-    config_path.write_text(config_text, encoding="utf-8")
-    port = free_port()
-    command = [*_tidegate_command(), "serve", "--config", str(config_path), "--port", str(port)]
-    with managed_server(
-        command, port=port, log_path=workdir / f"{name}.log",
-        ready_timeout_s=ready_timeout_s, config_text=config_text,
-    ) as server:
-        yield server
 
 
 def server_pid(server: ServerProcess) -> int:

@@ -16,7 +16,7 @@ import asyncio
 import collections
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -29,7 +29,15 @@ from starlette.routing import Route
 
 from tidegate.upstream.config import UpstreamConfig
 
-__all__ = ["FaultyUpstream", "refused_url", "until", "upstream_config", "vector_for"]
+__all__ = [
+    "FakeClock",
+    "FaultyUpstream",
+    "refused_url",
+    "run",
+    "until",
+    "upstream_config",
+    "vector_for",
+]
 
 
 def refused_url() -> str:
@@ -273,3 +281,23 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not predicate():
             await asyncio.sleep(0.005)
+
+
+class FakeClock:
+    """A clock the test moves by hand (``clock.now += 5``)."""
+
+    def __init__(self, now: float = 500.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run an async test scenario with an overall bound."""
+
+    async def main() -> None:
+        async with asyncio.timeout(60):
+            await scenario()
+
+    asyncio.run(main())

@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.upstream.faulty_upstream import FaultyUpstream, refused_url, until, upstream_config
+from tests.upstream.faulty_upstream import (
+    FakeClock,
+    FaultyUpstream,
+    refused_url,
+    run,
+    until,
+    upstream_config,
+)
 from tidegate.errors import UpstreamBadGateway, UpstreamUnavailable
 from tidegate.upstream.client import UpstreamClient
 from tidegate.upstream.health import ReplicaHealth
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with asyncio.timeout(60):
-            await scenario()
-
-    asyncio.run(main())
 
 
 def test_passive_failures_eject_only_when_consecutive() -> None:

@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.upstream.faulty_upstream import FaultyUpstream, upstream_config
+from tests.upstream.faulty_upstream import FakeClock, FaultyUpstream, run, upstream_config
 from tidegate.errors import UpstreamUnavailable
 from tidegate.upstream.client import UpstreamClient
 from tidegate.upstream.config import PoolConfig, UpstreamTimeouts
 from tidegate.upstream.pool import ReplicaPool
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with asyncio.timeout(60):
-            await scenario()
-
-    asyncio.run(main())
 
 
 async def get(pool: ReplicaPool, path: str = "/v1/models") -> bytes:
@@ -83,7 +66,7 @@ def test_concurrent_requests_open_connections_and_count_in_flight() -> None:
 def test_connections_older_than_max_age_are_retired_and_replaced() -> None:
     with FaultyUpstream() as upstream:
         async def scenario() -> None:
-            clock = FakeClock()
+            clock = FakeClock(1000.0)
             pool = ReplicaPool(upstream.url, pool=PoolConfig(max_connection_age_s=10),
                                timeouts=UpstreamTimeouts(), clock=clock)
             try:
@@ -105,7 +88,7 @@ def test_connections_older_than_max_age_are_retired_and_replaced() -> None:
 def test_an_old_connection_finishes_its_request_before_it_is_retired() -> None:
     with FaultyUpstream() as upstream:
         async def scenario() -> None:
-            clock = FakeClock()
+            clock = FakeClock(1000.0)
             pool = ReplicaPool(upstream.url, pool=PoolConfig(max_connection_age_s=10),
                                timeouts=UpstreamTimeouts(), clock=clock)
             try:
