@@ -85,6 +85,13 @@ def test_openai_client_through_the_gateway_equals_direct(
     assert relayed.model == MINILM
 
 
+def test_dimensions_is_refused_for_remote_models(gateway: ServerProcess) -> None:
+    response = httpx.post(gateway.url + "/v1/embeddings", timeout=30,
+                          json={"model": MINILM, "input": "x", "dimensions": 128})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "dimensions"
+
+
 def test_models_show_upstream_health(gateway: ServerProcess) -> None:
     cards = {m["id"]: m for m in httpx.get(gateway.url + "/v1/models").json()["data"]}
     replicas = cards[MINILM]["upstream"]["replicas"]
@@ -130,6 +137,7 @@ def test_retry_on_503_goes_to_the_other_replica(
                 reply = client.chat.completions.create(
                     model="faulty", messages=[{"role": "user", "content": "hi"}])
                 assert reply.choices[0].message.content == "hello"
+                assert reply.model == "faulty"  # tidegate's name, not the replica's "fake"
     finally:
         one.status = None
 

@@ -109,7 +109,15 @@ async def run_guarded(request: Request, work: Awaitable[T], *, model: str, timeo
 async def _embed(manager: ModelManager, parsed: EmbeddingRequest) -> tuple[str, EmbeddingResult]:
     async with manager.lease(parsed.model) as model:
         dimensions = model.dimensions
-        if parsed.dimensions is not None and dimensions and parsed.dimensions != dimensions:
+        if parsed.dimensions is not None and model.kind == "remote":
+            # Requests to a remote model are coalesced into one upstream call per batch, so a
+            # per-request 'dimensions' cannot be honoured; refusing beats answering silently
+            # with another size.
+            raise InvalidRequest(
+                f"'dimensions' is not supported for remote model '{model.id}'.",
+                param="dimensions",
+            )
+        if parsed.dimensions is not None and parsed.dimensions != dimensions:
             raise InvalidRequest(
                 f"Model '{model.id}' produces {dimensions}-dimensional embeddings and does not "
                 f"support 'dimensions'={parsed.dimensions}.", param="dimensions",

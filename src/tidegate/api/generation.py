@@ -256,7 +256,10 @@ async def _serve_remote(request: GenerationRequest, model: ServedModel,
         upstream_stream = await client.open_stream(path, body)
         return EventStreamResponse(_relay_events(stack.pop_all(), upstream_stream),
                                    media_type=upstream_stream.media_type or "text/event-stream")
-    return json_response(await client.request_json(path, body))
+    data = await client.request_json(path, body)
+    if isinstance(data, dict) and "model" in data:
+        data["model"] = model.id  # clients asked for tidegate's name, not the replica's
+    return json_response(data)
 
 
 async def _generate(request: Request, endpoint: Endpoint) -> Response | EventStreamResponse:
