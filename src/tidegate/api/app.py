@@ -131,8 +131,6 @@ async def create_embeddings(request: Request) -> Response:
     server = state.config.server
     body = await read_json_body(request, server.max_body_bytes)
     parsed = parse_embedding_request(body, max_inputs=server.max_inputs_per_request)
-    if not state.manager.has(parsed.model):
-        state.manager.describe_one(parsed.model)  # raises ModelNotFound with the list
     model_id, result = await run_guarded(
         request, _embed(state.manager, parsed), model=parsed.model,
         timeout_s=server.request_timeout_s,

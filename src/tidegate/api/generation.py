@@ -268,7 +268,6 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response | EventStr
     parsed = parse_generation_request(
         await read_json_body(request, server.max_body_bytes), endpoint
     )
-    state.manager.describe_one(parsed.model)  # 404 before anything is loaded
     async with contextlib.AsyncExitStack() as stack:
         try:
             async with asyncio.timeout(server.request_timeout_s):

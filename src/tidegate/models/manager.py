@@ -185,9 +185,6 @@ class ModelManager:
             raise ModelNotFound(model_id, available=sorted(self._entries))
         return entry
 
-    def has(self, model_id: str) -> bool:
-        return model_id in self._entries
-
     def lease(self, model_id: str) -> _Lease:
         """``async with manager.lease(id) as served``: hold the model loaded (loading it if
         needed) for the duration of the block. Raises ModelNotFound at once for an unknown id."""
