@@ -68,3 +68,27 @@ def test_refuses_missing_dirs_and_unsupported_caches(
     byte_tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="DynamicSlidingWindowLayer"):
         CausalLMRuntime(tmp_path)
+
+
+def test_chat_template_rejection_is_invalid_request(gpt2_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from tidegate.errors import InvalidRequest
+
+    strict = tmp_path / "strict"
+    shutil.copytree(gpt2_dir, strict)
+    config_path = strict / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('system messages are not supported') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    config_path.write_text(json.dumps(config))
+    runtime = CausalLMRuntime(strict)
+    assert runtime.has_chat_template
+    assert runtime.encode_chat([{"role": "user", "content": "hi"}])
+    with pytest.raises(InvalidRequest, match="system messages are not supported") as caught:
+        runtime.encode_chat([{"role": "system", "content": "be terse"}])
+    assert caught.value.param == "messages"

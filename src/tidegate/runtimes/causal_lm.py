@@ -14,6 +14,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from tidegate.errors import InvalidRequest
+
 __all__ = ["CausalLMRuntime", "Dtype", "default_chat_prompt"]
 
 log = logging.getLogger("tidegate.runtimes.causal_lm")
@@ -131,9 +133,14 @@ class CausalLMRuntime:
         tokenizer's chat template with the assistant turn opened, else
         :func:`default_chat_prompt`."""
         if self.has_chat_template:
-            text: str = self.tokenizer.apply_chat_template(
-                [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
-            )
+            try:
+                text: str = self.tokenizer.apply_chat_template(
+                    [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+                )
+            except Exception as exc:  # the template refused these messages (e.g. role order)
+                raise InvalidRequest(
+                    f"The model's chat template rejected the messages: {exc}", param="messages"
+                ) from exc
             return text
         return default_chat_prompt(messages)
 
