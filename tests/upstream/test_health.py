@@ -130,7 +130,8 @@ def test_an_unreachable_replica_fails_its_checks() -> None:
             async with UpstreamClient(config, model="m") as client:
                 await until(lambda: client.health.statistics().rounds >= 1)
                 assert client.health.healthy() == [False, True]
-                assert "ConnectError" in client.describe()["replicas"][0]["last_error"]
+                error = client.describe()["replicas"][0]["last_error"]
+                assert "ClientConnectorError: Cannot connect to host" in error
 
         run(scenario)
 

@@ -16,7 +16,7 @@ from tidegate.upstream.pool import ReplicaPool
 async def get(pool: ReplicaPool, path: str = "/v1/models") -> bytes:
     exchange = await pool.open("GET", path)
     try:
-        return await exchange.response.aread()
+        return await exchange.read()
     finally:
         await exchange.aclose()
 
@@ -53,7 +53,7 @@ def test_concurrent_requests_open_connections_and_count_in_flight() -> None:
             assert (s.in_flight, s.connections_active, s.opened) == (3, 3, 3)
             upstream.release()
             for exchange in await asyncio.gather(*tasks):
-                await exchange.response.aread()
+                await exchange.read()
                 await exchange.aclose()
             s = pool.statistics()
             assert (s.in_flight, s.connections_active, s.connections_idle) == (0, 0, 3)
@@ -100,8 +100,8 @@ def test_an_old_connection_finishes_its_request_before_it_is_retired() -> None:
                 assert pool.statistics().closed == 0
                 upstream.release()
                 exchange = await request
-                assert exchange.response.status_code == 200
-                assert b"embedding" in await exchange.response.aread()
+                assert exchange.status == 200
+                assert b"embedding" in await exchange.read()
                 await exchange.aclose()
                 # Retired as soon as its response was closed, not left idle in the pool.
                 s = pool.statistics()
@@ -159,7 +159,7 @@ def test_pool_wait_is_measured() -> None:
                 assert pool.statistics().in_flight == 2
                 upstream.release()
                 exchange = await first
-                await exchange.response.aread()
+                await exchange.read()
                 await exchange.aclose()
                 await second
                 s = pool.statistics()

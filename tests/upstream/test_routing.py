@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 
+from tidegate.upstream.pool import PoolTimeout
 from tidegate.upstream.routing import (
     BUDGET_EXHAUSTED,
     Failure,
@@ -54,13 +57,28 @@ def test_status_classification(status: int, failure: Failure | None) -> None:
 
 
 def test_exception_classification() -> None:
-    assert classify_exception(httpx.ConnectError("refused")) is Failure.CONNECT
-    assert classify_exception(httpx.ConnectTimeout("slow")) is Failure.CONNECT
-    assert classify_exception(httpx.PoolTimeout("busy")) is Failure.POOL_TIMEOUT
-    assert classify_exception(httpx.ReadTimeout("quiet")) is Failure.TIMEOUT
-    assert classify_exception(httpx.WriteTimeout("stuck")) is Failure.TIMEOUT
-    assert classify_exception(httpx.RemoteProtocolError("dropped")) is Failure.BROKEN
-    assert classify_exception(httpx.ReadError("reset")) is Failure.BROKEN
+    assert classify_exception(aiohttp.ConnectionTimeoutError("slow")) is Failure.CONNECT
+    assert classify_exception(PoolTimeout("busy")) is Failure.POOL_TIMEOUT
+    assert classify_exception(aiohttp.SocketTimeoutError("quiet")) is Failure.TIMEOUT
+    assert classify_exception(TimeoutError()) is Failure.TIMEOUT
+    assert classify_exception(aiohttp.ServerDisconnectedError()) is Failure.BROKEN
+    assert classify_exception(aiohttp.ClientPayloadError("cut")) is Failure.BROKEN
+    assert classify_exception(aiohttp.ClientOSError(104, "reset")) is Failure.BROKEN
+
+
+def test_a_refused_connection_is_a_connect_failure() -> None:
+    async def refused() -> BaseException:
+        with socket.socket() as placeholder:  # a port nobody listens on
+            placeholder.bind(("127.0.0.1", 0))
+            port = placeholder.getsockname()[1]
+        async with aiohttp.ClientSession() as session:
+            try:
+                await session.get(f"http://127.0.0.1:{port}/")
+            except aiohttp.ClientError as exc:
+                return exc
+        raise AssertionError("the connection was not refused")
+
+    assert classify_exception(asyncio.run(refused())) is Failure.CONNECT
 
 
 def test_only_connect_errors_and_unavailable_statuses_are_retryable() -> None:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import httpx
 import orjson
 
 from tidegate.errors import (
@@ -33,7 +32,7 @@ from tidegate.errors import (
 )
 from tidegate.upstream.config import UpstreamConfig
 from tidegate.upstream.health import HealthMonitor, HealthStatistics
-from tidegate.upstream.pool import Exchange, PoolStatistics, ReplicaPool
+from tidegate.upstream.pool import TRANSPORT_ERRORS, Exchange, PoolStatistics, ReplicaPool
 from tidegate.upstream.routing import (
     BUDGET_EXHAUSTED,
     Failure,
@@ -83,7 +82,7 @@ def _error_fields(body: bytes) -> tuple[str, dict[str, Any]]:
     return body.decode("utf-8", "replace")[:_MAX_DETAIL_CHARS], {}
 
 
-def _retry_after(headers: httpx.Headers) -> int:
+def _retry_after(headers: Mapping[str, str]) -> int:
     try:
         return max(1, math.ceil(float(headers.get("retry-after", "1"))))
     except ValueError:
@@ -103,10 +102,9 @@ class UpstreamStream:
     """
 
     def __init__(
-        self, exchange: Exchange, *, fail: Callable[[httpx.HTTPError, int], UpstreamError],
+        self, exchange: Exchange, *, fail: Callable[[BaseException, int], UpstreamError],
     ) -> None:
         self._exchange = exchange
-        self._chunks = exchange.response.aiter_raw()
         self._fail = fail
         self._first: bytes | None = None
         self._closed = False
@@ -114,16 +112,15 @@ class UpstreamStream:
 
     @property
     def status_code(self) -> int:
-        return self._exchange.response.status_code
+        return self._exchange.status
 
     @property
-    def headers(self) -> httpx.Headers:
-        return self._exchange.response.headers
+    def headers(self) -> Mapping[str, str]:
+        return self._exchange.headers
 
     @property
     def media_type(self) -> str | None:
-        value: str | None = self._exchange.response.headers.get("content-type")
-        return value
+        return self._exchange.headers.get("content-type")
 
     @property
     def replica(self) -> str:
@@ -140,17 +137,16 @@ class UpstreamStream:
         if self._closed:
             raise StopAsyncIteration
         try:
-            while not (chunk := await anext(self._chunks)):
-                pass
-        except StopAsyncIteration:
-            await self.aclose()
-            raise
-        except httpx.HTTPError as exc:
+            chunk = await self._exchange.read_chunk()
+        except TRANSPORT_ERRORS as exc:
             await self.aclose()
             raise self._fail(exc, self.relayed_bytes) from exc
         except BaseException:  # cancelled: the client went away mid-read
             await self.aclose()
             raise
+        if not chunk:  # the end of the body
+            await self.aclose()
+            raise StopAsyncIteration
         self.relayed_bytes += len(chunk)
         return chunk
 
@@ -253,8 +249,8 @@ class UpstreamClient:
         JSON answer. Raises :class:`UpstreamError` subclasses."""
         index, exchange = await self._open(method, path, self._encode(payload))
         try:
-            body = await exchange.response.aread()
-        except httpx.HTTPError as exc:
+            body = await exchange.read()
+        except TRANSPORT_ERRORS as exc:
             raise self._after_headers_failure(index, exc, 0) from exc
         finally:
             await exchange.aclose()
@@ -264,7 +260,7 @@ class UpstreamClient:
             snippet = body[:200].decode("utf-8", "replace")
             raise UpstreamBadGateway(
                 f"Upstream of model '{self.model}' at {exchange.replica} answered "
-                f"{exchange.response.status_code} with a body that is not JSON: {snippet!r}",
+                f"{exchange.status} with a body that is not JSON: {snippet!r}",
                 model=self.model, replica=exchange.replica, detail=snippet,
             ) from exc
 
@@ -357,12 +353,12 @@ class UpstreamClient:
             tried.append(index)
             try:
                 exchange = await pool.open(method, path, content=content, headers=headers)
-            except httpx.HTTPError as exc:
+            except TRANSPORT_ERRORS as exc:
                 failure = classify_exception(exc)
                 error: UpstreamError = self._exception_error(failure, exc, pool.url)
                 error.__cause__ = exc
             else:
-                status_failure = classify_status(exchange.response.status_code)
+                status_failure = classify_status(exchange.status)
                 if status_failure is None:
                     self.health.record_success(index)
                     return index, exchange
@@ -395,7 +391,7 @@ class UpstreamClient:
     def _prefix(self, replica: str) -> str:
         return f"Upstream of model '{self.model}' at {replica}"
 
-    def _exception_error(self, failure: Failure, exc: httpx.HTTPError, replica: str,
+    def _exception_error(self, failure: Failure, exc: BaseException, replica: str,
                          suffix: str = "") -> UpstreamError:
         timeouts = self.config.timeouts
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -422,19 +418,16 @@ class UpstreamClient:
 
     async def _status_error(self, exchange: Exchange) -> UpstreamError:
         """Read (a bounded part of) an error answer and close the exchange."""
-        response = exchange.response
         body = b""
         try:
-            async for chunk in response.aiter_raw():
+            while len(body) < _MAX_ERROR_BODY and (chunk := await exchange.read_chunk()):
                 body += chunk
-                if len(body) >= _MAX_ERROR_BODY:
-                    break
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             body = f"(error body unreadable: {type(exc).__name__})".encode()
         finally:
             await exchange.aclose()
         detail, fields = _error_fields(body)
-        status = response.status_code
+        status = exchange.status
         replica = exchange.replica
         common: dict[str, Any] = {
             "model": self.model, "replica": replica, "upstream_status": status, "detail": detail,
@@ -443,7 +436,7 @@ class UpstreamClient:
         if status == 504:
             return UpstreamTimeout(message, **common)
         if status == 503:
-            return UpstreamUnavailable(message, retry_after_s=_retry_after(response.headers),
+            return UpstreamUnavailable(message, retry_after_s=_retry_after(exchange.headers),
                                        **common)
         if status >= 500:
             return UpstreamBadGateway(message, **common)
@@ -459,7 +452,7 @@ class UpstreamClient:
             type_=fields.get("type"), param=fields.get("param"), code=fields.get("code"),
         )
 
-    def _after_headers_failure(self, index: int, exc: httpx.HTTPError,
+    def _after_headers_failure(self, index: int, exc: BaseException,
                                relayed: int) -> UpstreamError:
         """A failure while reading a successful body: never retried."""
         failure = classify_exception(exc)

@@ -33,13 +33,13 @@ class UpstreamTimeouts:
 
     connect_s: float = 5.0
     read_s: float = 120.0
-    """Longest silence between two reads; a stream that stalls longer fails with 504."""
-    write_s: float = 30.0
+    """Longest silence from the replica once the request is being sent (so it also bounds
+    sending the body) and between two reads; a stream that stalls longer fails with 504."""
     pool_s: float = 5.0
     """Longest wait for a free connection to one replica before answering 503."""
 
     def __post_init__(self) -> None:
-        for name in ("connect_s", "read_s", "write_s", "pool_s"):
+        for name in ("connect_s", "read_s", "pool_s"):
             check_number(f"upstream.timeouts.{name}", getattr(self, name))
 
 
@@ -49,21 +49,15 @@ class PoolConfig:
 
     max_connections: int = 100
     """Most connections (so most concurrent requests, over HTTP/1.1) to one replica."""
-    max_keepalive_connections: int | None = None
-    """Most idle connections kept; ``None`` means ``max_connections``."""
     keepalive_expiry_s: float = 60.0
-    """An idle connection is closed after this long."""
+    """An idle connection is closed after this long; 0 closes every connection after its
+    request (no keep-alive)."""
     max_connection_age_s: float | None = 300.0
     """A connection older than this is closed once its current request ends, so load moves to
     new replica processes behind a DNS name or load balancer; ``None`` keeps connections."""
 
     def __post_init__(self) -> None:
         check_integer("upstream.pool.max_connections", self.max_connections, minimum=1)
-        if self.max_keepalive_connections is not None:
-            check_integer(
-                "upstream.pool.max_keepalive_connections", self.max_keepalive_connections,
-                minimum=0,
-            )
         check_number("upstream.pool.keepalive_expiry_s", self.keepalive_expiry_s, allow_zero=True)
         if self.max_connection_age_s is not None:
             check_number("upstream.pool.max_connection_age_s", self.max_connection_age_s)

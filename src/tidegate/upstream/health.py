@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
+import aiohttp
 
 from tidegate.upstream.config import HealthConfig
 
@@ -128,15 +128,11 @@ class HealthMonitor:
         self._config = config
         self._clock = clock
         self.replicas = [ReplicaHealth(url) for url in replicas]
-        # A client of its own: a replica whose request pool is saturated is busy, not sick, so
-        # its checks must not queue behind its requests.
-        self._client = httpx.AsyncClient(
-            timeout=config.timeout_s,
-            limits=httpx.Limits(max_connections=len(replicas), keepalive_expiry=30.0),
-            headers=dict(headers or {}),
-            trust_env=False,
-            follow_redirects=False,
-        )
+        self._headers = dict(headers or {})
+        # A session of its own (made in start(): aiohttp binds it to the running loop): a
+        # replica whose request pool is saturated is busy, not sick, so its checks must not
+        # queue behind its requests.
+        self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._rounds = 0
 
@@ -148,6 +144,12 @@ class HealthMonitor:
 
     async def start(self) -> None:
         if self.active and self._task is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=len(self.replicas), keepalive_timeout=30.0),
+                timeout=aiohttp.ClientTimeout(total=self._config.timeout_s),
+                headers=self._headers,
+                trust_env=False,
+            )
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="tidegate.upstream.health"
             )
@@ -162,7 +164,9 @@ class HealthMonitor:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
-        await asyncio.shield(self._client.aclose())
+        session, self._session = self._session, None
+        if session is not None:
+            await asyncio.shield(session.close())
 
     async def _run(self) -> None:
         while True:
@@ -189,13 +193,18 @@ class HealthMonitor:
         self._rounds += 1
 
     async def _probe(self, url: str) -> tuple[bool, str | None]:
+        if self._session is None:
+            raise RuntimeError("HealthMonitor.start() was not awaited")
         try:
-            response = await self._client.get(url)
-        except httpx.HTTPError as exc:
-            return False, f"health check GET {url} failed: {type(exc).__name__}: {exc}"
-        if response.is_success:
+            async with self._session.get(url, allow_redirects=False) as response:
+                status = response.status
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return False, f"health check GET {url} failed: {reason}"
+        if 200 <= status < 300:
             return True, None
-        return False, f"health check GET {url} answered {response.status_code}"
+        return False, f"health check GET {url} answered {status}"
 
     # -- passive -------------------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ import enum
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
+
+from tidegate.upstream.pool import PoolTimeout
 
 __all__ = [
     "BUDGET_EXHAUSTED",
@@ -93,12 +95,13 @@ def classify_status(status: int) -> Failure | None:
     return None
 
 
-def classify_exception(exc: httpx.HTTPError) -> Failure:
-    if isinstance(exc, httpx.PoolTimeout):
+def classify_exception(exc: BaseException) -> Failure:
+    """What a transport failure (one of ``pool.TRANSPORT_ERRORS``) means."""
+    if isinstance(exc, PoolTimeout):
         return Failure.POOL_TIMEOUT
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return Failure.CONNECT
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return Failure.TIMEOUT
     return Failure.BROKEN
 
