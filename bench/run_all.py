@@ -6,8 +6,8 @@ Sections, in order (``--only`` picks some):
 * ``minilm``: tidegate serving MiniLM with default batching, at 1, 10 and 64 connections;
 * ``nobatch``: the same with ``max_batch_size = 1``, at 64 connections;
 * ``echo``: tidegate's echo runtime vs a bare Starlette echo, at 10 connections;
-* ``trace``: model-cache policy replay (LRU, LRU + predictive, Belady) on Zipf and patterned
-  traces (``bench.trace_replay``);
+* ``trace``: model-cache policy replay (LRU, LFU, each with and without predictive
+  preloading, and Belady) on Zipf and patterned traces (``bench.trace_replay``);
 * ``generation`` (about 1.5 minutes): streamed completions from a random-weight GPT-2 at 1, 4,
   16 and 32 concurrent streams, and server memory per idle stream with 1,000 streams open
   (``bench.generation``);

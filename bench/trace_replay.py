@@ -1,12 +1,17 @@
-"""Replay request traces against the model cache's eviction policy and predictor.
+"""Replay request traces against the model cache's eviction policies and predictor.
 
 ``python -m bench.trace_replay`` (part of ``make bench``). N equal-sized models, room for K.
 Two traces: a Zipf-distributed one and a patterned one (recurring sequences such as
-A -> B -> C). For each: the hit rate of plain LRU (tidegate's ``plan_eviction``), of LRU plus
-predictive preloading (tidegate's ``TransitionPredictor`` and ``hotter_than`` rule: a preload
-may only evict models less likely to be next than itself), and of Belady's optimal offline
-policy for reference. A preload "hits" when the preloaded model is requested before it is
-evicted; "wasted" when it is evicted unused.
+A -> B -> C). For each: the hit rate of plain LRU and of decayed LFU (tidegate's
+``plan_eviction`` with ``cache.eviction = "lru"`` / ``"lfu"``), of each plus predictive
+preloading (tidegate's ``TransitionPredictor`` and ``hotter_than`` rule: a preload may only
+evict models less likely to be next than itself), and of Belady's optimal offline policy for
+reference. A preload "hits" when the preloaded model is requested before it is evicted;
+"wasted" when it is evicted unused. Two sweeps over cache sizes and Zipf skews follow: LRU /
+Belady and LFU / Belady.
+
+Logical time is the request index, so LFU's half-life (``cache.frequency_half_life_s`` in the
+server) is counted in requests here: ``HALF_LIFE`` = 600, the server's default value.
 
 The same pure functions decide in the server (``tidegate.models``); only loading is instant
 here, so this measures the policies, not load latency.
@@ -19,12 +24,21 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tidegate.models.policy import EntryView, hotter_than, plan_eviction
+from tidegate.models.policy import (
+    LRU,
+    EntryView,
+    EvictionPolicy,
+    decayed,
+    hotter_than,
+    plan_eviction,
+)
 from tidegate.models.predictor import TransitionPredictor
 
 __all__ = ["ReplayResult", "belady", "patterned_trace", "replay", "zipf_trace"]
 
 THRESHOLD = 0.3  # tidegate's default cache.predictive_threshold
+HALF_LIFE = 600.0  # requests; the value of tidegate's default cache.frequency_half_life_s
+LFU = EvictionPolicy(mode="lfu", half_life=HALF_LIFE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +82,21 @@ def patterned_trace(models: int, length: int, *, seed: int = 2) -> list[str]:
     return trace[:length]
 
 
-def replay(trace: Sequence[str], capacity: int, *, predictive: bool) -> ReplayResult:
+def replay(trace: Sequence[str], capacity: int, *, predictive: bool,
+           policy: EvictionPolicy = LRU) -> ReplayResult:
     resident: dict[str, float] = {}  # model -> last use (logical time)
+    # model -> (decayed request count, as of when); kept after eviction, as the server does
+    frequency: dict[str, tuple[float, float]] = {}
     preloaded: set[str] = set()
     predictor = TransitionPredictor()
     hits = preloads = preload_hits = wasted = 0
 
+    def view(model: str, last_used: float) -> EntryView:
+        count, at = frequency.get(model, (0.0, 0.0))
+        return EntryView(id=model, size=1, last_used=last_used, frequency=count, frequency_at=at)
+
     def views() -> list[EntryView]:
-        return [EntryView(id=m, size=1, last_used=t) for m, t in resident.items()]
+        return [view(m, t) for m, t in resident.items()]
 
     def evict(victims: list[str]) -> None:
         nonlocal wasted
@@ -93,9 +114,11 @@ def replay(trace: Sequence[str], capacity: int, *, predictive: bool) -> ReplayRe
                 preload_hits += 1
         else:
             plan = plan_eviction(views(), need_bytes=1, max_bytes=None, max_models=capacity,
-                                 now=now)
+                                 now=now, policy=policy)
             evict(plan.victims)
         resident[model] = now
+        count, at = frequency.get(model, (0.0, 0.0))
+        frequency[model] = (decayed(count, at, now, policy.half_life) + 1, now)
         predictor.observe(model)
         if not predictive:
             continue
@@ -105,7 +128,7 @@ def replay(trace: Sequence[str], capacity: int, *, predictive: bool) -> ReplayRe
             current = views()
             protect = hotter_than(current, predictor.probability, probability) | {model}
             plan = plan_eviction(current, need_bytes=1, max_bytes=None, max_models=capacity,
-                                 now=now, protect=protect)
+                                 now=now, protect=protect, policy=policy)
             if plan.fits:
                 evict(plan.victims)
                 resident[candidate] = now - 0.5  # loaded, not yet used
@@ -139,6 +162,8 @@ def run(models: int, capacity: int, length: int) -> dict[str, dict[str, ReplayRe
         name: {
             "lru": replay(trace, capacity, predictive=False),
             "lru+predictive": replay(trace, capacity, predictive=True),
+            "lfu": replay(trace, capacity, predictive=False, policy=LFU),
+            "lfu+predictive": replay(trace, capacity, predictive=True, policy=LFU),
             "belady": belady(trace, capacity),
         }
         for name, trace in traces.items()
@@ -147,6 +172,7 @@ def run(models: int, capacity: int, length: int) -> dict[str, dict[str, ReplayRe
 
 def render(results: dict[str, dict[str, ReplayResult]], models: int, capacity: int) -> str:
     lines = [f"N = {models} models, room for K = {capacity}",
+             f"lfu: request counts decayed with a half-life of {HALF_LIFE:g} requests",
              "", "| trace | policy | hit rate | preloads | preload hit rate |",
              "| --- | --- | --- | --- | --- |"]
     for trace, by_policy in results.items():
@@ -157,16 +183,20 @@ def render(results: dict[str, dict[str, ReplayResult]], models: int, capacity: i
     zipf = results["zipf"]
     pattern = results["patterned"]["lru+predictive"].preload_hit_rate or 0.0
     ratio = zipf["lru"].hit_rate / zipf["belady"].hit_rate
+    lfu_ratio = zipf["lfu"].hit_rate / zipf["belady"].hit_rate
     lines += ["",
               f"- {'PASS' if pattern >= 0.9 else 'MISS'}: predictive preload hit rate on the "
               f"patterned trace {pattern:.3f} (target >= 0.90)",
               f"- {'PASS' if ratio >= 0.9 else 'MISS'}: LRU / Belady hit rate on the Zipf trace "
-              f"{ratio:.3f} (target >= 0.90)"]
+              f"{ratio:.3f} (target >= 0.90)",
+              f"- {'PASS' if lfu_ratio >= 0.9 else 'MISS'}: LFU / Belady hit rate on the Zipf "
+              f"trace {lfu_ratio:.3f} (target >= 0.90)"]
     return "\n".join(lines)
 
 
-def sweep(models: int, length: int) -> str:
-    """LRU / Belady on Zipf traces across cache sizes and skews: where the 90% target holds."""
+def sweep(models: int, length: int, policy: EvictionPolicy = LRU) -> str:
+    """``policy`` / Belady on Zipf traces across cache sizes and skews: where the 90% target
+    holds."""
     capacities = (4, 6, 8, 10, 12)
     lines = ["| Zipf s | " + " | ".join(f"K={k}" for k in capacities) + " |",
              "| --- |" + " --- |" * len(capacities)]
@@ -174,9 +204,9 @@ def sweep(models: int, length: int) -> str:
         trace = zipf_trace(models, length, s=s)
         cells = []
         for k in capacities:
-            lru, best = replay(trace, k, predictive=False), belady(trace, k)
-            cells.append(f"{lru.hit_rate:.2f} / {best.hit_rate:.2f} = "
-                         f"{lru.hit_rate / best.hit_rate:.2f}")
+            ours, best = replay(trace, k, predictive=False, policy=policy), belady(trace, k)
+            cells.append(f"{ours.hit_rate:.2f} / {best.hit_rate:.2f} = "
+                         f"{ours.hit_rate / best.hit_rate:.2f}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -184,7 +214,10 @@ def sweep(models: int, length: int) -> str:
 def report(models: int = 16, capacity: int = 6, length: int = 20_000) -> str:
     return (render(run(models, capacity, length), models, capacity)
             + f"\n\nLRU / Belady hit rate on Zipf traces, N = {models}:\n\n"
-            + sweep(models, length))
+            + sweep(models, length)
+            + f"\n\nLFU (half-life {HALF_LIFE:g} requests) / Belady hit rate on Zipf traces, "
+            f"N = {models}:\n\n"
+            + sweep(models, length, LFU))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,6 +47,14 @@ overload_status = 503
     )
 
 
+def test_cache_eviction_policy_is_read(tmp_path: Path) -> None:
+    default = load_config(None).cache
+    assert (default.eviction, default.frequency_half_life_s) == ("lru", 600.0)
+    path = write(tmp_path, "[cache]\neviction = 'lfu'\nfrequency_half_life_s = 3600\n")
+    cache = load_config(path).cache
+    assert (cache.eviction, cache.frequency_half_life_s) == ("lfu", 3600)
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
@@ -63,6 +71,10 @@ overload_status = 503
         ("[[models]]\nid = 'a'\n[[models]]\nid = 'a'\n", "twice"),
         ("[[models]]\nruntime = 'echo'\n", "id"),
         ("not toml at all [", "not valid TOML"),
+        ("[cache]\neviction = 'lifo'\n", "cache.eviction must be one of 'lru', 'lfu'"),
+        ("[cache]\nfrequency_half_life_s = 0\n", "cache.frequency_half_life_s must be > 0"),
+        ("[cache]\nfrequency_half_life_s = 'long'\n",
+         "cache.frequency_half_life_s must be a number"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "BatchingConfig",
     "CacheConfig",
     "Config",
+    "EvictionMode",
     "GenerationConfig",
     "ModelConfig",
     "RuntimeKind",
@@ -41,6 +42,7 @@ __all__ = [
 DEFAULT_MODEL_ID = "all-minilm-l6-v2"
 RuntimeKind = Literal["embedding", "echo", "python", "remote", "causal-lm"]
 PreloadMode = Literal["eager", "lazy", "predictive"]
+EvictionMode = Literal["lru", "lfu"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 
@@ -250,6 +252,15 @@ class CacheConfig:
     """If set, /admin routes need ``Authorization: Bearer <token>``; otherwise loopback only."""
     predictive_threshold: float = 0.3
     """A ``predictive`` model is preloaded when P(next | current) is at least this."""
+    eviction: EvictionMode = "lru"
+    """Which idle model goes first when room is needed. ``lru``: the least recently used.
+    ``lfu``: the one with the lowest request count, decayed exponentially with
+    ``frequency_half_life_s`` (ties: the least recently used); under skewed, stable popularity it
+    keeps the popular models loaded through bursts of one-off requests. Leases, keep-alive and
+    dependencies protect models the same way under both."""
+    frequency_half_life_s: float = 600.0
+    """For ``lfu``: seconds over which a model's request count halves, so a model that was
+    popular and is no longer becomes evictable."""
 
     def __post_init__(self) -> None:
         if self.max_memory_bytes is not None:
@@ -263,6 +274,8 @@ class CacheConfig:
         ):
             raise ConfigError("cache.admin_token must be a non-empty string")
         check_number("cache.predictive_threshold", self.predictive_threshold)
+        check_choice("cache.eviction", self.eviction, get_args(EvictionMode))
+        check_number("cache.frequency_half_life_s", self.frequency_half_life_s)
 
 
 def _default_models() -> tuple[ModelConfig, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,9 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
+from tests.upstream.faulty_upstream import FakeClock
 from tidegate.api.admin import authorize
-from tidegate.config import CacheConfig, Config, ModelConfig
+from tidegate.config import CacheConfig, Config, EvictionMode, ModelConfig
 from tidegate.errors import ModelUnavailable, PermissionDenied
 from tidegate.metrics import Metrics
 from tidegate.models.manager import ModelManager
@@ -25,9 +27,10 @@ def model(name: str, **options: Any) -> ModelConfig:
                        options={"name": name, **options}, **extra)
 
 
-def run(config: Config, scenario: Callable[[ModelManager], Awaitable[None]]) -> None:
+def run(config: Config, scenario: Callable[[ModelManager], Awaitable[None]], *,
+        clock: Callable[[], float] = time.monotonic) -> None:
     async def main() -> None:
-        manager = ModelManager(config, Metrics())
+        manager = ModelManager(config, Metrics(), clock=clock)
         await manager.start()
         try:
             async with asyncio.timeout(30):
@@ -89,9 +92,10 @@ def test_memory_is_measured_not_estimated() -> None:
     run(config, scenario)
 
 
-def test_keep_alive_protects_an_idle_model() -> None:
+@pytest.mark.parametrize("eviction", ["lru", "lfu"])
+def test_keep_alive_protects_an_idle_model(eviction: EvictionMode) -> None:
     config = Config(
-        cache=CacheConfig(max_loaded_models=1, load_timeout_s=0.3),
+        cache=CacheConfig(max_loaded_models=1, load_timeout_s=0.3, eviction=eviction),
         models=(model("kept", keep_alive_s=60), model("other")),
     )
 
@@ -101,6 +105,73 @@ def test_keep_alive_protects_an_idle_model() -> None:
             await use(manager, "other")
 
     run(config, scenario)
+
+
+def status(manager: ModelManager, *names: str) -> list[object]:
+    return [manager.describe_one(name)["status"] for name in names]
+
+
+@pytest.mark.parametrize(("eviction", "hot_after"), [("lru", "unloaded"), ("lfu", "loaded")])
+def test_lfu_keeps_the_frequently_used_model_through_one_off_loads(
+    eviction: EvictionMode, hot_after: str
+) -> None:
+    clock = FakeClock()
+    config = Config(
+        cache=CacheConfig(max_loaded_models=2, eviction=eviction),
+        models=(model("hot"), *(model(f"once{i}") for i in range(4))),
+    )
+
+    async def scenario(manager: ModelManager) -> None:
+        for _ in range(3):
+            await use(manager, "hot")
+            clock.now += 1
+        for i in range(4):
+            await use(manager, f"once{i}")
+            clock.now += 1
+        assert status(manager, "hot", "once3") == [hot_after, "loaded"]
+
+    run(config, scenario, clock=clock)
+
+
+def test_lfu_request_count_survives_an_unload() -> None:
+    clock = FakeClock()
+    config = Config(
+        cache=CacheConfig(max_loaded_models=2, eviction="lfu"),
+        models=(model("hot"), model("once0"), model("once1")),
+    )
+
+    async def scenario(manager: ModelManager) -> None:
+        for _ in range(3):
+            await use(manager, "hot")
+            clock.now += 1
+        await manager.unload("hot")
+        await use(manager, "hot")  # reloaded: 4 requests, not 1
+        clock.now += 1
+        await use(manager, "once0")
+        clock.now += 1
+        await use(manager, "once1")
+        assert status(manager, "hot", "once0", "once1") == ["loaded", "unloaded", "loaded"]
+
+    run(config, scenario, clock=clock)
+
+
+def test_lfu_counts_decay_with_the_configured_half_life() -> None:
+    clock = FakeClock()
+    config = Config(
+        cache=CacheConfig(max_loaded_models=2, eviction="lfu", frequency_half_life_s=60),
+        models=(model("old"), model("new"), model("once")),
+    )
+
+    async def scenario(manager: ModelManager) -> None:
+        for _ in range(4):
+            await use(manager, "old")
+        clock.now += 180  # three half-lives: old's 4 requests count 0.5 (3.2 at the default 600 s)
+        for _ in range(2):
+            await use(manager, "new")
+        await use(manager, "once")
+        assert status(manager, "old", "new", "once") == ["unloaded", "loaded", "loaded"]
+
+    run(config, scenario, clock=clock)
 
 
 def test_unload_waits_for_in_flight_requests(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from tidegate.config import ModelConfig
-from tidegate.models.policy import EntryView
+from tidegate.models.policy import EntryView, decayed
 from tidegate.models.served import ServedModel
 
 __all__ = ["Entry", "ModelState"]
@@ -35,6 +35,11 @@ class Entry:
     leases: int = 0
     last_used: float = 0.0
     last_used_wall: float | None = None
+    frequency: float = 0.0
+    """Requests for it, decayed exponentially (:func:`~tidegate.models.policy.decayed`), as of
+    ``frequency_at``. Kept across unloads: ``lfu`` eviction ranks a reloaded model by its
+    history, not as new."""
+    frequency_at: float = 0.0
     error: str | None = None
     failures: int = 0
     retry_at: float = 0.0
@@ -53,11 +58,20 @@ class Entry:
             keep_alive_s=self.config.keep_alive_s,
             depends_on=self.config.depends_on,
             loading=self.state is not ModelState.LOADED,
+            frequency=self.frequency,
+            frequency_at=self.frequency_at,
         )
 
     def touch(self, now: float) -> None:
         self.last_used = now
         self.last_used_wall = time.time()
+
+    def requested(self, now: float, *, half_life: float) -> None:
+        """A request got it: count the request and mark it used. (The lease's end only
+        touches it, so each request counts once.)"""
+        self.frequency = decayed(self.frequency, self.frequency_at, now, half_life) + 1
+        self.frequency_at = now
+        self.touch(now)
 
     def loaded(self, served: ServedModel, *, measured: int, seconds: float, preloaded: bool,
                now: float) -> None:

@@ -1,5 +1,6 @@
 """The set of loaded models as a cache: async single-flight loads under a concurrency limit,
-an LRU bounded by bytes and count with leases, dependencies, and eager/predictive preloading.
+an LRU (or decayed-LFU) cache bounded by bytes and count with leases, dependencies, and
+eager/predictive preloading.
 
 Concurrency model: everything here runs on the event loop. Decisions (what to evict, whether a
 load may start) are synchronous and change state before the next ``await``, so they need no
@@ -26,7 +27,7 @@ from tidegate.config import Config, ModelConfig
 from tidegate.errors import ModelNotFound, ModelUnavailable, RequestTimeout
 from tidegate.metrics import CacheMetrics, Metrics
 from tidegate.models.entry import Entry, ModelState
-from tidegate.models.policy import EntryView, hotter_than, plan_eviction
+from tidegate.models.policy import EntryView, EvictionPolicy, hotter_than, plan_eviction
 from tidegate.models.predictor import TransitionPredictor
 from tidegate.models.served import ServedModel
 from tidegate.runtimes import AnyRuntime, ModelHandle, create_runtime
@@ -110,6 +111,8 @@ class ModelManager:
     ) -> None:
         self._config = config
         self._cache = config.cache
+        self._policy = EvictionPolicy(mode=config.cache.eviction,
+                                      half_life=config.cache.frequency_half_life_s)
         self._metrics = metrics
         self._stats: CacheMetrics = metrics.cache
         self._factory = runtime_factory
@@ -203,7 +206,7 @@ class ModelManager:
         except BaseException:
             self._release(entry)
             raise
-        entry.touch(self._clock())
+        entry.requested(self._clock(), half_life=self._policy.half_life)
         if entry.preloaded:
             entry.preloaded = False
             self._stats.preload_hits += 1
@@ -242,19 +245,21 @@ class ModelManager:
         return entry.measured_bytes or entry.config.memory_bytes or 0
 
     async def _make_room(self, entry: Entry, deadline: float) -> None:
-        """Evict LRU models until ``entry`` fits; wait for leases to end if none can go yet."""
+        """Evict models (in policy order) until ``entry`` fits; wait for leases to end if none
+        can go yet."""
         need = self._estimate(entry)
         protect = self._dependency_closure(entry.config.id)
         while True:
             plan = plan_eviction(
                 self._resident(exclude=entry.config.id), need_bytes=need,
                 max_bytes=self._cache.max_memory_bytes, max_models=self._cache.max_loaded_models,
-                now=self._clock(), protect=protect,
+                now=self._clock(), protect=protect, policy=self._policy,
             )
             if plan.fits:
                 entry.reserved_bytes = need  # counted as resident until measured
                 entry.resident = True
-                await self._evict([self._entries[v] for v in plan.victims], reason="lru")
+                await self._evict([self._entries[v] for v in plan.victims],
+                                  reason=self._policy.mode)
                 return
             remaining = deadline - self._clock()
             if remaining <= 0:
@@ -376,12 +381,13 @@ class ModelManager:
             self._notify()
 
     async def _enforce_budget(self, protect: set[str]) -> None:
-        """After a load measured more than estimated, evict LRU models until within budget."""
+        """After a load measured more than estimated, evict (in policy order) until within
+        budget."""
         plan = plan_eviction(
             self._resident(), need_bytes=0, max_bytes=self._cache.max_memory_bytes,
             max_models=None if self._cache.max_loaded_models is None
             else self._cache.max_loaded_models + 1,
-            now=self._clock(), protect=protect,
+            now=self._clock(), protect=protect, policy=self._policy,
         )
         if plan.victims:
             await self._evict([self._entries[v] for v in plan.victims], reason="budget")
@@ -398,7 +404,7 @@ class ModelManager:
             plan = plan_eviction(
                 self._resident(), need_bytes=self._estimate(entry),
                 max_bytes=self._cache.max_memory_bytes, max_models=self._cache.max_loaded_models,
-                now=self._clock(),
+                now=self._clock(), policy=self._policy,
             )
             if entry.state is not ModelState.LOADED and (not plan.fits or plan.victims):
                 entry.skipped = "does not fit the memory budget next to higher-priority models"
@@ -435,6 +441,7 @@ class ModelManager:
                 # Only models less likely to be next than the candidate may make room for it.
                 protect=hotter_than(resident, self._predictor.probability, probability)
                 | {self._predictor.last or ""},
+                policy=self._policy,
             )
             if plan.fits:
                 self._stats.preloads += 1

@@ -7,7 +7,17 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["EntryView", "EvictionPlan", "hotter_than", "plan_eviction"]
+from tidegate.config import EvictionMode
+
+__all__ = [
+    "LRU",
+    "EntryView",
+    "EvictionPlan",
+    "EvictionPolicy",
+    "decayed",
+    "hotter_than",
+    "plan_eviction",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,13 +31,48 @@ class EntryView:
     keep_alive_s: float = 0.0
     depends_on: tuple[str, ...] = ()
     loading: bool = False
+    frequency: float = 0.0
+    """Decayed request count as of ``frequency_at`` (see :func:`decayed`)."""
+    frequency_at: float = 0.0
+
+
+def decayed(count: float, at: float, now: float, half_life: float) -> float:
+    """``count``, recorded at time ``at``, decayed to ``now``: it halves every ``half_life``.
+
+    A model's request frequency is ``decayed(frequency, frequency_at, now, half_life) + 1`` after
+    each request; the same function ranks models for ``lfu`` eviction.
+    """
+    return count * math.exp2(-(now - at) / half_life)
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionPolicy:
+    """How victims are ordered: ``lru`` by last use; ``lfu`` by request count decayed with
+    ``half_life`` (in the clock's units), ties broken by last use."""
+
+    mode: EvictionMode = "lru"
+    half_life: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.half_life > 0:
+            raise ValueError(f"half_life must be > 0, got {self.half_life!r}")
+
+    def order(self, resident: Sequence[EntryView], now: float) -> list[EntryView]:
+        """``resident``, the first to evict first."""
+        if self.mode == "lru":
+            return sorted(resident, key=lambda e: e.last_used)
+        return sorted(resident, key=lambda e: (
+            decayed(e.frequency, e.frequency_at, now, self.half_life), e.last_used))
+
+
+LRU = EvictionPolicy()
 
 
 @dataclass(frozen=True, slots=True)
 class EvictionPlan:
     fits: bool
     victims: list[str] = field(default_factory=list)
-    """In eviction order (least recently used first; dependents before their dependencies)."""
+    """In eviction order (the policy's order; dependents before their dependencies)."""
     holders: list[str] = field(default_factory=list)
     """When it does not fit: the resident models and why each cannot go, for the error."""
 
@@ -64,8 +109,10 @@ def plan_eviction(
     max_models: int | None,
     now: float,
     protect: Collection[str] = (),
+    policy: EvictionPolicy = LRU,
 ) -> EvictionPlan:
-    """Evict least-recently-used models until ``need_bytes`` and one more model slot fit.
+    """Evict models in ``policy`` order (default: least recently used first) until
+    ``need_bytes`` and one more model slot fit.
 
     Never evicts a leased (in-use) model, one still loading, one inside its keep-alive, one in
     ``protect``, or a dependency of a resident model (its dependents go first). If the room
@@ -81,7 +128,7 @@ def plan_eviction(
     for entry in resident:
         for dep in entry.depends_on:
             dependents[dep] = dependents.get(dep, 0) + 1
-    remaining = sorted(resident, key=lambda e: e.last_used)
+    remaining = policy.order(resident, now)
     victims: list[str] = []
     while used + need_bytes > budget or count + 1 > slots:
         victim = next((e for e in remaining if _evictable(e, now, dependents, protect)), None)
