@@ -75,6 +75,8 @@ def test_cache_eviction_policy_is_read(tmp_path: Path) -> None:
         ("[cache]\nfrequency_half_life_s = 0\n", "cache.frequency_half_life_s must be > 0"),
         ("[cache]\nfrequency_half_life_s = 'long'\n",
          "cache.frequency_half_life_s must be a number"),
+        ("[[models]]\nid = 'a'\nruntime = 'echo'\nintra_op_threads = 2\n",
+         "intra_op_threads applies only to embedding"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:

@@ -205,6 +205,12 @@ class ModelConfig:
             check_integer(f"models[{self.id}].max_input_tokens", self.max_input_tokens)
         if self.intra_op_threads is not None:
             check_integer(f"models[{self.id}].intra_op_threads", self.intra_op_threads)
+            if self.runtime != "embedding":
+                raise ConfigError(
+                    f"{where}.intra_op_threads applies only to embedding (ONNX Runtime) models; "
+                    "causal-lm models use torch's process-wide thread pool (set "
+                    "OMP_NUM_THREADS before starting tidegate)"
+                )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

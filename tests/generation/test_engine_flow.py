@@ -192,16 +192,21 @@ def test_statistics_count_tokens_and_latencies(gpt2: CausalLMRuntime) -> None:
 class FlakyModel:
     """The real model, raising on chosen forward calls: the engine's boundary with the model."""
 
-    def __init__(self, model: Any, fail_on: set[int]) -> None:
+    def __init__(self, model: Any, fail_on: set[int], poison: int | None = None) -> None:
         self._model = model
         self.forward = model.forward
         self._fail_on = fail_on
+        self._poison = poison
         self.calls = 0
 
     def __call__(self, **kwargs: Any) -> Any:
         self.calls += 1
         if self.calls in self._fail_on:
             raise RuntimeError(f"forward call {self.calls} failed")
+        prompts = kwargs["input_ids"]
+        if (self._poison is not None and prompts.shape[1] > 1  # a prefill, not a decode step
+                and bool((prompts[:, 0] == self._poison).any())):
+            raise RuntimeError(f"a prompt starts with poison token {self._poison}")
         return self._model(**kwargs)
 
 
@@ -214,21 +219,41 @@ class FlakyRuntime:
     vocab_size: int
 
 
-def flaky(runtime: CausalLMRuntime, fail_on: set[int]) -> FlakyRuntime:
-    return FlakyRuntime(FlakyModel(runtime.model, fail_on), runtime.tokenizer,
+def flaky(runtime: CausalLMRuntime, fail_on: set[int], poison: int | None = None) -> FlakyRuntime:
+    return FlakyRuntime(FlakyModel(runtime.model, fail_on, poison), runtime.tokenizer,
                         runtime.eos_token_ids, runtime.context_length, runtime.vocab_size)
 
 
 def test_failed_prefill_fails_only_its_sequence(llama: CausalLMRuntime) -> None:
+    poison = 7
+    async def main() -> None:
+        model = flaky(llama, set(), poison=poison)
+        engine = GenerationEngine(model, model="tiny")
+        await engine.start()
+        try:
+            # Both arrive before the first step: prefilled together, which fails; then each
+            # alone, which fails only the poisoned prompt.
+            bad = engine.submit([poison, *PROMPT], SamplingParams(max_tokens=3, temperature=0))
+            good = engine.submit(PROMPT, SamplingParams(max_tokens=3, temperature=0))
+            with pytest.raises(RuntimeFailure, match="poison token 7"):
+                await bad.collect()
+            assert (await good.collect()).completion_tokens == 3
+            assert model.model.calls == 1 + 2 + 2  # together, each alone, two decode steps
+        finally:
+            await engine.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_failed_joint_prefill_is_retried_prompt_by_prompt(llama: CausalLMRuntime) -> None:
     async def main() -> None:
         engine = GenerationEngine(flaky(llama, {1}), model="tiny")
         await engine.start()
         try:
-            bad = engine.submit(PROMPT, SamplingParams(max_tokens=3, temperature=0))
-            good = engine.submit(PROMPT, SamplingParams(max_tokens=3, temperature=0))
-            with pytest.raises(RuntimeFailure, match="forward call 1 failed"):
-                await bad.collect()
-            assert (await good.collect()).completion_tokens == 3
+            streams = [engine.submit(PROMPT, SamplingParams(max_tokens=3, temperature=0))
+                       for _ in range(2)]
+            for stream in streams:
+                assert (await stream.collect()).completion_tokens == 3
         finally:
             await engine.aclose()
 

@@ -10,17 +10,19 @@ padding in every remaining row are trimmed.
 Positions are explicit: a row's next token sits at the number of real tokens it holds, never at
 the padded length, so rotary and learned position embeddings see the same positions as when the
 sequence runs alone. Only the layout changes on a join or leave (a copy of the caches); a
-steady decode step copies nothing beyond what the model's cache update does.
+steady decode step writes one new column per row into spare capacity (:func:`batch_cache`)
+instead of copying the cache.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KVLayers", "PaddedKVBatch", "cache_layers", "new_cache"]
+__all__ = ["KVLayers", "PaddedKVBatch", "batch_cache", "cache_layers", "new_cache"]
 
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
 """Per model layer, (keys, values) shaped ``[batch, kv_heads, tokens, head_dim]``."""
@@ -33,6 +35,68 @@ def new_cache(layers: KVLayers | None = None) -> object:
     cache = DynamicCache()
     for index, (keys, values) in enumerate(layers or ()):
         cache.update(keys, values, index)
+    return cache
+
+
+_GROWTH_MIN = 16
+
+
+@functools.cache
+def _growing_layer_class() -> type | None:
+    """A transformers ``DynamicLayer`` that appends into spare capacity instead of
+    concatenating: a decode step then writes one column per row instead of copying the whole
+    cache (measured: 6.4 -> 5.5 ms per step for 16 rows of the 4-layer bench GPT-2). ``None``
+    on transformers releases without per-layer cache objects (4.x)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - transformers 4.x
+        return None
+
+    class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            super().__init__()  # type: ignore[no-untyped-call]
+            self.device = keys.device
+            self.is_initialized = True
+            self._length = 0
+            self._keys = keys.new_empty((*keys.shape[:2], 0, keys.shape[-1]))
+            self._values = values.new_empty((*values.shape[:2], 0, values.shape[-1]))
+            self.update(keys, values)
+
+        def _reserve(self, length: int) -> None:
+            capacity = self._keys.shape[-2]
+            if length <= capacity:
+                return
+            capacity = max(length + _GROWTH_MIN, 2 * capacity)
+            for name in ("_keys", "_values"):
+                old = getattr(self, name)
+                new = old.new_empty((*old.shape[:2], capacity, old.shape[-1]))
+                new[:, :, : self._length].copy_(old[:, :, : self._length])
+                setattr(self, name, new)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                   *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+            start = self._length
+            end = start + key_states.shape[-2]
+            self._reserve(end)
+            self._keys[:, :, start:end].copy_(key_states)
+            self._values[:, :, start:end].copy_(value_states)
+            self._length = end
+            self.keys = self._keys[:, :, :end]
+            self.values = self._values[:, :, :end]
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+def batch_cache(layers: KVLayers) -> object:
+    """Like :func:`new_cache`, for the running batch: decode steps append in place."""
+    from transformers import DynamicCache
+
+    layer_class = _growing_layer_class()
+    cache = DynamicCache()
+    if layer_class is None or not hasattr(cache, "layers"):  # pragma: no cover - 4.x
+        return new_cache(layers)
+    cache.layers = [layer_class(keys, values) for keys, values in layers]
     return cache
 
 
@@ -102,7 +166,7 @@ class PaddedKVBatch:
             merged.append((torch.cat(keys, dim=0), torch.cat(values, dim=0)))
         self._ids.extend(seq_id for seq_id, _ in entries)
         self._mask = torch.cat(masks, dim=0)
-        self._cache = new_cache(merged)
+        self._cache = batch_cache(merged)
 
     def remove(self, seq_ids: Collection[int]) -> None:
         """Drop these sequences' rows (ids not in the batch are ignored)."""
@@ -118,7 +182,7 @@ class PaddedKVBatch:
         # Columns that are padding in every remaining row hold nothing anyone attends to.
         start = int(mask.any(dim=0).nonzero()[0, 0])
         self._mask = mask[:, start:]
-        self._cache = new_cache(
+        self._cache = batch_cache(
             [
                 (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
                 for k, v in cache_layers(self._cache)

@@ -2,14 +2,16 @@
 
 :meth:`StepWorker.step` runs in the engine's single worker thread. The engine decides what a
 step does (a :class:`StepPlan`: who leaves, who is prefilled); the worker drops the leavers'
-rows, decodes one token for every sequence still in the batch, prefills the newcomers (each
-alone, so its cache is exactly what it would be running by itself) and adds them to the batch,
-where they decode from the next step on. Every step gives each sequence in it one new token.
+rows, decodes one token for every sequence still in the batch, prefills the newcomers (together,
+in one forward over right-padded prompts, which under causal attention gives each the cache it
+would have running by itself) and adds them to the batch, where they decode from the next step
+on. Every step gives each sequence in it one new token.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,8 @@ from tidegate.generation.params import SamplingParams
 from tidegate.generation.sampling import next_tokens
 
 __all__ = ["PrefillRequest", "StepOutcome", "StepPlan", "StepWorker"]
+
+log = logging.getLogger("tidegate.generation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +91,11 @@ class StepWorker:
             tokens.update(zip(decoded, self._decode(decoded), strict=True))
         joined = []
         failed: dict[int, str] = {}
-        for request in plan.prefill:
-            try:
-                token, layers = self._prefill(request)
-            except Exception as exc:  # one bad prompt must not take the batch down with it
-                failed[request.seq_id] = f"{type(exc).__name__}: {exc}"
+        for request, result in zip(plan.prefill, self._prefill_all(plan.prefill), strict=True):
+            if isinstance(result, str):
+                failed[request.seq_id] = result
                 continue
+            token, layers = result
             tokens[request.seq_id] = token
             self._rows[request.seq_id] = _Row(request.params, request.generator, token)
             joined.append((request.seq_id, layers))
@@ -118,15 +121,61 @@ class StepWorker:
             row.last_token = token
         return tokens
 
-    def _prefill(self, request: PrefillRequest) -> tuple[int, KVLayers]:
-        input_ids = torch.tensor([request.prompt_ids], dtype=torch.long)
+    def _prefill_all(
+        self, requests: Sequence[PrefillRequest]
+    ) -> list[tuple[int, KVLayers] | str]:
+        """Each newcomer's first token and cache, or the error of its prefill.
+
+        Newcomers are prefilled together in one forward; if that fails, each alone, so one
+        bad prompt fails only its own sequence.
+        """
+        if len(requests) > 1:
+            try:
+                return list(self._prefill_together(requests))
+            except Exception:
+                log.debug("batched prefill of %d sequences failed; prefilling each alone",
+                          len(requests), exc_info=True)
+        results: list[tuple[int, KVLayers] | str] = []
+        for request in requests:
+            try:
+                results.extend(self._prefill_together([request]))
+            except Exception as exc:  # one bad prompt must not take the batch down with it
+                results.append(f"{type(exc).__name__}: {exc}")
+        return results
+
+    def _prefill_together(
+        self, requests: Sequence[PrefillRequest]
+    ) -> list[tuple[int, KVLayers]]:
+        """One forward over the prompts, right-padded to the longest.
+
+        Under causal attention a token never sees the padding after it, so every prompt's
+        cache and last-token logits are what it would get alone; positions start at 0 in
+        every row, as they would alone. Each row's cache is then cut to its own tokens.
+        """
+        lengths = [len(request.prompt_ids) for request in requests]
+        input_ids = torch.zeros((len(requests), max(lengths)), dtype=torch.long)
+        for row, request in enumerate(requests):
+            input_ids[row, : lengths[row]] = torch.tensor(request.prompt_ids, dtype=torch.long)
+        last = torch.tensor(lengths, dtype=torch.long) - 1
+        keep = torch.unique(last)  # sorted: the positions whose logits are needed
+        single = len(requests) == 1
         cache = new_cache()
         output = self._model(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=1 if single else keep,
             **{self._cache_kwarg: cache},
         )
-        token = next_tokens(output.logits[:, -1, :], [request.params], [request.generator])[0]
-        return token, cache_layers(cache)
+        if single:
+            logits = output.logits[:, -1, :]
+        else:
+            logits = output.logits[torch.arange(len(requests)), torch.searchsorted(keep, last)]
+        tokens = next_tokens(logits, [r.params for r in requests],
+                             [r.generator for r in requests])
+        layers = cache_layers(cache)
+        return [
+            (token, [(k[row : row + 1, :, :length], v[row : row + 1, :, :length])
+                     for k, v in layers])
+            for row, (token, length) in enumerate(zip(tokens, lengths, strict=True))
+        ]
