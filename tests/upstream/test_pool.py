@@ -170,3 +170,19 @@ def test_pool_wait_is_measured() -> None:
                 await pool.aclose()
 
         run(scenario)
+
+
+def test_keepalive_expiry_zero_closes_every_connection_after_its_request() -> None:
+    with FaultyUpstream() as upstream:
+        async def scenario() -> None:
+            pool = ReplicaPool(upstream.url, pool=PoolConfig(keepalive_expiry_s=0),
+                               timeouts=UpstreamTimeouts())
+            try:
+                for _ in range(3):
+                    assert b"fake" in await get(pool)
+                s = pool.statistics()
+                assert (s.opened, s.reused, s.closed, s.connections_idle) == (3, 0, 3, 0)
+            finally:
+                await pool.aclose()
+
+        run(scenario)
