@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 
 from tests.upstream.faulty_upstream import FakeClock, FaultyUpstream, run, upstream_config
@@ -184,5 +185,19 @@ def test_keepalive_expiry_zero_closes_every_connection_after_its_request() -> No
                 assert (s.opened, s.reused, s.closed, s.connections_idle) == (3, 0, 3, 0)
             finally:
                 await pool.aclose()
+
+        run(scenario)
+
+
+def test_a_closed_pool_refuses_requests_instead_of_reopening() -> None:
+    with FaultyUpstream() as upstream:
+        async def scenario() -> None:
+            pool = ReplicaPool(upstream.url, pool=PoolConfig(), timeouts=UpstreamTimeouts())
+            await get(pool)
+            await pool.aclose()
+            with pytest.raises(aiohttp.ClientConnectionError, match="is closed"):
+                await get(pool)
+            s = pool.statistics()
+            assert (s.in_flight, s.opened, s.closed) == (0, 1, 1)
 
         run(scenario)

@@ -230,6 +230,7 @@ class ReplicaPool:
         self.pool_wait = Histogram(TIME_BUCKETS)
         self._in_flight = 0
         self._holding = 0
+        self._closed = False
 
     @property
     def in_flight(self) -> int:
@@ -285,6 +286,8 @@ class ReplicaPool:
         :data:`TRANSPORT_ERRORS` (:class:`PoolTimeout` after ``timeouts.pool_s`` without a free
         connection).
         """
+        if self._closed:
+            raise aiohttp.ClientConnectionError(f"the connection pool to {self.url} is closed")
         session = self._session or self._open_session()
         slots = self._slots
         assert slots is not None
@@ -325,7 +328,9 @@ class ReplicaPool:
         )
 
     async def aclose(self) -> None:
-        """Close every connection; responses still open fail when next read."""
+        """Close every connection; responses still open fail when next read, and later
+        requests fail at once."""
+        self._closed = True
         session, self._session = self._session, None
         if session is not None:
             await session.close()
