@@ -104,6 +104,7 @@ def test_single_requests_are_coalesced_into_list_calls(
 ) -> None:
     one, two = faulty
     before = one.hits["/v1/embeddings"] + two.hits["/v1/embeddings"]
+    sent = one.inputs_received + two.inputs_received
     texts = [f"text number {i}" for i in range(60)]
     one.hold()
     two.hold()
@@ -114,6 +115,15 @@ def test_single_requests_are_coalesced_into_list_calls(
                 http.post("/v1/embeddings", json={"model": "faulty", "input": t}))
                 for t in texts]
             await one.wait_hits("/v1/embeddings", one.hits["/v1/embeddings"] + 1)
+            # Release only once every request reached the gateway: held in an upstream call
+            # or queued behind the calls in flight.
+            async with asyncio.timeout(20):
+                while True:
+                    page = (await http.get("/metrics")).text
+                    queued = metric(page, "tidegate_queue_depth_items", "faulty")
+                    if queued + one.inputs_received + two.inputs_received - sent >= len(texts):
+                        break
+                    await asyncio.sleep(0.01)
             one.release()
             two.release()
             responses = await asyncio.gather(*tasks)

@@ -75,6 +75,8 @@ class FaultyUpstream:
         """Non-stream answers promise a body, send part of it, then drop the connection."""
         # -- observations ------------------------------------------------------------------
         self.hits: collections.Counter[str] = collections.Counter()
+        self.inputs_received = 0
+        """Embedding inputs received, counted before a held answer waits."""
         self.finished: collections.Counter[str] = collections.Counter()
         self.last_headers: dict[str, str] = {}
         self.last_body: dict[str, Any] = {}
@@ -171,8 +173,9 @@ class FaultyUpstream:
         body = await self._received(request)
         if (failure := self._injected()) is not None:
             return failure
-        await self._wait_gate()
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        self.inputs_received += len(inputs)
+        await self._wait_gate()
         items = [
             {"object": "embedding", "index": i, "embedding": vector_for(text)}
             for i, text in enumerate(inputs)

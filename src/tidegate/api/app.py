@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive
+from starlette.types import Receive, Scope, Send
 
 from tidegate.api import admin, generation
 from tidegate.api.common import (
@@ -171,6 +171,30 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 
+class _TidegateApp(Starlette):
+    """Starlette, with the hot routes dispatched straight to their handlers.
+
+    ``POST /v1/embeddings``, ``/v1/completions`` and ``/v1/chat/completions`` skip Starlette's
+    middleware stack and router (about 20% of the echo runtime's per-request time). That is
+    safe because their handlers are ``@endpoint``s: every exception already becomes an error
+    response. Other methods and paths (405s, 404s included) take the regular route.
+    """
+
+    def __init__(self, *, fast_routes: dict[tuple[str, str], Handler], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._fast_routes = fast_routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            handler = self._fast_routes.get((scope["method"], scope["path"]))
+            if handler is not None:
+                scope["app"] = self
+                response = await handler(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runtime) -> Starlette:
     """Build the app. Models start loading when the app starts (ASGI lifespan)."""
     app_metrics = Metrics()
@@ -199,6 +223,12 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
         Route("/admin/models/{model_id:path}/unload", admin.admin_unload, methods=["POST"]),
     ]
     handlers: dict[Any, Any] = {HTTPException: http_error_handler}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    fast_routes: dict[tuple[str, str], Handler] = {
+        ("POST", "/v1/embeddings"): create_embeddings,
+        ("POST", "/v1/completions"): generation.completions,
+        ("POST", "/v1/chat/completions"): generation.chat_completions,
+    }
+    app = _TidegateApp(routes=routes, exception_handlers=handlers, lifespan=lifespan,
+                       fast_routes=fast_routes)
     app.state.tidegate = AppState(config=config, manager=model_manager, metrics=app_metrics)
     return app
