@@ -25,7 +25,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from tidegate.upstream.config import UpstreamConfig
 
@@ -58,8 +58,10 @@ class _DropConnection(Exception):
 
 
 class FaultyUpstream:
-    def __init__(self, name: str = "upstream") -> None:
+    def __init__(self, name: str = "upstream", *, prefix: str = "") -> None:
+        """``prefix``: serve under a path (``/openai``), as some gateways do; ``url`` has it."""
         self.name = name
+        self._prefix = prefix
         # -- fault knobs -------------------------------------------------------------------
         self.status: int | None = None
         """Answer every /v1 request with this status and an OpenAI error carrying ``detail``."""
@@ -86,7 +88,7 @@ class FaultyUpstream:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(1024)
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}{prefix}"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_ready = threading.Event()
         self._gate: asyncio.Event | None = None
@@ -158,6 +160,8 @@ class FaultyUpstream:
             Route("/v1/embeddings", self._embeddings, methods=["POST"]),
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
         ]
+        if self._prefix:
+            return Starlette(routes=[Mount(self._prefix, routes=routes)])
         return Starlette(routes=routes)
 
     async def _health(self, request: Request) -> Response:

@@ -201,3 +201,16 @@ def test_a_closed_pool_refuses_requests_instead_of_reopening() -> None:
             assert (s.in_flight, s.opened, s.closed) == (0, 1, 1)
 
         run(scenario)
+
+
+def test_a_replica_url_with_a_path_prefix_keeps_it() -> None:
+    with FaultyUpstream(prefix="/openai") as upstream:
+        async def scenario() -> None:
+            pool = ReplicaPool(upstream.url, pool=PoolConfig(), timeouts=UpstreamTimeouts())
+            try:
+                assert upstream.url.endswith("/openai")
+                assert b"fake" in await get(pool)
+            finally:
+                await pool.aclose()
+
+        run(scenario)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import yarl
 from multidict import CIMultiDictProxy
 
 from tidegate.metrics import TIME_BUCKETS, Histogram
@@ -231,6 +232,7 @@ class ReplicaPool:
         self._in_flight = 0
         self._holding = 0
         self._closed = False
+        self._urls: dict[str, yarl.URL] = {}
 
     @property
     def in_flight(self) -> int:
@@ -242,7 +244,6 @@ class ReplicaPool:
         self._slots = asyncio.Semaphore(self._config.max_connections)
         timeouts = self._timeouts
         self._session = aiohttp.ClientSession(
-            base_url=self.url,
             connector=self._connector,
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=None, sock_connect=timeouts.connect_s,
@@ -269,6 +270,14 @@ class ReplicaPool:
                 f"no free connection to {self.url} within {self._timeouts.pool_s:g}s"
             ) from None
         self.pool_wait.observe(self._clock() - started)
+
+    def _url_for(self, path: str) -> yarl.URL:
+        # Appended, not joined: a replica URL may carry a path prefix (https://host/openai).
+        # Parsed once per path: the gateway sends the same few paths over and over.
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = yarl.URL(self.url + path)
+        return url
 
     def _release_slot(self) -> None:
         self._in_flight -= 1
@@ -300,7 +309,8 @@ class ReplicaPool:
         self._holding += 1
         try:
             response = await session.request(
-                method, path, data=content, headers=headers, allow_redirects=False
+                method, self._url_for(path), data=content, headers=headers,
+                allow_redirects=False,
             )
         except BaseException:
             self._release_slot()
