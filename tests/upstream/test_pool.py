@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -12,6 +15,19 @@ from tidegate.errors import UpstreamUnavailable
 from tidegate.upstream.client import UpstreamClient
 from tidegate.upstream.config import PoolConfig, UpstreamTimeouts
 from tidegate.upstream.pool import ReplicaPool
+
+
+@contextlib.asynccontextmanager
+async def replica_pool(upstream: FaultyUpstream, clock: FakeClock | None = None,
+                       **options: Any) -> AsyncIterator[ReplicaPool]:
+    """A pool to ``upstream`` with ``PoolConfig(**options)``, closed on exit."""
+    extra = {} if clock is None else {"clock": clock}
+    pool = ReplicaPool(upstream.url, pool=PoolConfig(**options), timeouts=UpstreamTimeouts(),
+                       **extra)
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
 
 
 async def get(pool: ReplicaPool, path: str = "/v1/models") -> bytes:
@@ -25,8 +41,7 @@ async def get(pool: ReplicaPool, path: str = "/v1/models") -> bytes:
 def test_sequential_requests_reuse_one_connection() -> None:
     with FaultyUpstream() as upstream:
         async def scenario() -> None:
-            pool = ReplicaPool(upstream.url, pool=PoolConfig(), timeouts=UpstreamTimeouts())
-            try:
+            async with replica_pool(upstream) as pool:
                 for _ in range(5):
                     assert b"fake" in await get(pool)
                 s = pool.statistics()
@@ -34,8 +49,6 @@ def test_sequential_requests_reuse_one_connection() -> None:
                 assert s.reuse_rate == pytest.approx(0.8)
                 assert (s.in_flight, s.connections_active, s.connections_idle) == (0, 0, 1)
                 assert s.pool_wait_count == 5
-            finally:
-                await pool.aclose()
             assert pool.statistics().closed == 1
 
         run(scenario)
@@ -68,9 +81,7 @@ def test_connections_older_than_max_age_are_retired_and_replaced() -> None:
     with FaultyUpstream() as upstream:
         async def scenario() -> None:
             clock = FakeClock(1000.0)
-            pool = ReplicaPool(upstream.url, pool=PoolConfig(max_connection_age_s=10),
-                               timeouts=UpstreamTimeouts(), clock=clock)
-            try:
+            async with replica_pool(upstream, max_connection_age_s=10, clock=clock) as pool:
                 await get(pool)
                 await get(pool)
                 assert (pool.statistics().opened, pool.statistics().reused) == (1, 1)
@@ -80,8 +91,6 @@ def test_connections_older_than_max_age_are_retired_and_replaced() -> None:
                 assert (s.opened, s.closed, s.retired_by_age, s.reused) == (2, 1, 1, 1)
                 await get(pool)  # the new connection is young: reused
                 assert pool.statistics().reused == 2
-            finally:
-                await pool.aclose()
 
         run(scenario)
 
@@ -90,9 +99,7 @@ def test_an_old_connection_finishes_its_request_before_it_is_retired() -> None:
     with FaultyUpstream() as upstream:
         async def scenario() -> None:
             clock = FakeClock(1000.0)
-            pool = ReplicaPool(upstream.url, pool=PoolConfig(max_connection_age_s=10),
-                               timeouts=UpstreamTimeouts(), clock=clock)
-            try:
+            async with replica_pool(upstream, max_connection_age_s=10, clock=clock) as pool:
                 upstream.hold()
                 body = b'{"model": "m", "input": ["a"]}'
                 request = asyncio.create_task(pool.open("POST", "/v1/embeddings", content=body))
@@ -109,8 +116,6 @@ def test_an_old_connection_finishes_its_request_before_it_is_retired() -> None:
                 assert (s.closed, s.retired_by_age, s.connections_idle) == (1, 1, 0)
                 await get(pool)
                 assert pool.statistics().opened == 2
-            finally:
-                await pool.aclose()
 
         run(scenario)
 
@@ -148,9 +153,7 @@ def test_pool_wait_timeout_is_a_clear_503_and_is_not_retried() -> None:
 def test_pool_wait_is_measured() -> None:
     with FaultyUpstream() as upstream:
         async def scenario() -> None:
-            pool = ReplicaPool(upstream.url, pool=PoolConfig(max_connections=1),
-                               timeouts=UpstreamTimeouts())
-            try:
+            async with replica_pool(upstream, max_connections=1) as pool:
                 upstream.hold()
                 body = b'{"model": "m", "input": ["a"]}'
                 first = asyncio.create_task(pool.open("POST", "/v1/embeddings", content=body))
@@ -167,8 +170,6 @@ def test_pool_wait_is_measured() -> None:
                 assert s.pool_wait_count == 2
                 assert s.pool_wait_sum_s > 0
                 assert (s.opened, s.reused) == (1, 1)
-            finally:
-                await pool.aclose()
 
         run(scenario)
 
@@ -176,15 +177,11 @@ def test_pool_wait_is_measured() -> None:
 def test_keepalive_expiry_zero_closes_every_connection_after_its_request() -> None:
     with FaultyUpstream() as upstream:
         async def scenario() -> None:
-            pool = ReplicaPool(upstream.url, pool=PoolConfig(keepalive_expiry_s=0),
-                               timeouts=UpstreamTimeouts())
-            try:
+            async with replica_pool(upstream, keepalive_expiry_s=0) as pool:
                 for _ in range(3):
                     assert b"fake" in await get(pool)
                 s = pool.statistics()
                 assert (s.opened, s.reused, s.closed, s.connections_idle) == (3, 0, 3, 0)
-            finally:
-                await pool.aclose()
 
         run(scenario)
 
@@ -206,11 +203,8 @@ def test_a_closed_pool_refuses_requests_instead_of_reopening() -> None:
 def test_a_replica_url_with_a_path_prefix_keeps_it() -> None:
     with FaultyUpstream(prefix="/openai") as upstream:
         async def scenario() -> None:
-            pool = ReplicaPool(upstream.url, pool=PoolConfig(), timeouts=UpstreamTimeouts())
-            try:
+            async with replica_pool(upstream) as pool:
                 assert upstream.url.endswith("/openai")
                 assert b"fake" in await get(pool)
-            finally:
-                await pool.aclose()
 
         run(scenario)

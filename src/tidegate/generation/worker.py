@@ -157,20 +157,17 @@ class StepWorker:
         for row, request in enumerate(requests):
             input_ids[row, : lengths[row]] = torch.tensor(request.prompt_ids, dtype=torch.long)
         last = torch.tensor(lengths, dtype=torch.long) - 1
-        keep = torch.unique(last)  # sorted: the positions whose logits are needed
-        single = len(requests) == 1
+        # Only each prompt's last position needs logits (sorted, as searchsorted wants).
+        keep = torch.unique(last)
         cache = new_cache()
         output = self._model(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             use_cache=True,
-            logits_to_keep=1 if single else keep,
+            logits_to_keep=keep,
             **{self._cache_kwarg: cache},
         )
-        if single:
-            logits = output.logits[:, -1, :]
-        else:
-            logits = output.logits[torch.arange(len(requests)), torch.searchsorted(keep, last)]
+        logits = output.logits[torch.arange(len(requests)), torch.searchsorted(keep, last)]
         tokens = next_tokens(logits, [r.params for r in requests],
                              [r.generator for r in requests])
         layers = cache_layers(cache)

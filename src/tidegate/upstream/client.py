@@ -32,7 +32,13 @@ from tidegate.errors import (
 )
 from tidegate.upstream.config import UpstreamConfig
 from tidegate.upstream.health import HealthMonitor, HealthStatistics
-from tidegate.upstream.pool import TRANSPORT_ERRORS, Exchange, PoolStatistics, ReplicaPool
+from tidegate.upstream.pool import (
+    TRANSPORT_ERRORS,
+    Exchange,
+    PoolStatistics,
+    ReplicaPool,
+    describe_error,
+)
 from tidegate.upstream.routing import (
     BUDGET_EXHAUSTED,
     Failure,
@@ -394,8 +400,7 @@ class UpstreamClient:
     def _exception_error(self, failure: Failure, exc: BaseException, replica: str,
                          suffix: str = "") -> UpstreamError:
         timeouts = self.config.timeouts
-        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        reason += suffix
+        reason = describe_error(exc) + suffix
         common: dict[str, Any] = {"model": self.model, "replica": replica, "detail": reason}
         if failure is Failure.POOL_TIMEOUT:
             limit = self.config.pool.max_connections

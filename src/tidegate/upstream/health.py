@@ -18,6 +18,7 @@ from typing import Any, Literal
 import aiohttp
 
 from tidegate.upstream.config import HealthConfig
+from tidegate.upstream.pool import TRANSPORT_ERRORS, describe_error
 
 __all__ = ["HealthMonitor", "HealthStatistics", "ReplicaHealth"]
 
@@ -199,9 +200,8 @@ class HealthMonitor:
             async with self._session.get(url, allow_redirects=False) as response:
                 status = response.status
                 await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            return False, f"health check GET {url} failed: {reason}"
+        except TRANSPORT_ERRORS as exc:
+            return False, f"health check GET {url} failed: {describe_error(exc)}"
         if 200 <= status < 300:
             return True, None
         return False, f"health check GET {url} answered {status}"

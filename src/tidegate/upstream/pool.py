@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,9 +42,14 @@ if TYPE_CHECKING:
     from aiohttp.client_reqrep import ClientRequest
     from aiohttp.tracing import Trace
 
-__all__ = ["TRANSPORT_ERRORS", "Exchange", "PoolStatistics", "PoolTimeout", "ReplicaPool"]
-
-log = logging.getLogger("tidegate.upstream")
+__all__ = [
+    "TRANSPORT_ERRORS",
+    "Exchange",
+    "PoolStatistics",
+    "PoolTimeout",
+    "ReplicaPool",
+    "describe_error",
+]
 
 Clock = Callable[[], float]
 
@@ -57,6 +61,11 @@ class PoolTimeout(Exception):
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError,
                                                       PoolTimeout)
 """What a request to a replica raises when the transport fails (not an HTTP error status)."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """A transport failure for messages: its type, and its text when it has one."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class _Counters:
