@@ -5,12 +5,31 @@ from __future__ import annotations
 
 import torch
 
-from tidegate.generation.kvbatch import KVLayers, PaddedKVBatch, batch_cache, cache_layers
+from tidegate.generation.kvbatch import KVLayers, PaddedKVBatch, cache_layers
 
 
 def single(tokens: int, value: float, layers: int = 2) -> KVLayers:
     filled = torch.full((1, 2, tokens, 4), value)
     return [(filled, filled + 100) for _ in range(layers)]
+
+
+def rows_by_id(batch: PaddedKVBatch, layer: int = 0) -> dict[int, torch.Tensor]:
+    keys = cache_layers(batch.step_inputs()[0])[layer][0]
+    return {seq_id: keys[row] for row, seq_id in enumerate(batch.ids)}
+
+
+def decode_step(batch: PaddedKVBatch, value: float) -> torch.Tensor:
+    """What the model does in one forward: append one column to every layer, then advance."""
+    cache, mask, _ = batch.step_inputs()
+    column = torch.full((len(batch), 2, 1, 4), value)
+    for index in range(len(cache_layers(cache))):
+        cache.update(column, column + 100, index)  # type: ignore[attr-defined]
+    batch.advance()
+    return mask
+
+
+def buffer_pointer(batch: PaddedKVBatch) -> int:
+    return int(cache_layers(batch.step_inputs()[0])[0][0].untyped_storage().data_ptr())
 
 
 def test_join_left_pads_and_leave_trims() -> None:
@@ -27,27 +46,67 @@ def test_join_left_pads_and_leave_trims() -> None:
     batch.extend([(3, single(2, 3.0))])
     assert (batch.ids, batch.width, batch.lengths()) == ((1, 2, 3), 7, [3, 7, 2])
     batch.remove({2})
-    assert (batch.ids, batch.width, batch.lengths()) == ((1, 3), 3, [3, 2])
+    assert (sorted(batch.ids), batch.width) == ([1, 3], 3)
+    assert dict(zip(batch.ids, batch.lengths(), strict=True)) == {1: 3, 3: 2}
     keys, values = cache_layers(batch.step_inputs()[0])[1]
-    assert torch.all(keys[0] == 1) and torch.all(values[1, :, 1:] == 103)
+    row_of = {seq_id: row for row, seq_id in enumerate(batch.ids)}
+    assert torch.all(keys[row_of[1]] == 1)
+    assert torch.all(values[row_of[3], :, 1:] == 103) and torch.all(values[row_of[3], :, 0] == 0)
     batch.remove({1, 3, 99})
-    assert (len(batch), batch.width) == (0, 0)
+    assert (len(batch), batch.width, batch.capacity) == (0, 0, (0, 0))
 
 
-def test_the_batch_cache_appends_in_place_and_grows_past_its_capacity() -> None:
-    start = torch.arange(2 * 2 * 3 * 4, dtype=torch.float32).reshape(2, 2, 3, 4)
-    cache = batch_cache([(start, -start)])
-    expected_keys, expected_values = start, -start
-    storage = None
-    for step in range(40):  # well past the first reservation: the buffer must grow
-        column = torch.full((2, 2, 1, 4), float(step))
-        keys, values = cache.update(column, -column, 0)  # type: ignore[attr-defined]
-        expected_keys = torch.cat([expected_keys, column], dim=-2)
-        expected_values = torch.cat([expected_values, -column], dim=-2)
-        assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
-        if step == 0:
-            storage = keys.untyped_storage().data_ptr()
-        elif step == 1:  # the second step wrote into the same buffer, no copy
-            assert keys.untyped_storage().data_ptr() == storage
-    assert cache.get_seq_length() == 43  # type: ignore[attr-defined]
-    assert torch.equal(cache_layers(cache)[0][0], expected_keys)
+def test_join_and_leave_copy_only_their_own_rows() -> None:
+    batch = PaddedKVBatch()
+    batch.extend([(seq_id, single(5, float(seq_id))) for seq_id in range(1, 5)])
+    pointer = buffer_pointer(batch)
+    decode_step(batch, 50.0)
+    batch.remove({2})  # the last row (4) moves into row 1; nothing else is copied
+    assert batch.ids == (1, 4, 3)
+    batch.extend([(9, single(3, 9.0))])  # fits right-aligned under the current width
+    assert buffer_pointer(batch) == pointer, "join and leave must not reallocate the cache"
+    rows = rows_by_id(batch)
+    for seq_id in (1, 3, 4):
+        assert torch.all(rows[seq_id][:, :5] == seq_id) and torch.all(rows[seq_id][:, 5] == 50)
+    assert torch.all(rows[9][:, :3] == 0) and torch.all(rows[9][:, 3:] == 9)
+    assert dict(zip(batch.ids, batch.lengths(), strict=True)) == {1: 6, 4: 6, 3: 6, 9: 3}
+
+
+def test_a_longer_newcomer_widens_the_batch_and_masks_the_new_columns() -> None:
+    batch = PaddedKVBatch()
+    batch.extend([(1, single(2, 1.0))])
+    batch.extend([(2, single(30, 2.0))])  # longer than the columns left of the batch's end
+    assert (batch.width, batch.lengths()) == (30, [2, 30])
+    cache, mask, positions = batch.step_inputs()
+    keys = cache_layers(cache)[0][0]
+    assert torch.all(keys[0, :, :28] == 0) and torch.all(keys[0, :, 28:] == 1)
+    assert mask[0].tolist() == [0] * 28 + [1] * 3 and positions.flatten().tolist() == [2, 30]
+
+
+def test_a_reused_row_never_exposes_its_previous_sequence() -> None:
+    batch = PaddedKVBatch()
+    poisoned = [(torch.full((1, 2, 6, 4), float("nan")),) * 2 for _ in range(2)]
+    batch.extend([(1, single(6, 1.0)), (2, poisoned)])
+    batch.remove({2})
+    batch.extend([(3, single(2, 3.0))])  # takes row 1, whose columns held NaN
+    rows = rows_by_id(batch)
+    assert torch.all(rows[3][:, :4] == 0) and torch.all(rows[3][:, 4:] == 3)
+
+
+def test_decoding_past_the_capacity_compacts_and_keeps_every_value() -> None:
+    batch = PaddedKVBatch()
+    batch.extend([(1, single(4, 1.0)), (2, single(8, 2.0))])
+    expected = {1: [1.0] * 4, 2: [2.0] * 8}
+    for step in range(200):
+        if step == 20:
+            batch.remove({2})  # the batch's start moves up; compaction reclaims it later
+            del expected[2]
+        decode_step(batch, float(step))
+        for values in expected.values():
+            values.append(float(step))
+        _, columns = batch.capacity
+        assert columns <= 2 * batch.width + 16 + 1 or step < 20
+    rows = rows_by_id(batch)
+    assert batch.lengths() == [len(expected[1])]
+    assert rows[1][0, :, 0].tolist() == expected[1]
+    assert batch.width == len(expected[1])

@@ -1,31 +1,44 @@
-"""The running sequences' key/value caches, kept as one left-padded batch.
+"""The running sequences' key/value caches, kept as one left-padded batch, in place.
 
-Each sequence is prefilled alone, so its cache holds exactly its own tokens at their own
-positions. When sequences join the batch, every row is left-padded with zeros to the longest
-row; the attention mask marks the padding, so no query ever attends to it. Each decode step
-appends one column to every row (the model's cache grows in place) and one column of ones to
-the mask. When sequences leave, their rows are dropped and any leading columns that have become
-padding in every remaining row are trimmed.
+Each layer's keys and values live in one preallocated buffer shaped ``[row slots, kv_heads,
+token slots, head_dim]``. The batch is the view ``[:rows, :, start:end]``: every row's last real
+token sits in column ``end - 1``, and a row's earlier columns, back to ``start``, are padding that
+its attention mask hides. Each decode step writes one new column per row at ``end``.
+
+Joining and leaving touch only the rows involved, never the whole cache:
+
+- a newcomer's prefilled cache is copied into the next free row slot, right-aligned at ``end``;
+- a leaver's slot is filled by moving the last row into it (row order is not meaningful: the
+  batch keeps the sequence ids in row order), and ``start`` moves up to the first column some
+  remaining row still uses.
+
+The whole cache is copied only when the buffer must change shape: more row slots, more token
+slots (doubling, so this is amortised), or a newcomer longer than the columns left of ``end``.
+A copy also compacts: the live columns move to the front of the new buffer.
 
 Positions are explicit: a row's next token sits at the number of real tokens it holds, never at
 the padded length, so rotary and learned position embeddings see the same positions as when the
-sequence runs alone. Only the layout changes on a join or leave (a copy of the caches); a
-steady decode step writes one new column per row into spare capacity (:func:`batch_cache`)
-instead of copying the cache.
+sequence runs alone. Buffers are allocated uninitialised, but a padding column becomes part of
+a row's view only after it was zeroed (or copied with the row), so the zero attention weight the
+mask gives it never meets a NaN left by whatever held that memory before.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["KVLayers", "PaddedKVBatch", "batch_cache", "cache_layers", "new_cache"]
+__all__ = ["KVLayers", "PaddedKVBatch", "cache_layers", "new_cache"]
 
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
 """Per model layer, (keys, values) shaped ``[batch, kv_heads, tokens, head_dim]``."""
+
+_TOKEN_SLACK = 16
+"""Spare token columns a new buffer gets at least (it also gets as many as it holds)."""
+_MIN_ROWS = 4
 
 
 def new_cache(layers: KVLayers | None = None) -> object:
@@ -38,89 +51,73 @@ def new_cache(layers: KVLayers | None = None) -> object:
     return cache
 
 
-_GROWTH_MIN = 16
-
-
-@functools.cache
-def _growing_layer_class() -> type | None:
-    """A transformers ``DynamicLayer`` that appends into spare capacity instead of
-    concatenating: a decode step then writes one column per row instead of copying the whole
-    cache (measured: 6.4 -> 5.5 ms per step for 16 rows of the 4-layer bench GPT-2). ``None``
-    on transformers releases without per-layer cache objects (4.x)."""
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # pragma: no cover - transformers 4.x
-        return None
-
-    class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-            super().__init__()  # type: ignore[no-untyped-call]
-            self.device = keys.device
-            self.is_initialized = True
-            self._length = 0
-            self._keys = keys.new_empty((*keys.shape[:2], 0, keys.shape[-1]))
-            self._values = values.new_empty((*values.shape[:2], 0, values.shape[-1]))
-            self.update(keys, values)
-
-        def _reserve(self, length: int) -> None:
-            capacity = self._keys.shape[-2]
-            if length <= capacity:
-                return
-            capacity = max(length + _GROWTH_MIN, 2 * capacity)
-            for name in ("_keys", "_values"):
-                old = getattr(self, name)
-                new = old.new_empty((*old.shape[:2], capacity, old.shape[-1]))
-                new[:, :, : self._length].copy_(old[:, :, : self._length])
-                setattr(self, name, new)
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
-                   *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-            start = self._length
-            end = start + key_states.shape[-2]
-            self._reserve(end)
-            self._keys[:, :, start:end].copy_(key_states)
-            self._values[:, :, start:end].copy_(value_states)
-            self._length = end
-            self.keys = self._keys[:, :, :end]
-            self.values = self._values[:, :, :end]
-            return self.keys, self.values
-
-    return GrowingLayer
-
-
-def batch_cache(layers: KVLayers) -> object:
-    """Like :func:`new_cache`, for the running batch: decode steps append in place."""
-    from transformers import DynamicCache
-
-    layer_class = _growing_layer_class()
-    cache = DynamicCache()
-    if layer_class is None or not hasattr(cache, "layers"):  # pragma: no cover - 4.x
-        return new_cache(layers)
-    cache.layers = [layer_class(keys, values) for keys, values in layers]
-    return cache
-
-
 def cache_layers(cache: object) -> KVLayers:
     """The (keys, values) of each layer of a ``DynamicCache``."""
     return [(layer[0], layer[1]) for layer in cache]  # type: ignore[attr-defined]
 
 
-def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-    """Left-pad the token dimension (-2 for caches, -1 for masks) with zeros."""
-    if columns == 0:
-        return tensor
-    if tensor.dim() == 2:
-        return F.pad(tensor, (columns, 0))
-    return F.pad(tensor, (0, 0, columns, 0))
+@functools.cache
+def _slot_layer_class() -> type[Any]:
+    """A transformers ``DynamicLayer`` over a preallocated buffer (see the module docstring).
+
+    The model calls ``update`` once per forward with the step's new column; the batch sets the
+    view (``bind``) before each forward and has made sure the column fits.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class SlotLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            super().__init__()  # type: ignore[no-untyped-call]
+            self.device = keys.device
+            self.is_initialized = True
+            self.buffers = (keys, values)
+            self.bind(0, 0, 0)
+
+        def bind(self, rows: int, start: int, end: int) -> None:
+            self._rows, self._start, self._end = rows, start, end
+            keys, values = self.buffers
+            # Row views stay valid until the next bind; a step only narrows their columns.
+            self._row_views = (keys[:rows], values[:rows])
+            self.keys = self._row_views[0].narrow(2, start, end - start)
+            self.values = self._row_views[1].narrow(2, start, end - start)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                   *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = self._row_views
+            end = self._end
+            added = key_states.shape[-2]
+            if key_states.shape[0] != self._rows or end + added > keys.shape[-2]:
+                raise RuntimeError(
+                    f"cache update of shape {tuple(key_states.shape)} does not fit the batch "
+                    f"({self._rows} rows, columns {self._start}:{end} of {keys.shape[-2]})"
+                )
+            keys.narrow(2, end, added).copy_(key_states)
+            values.narrow(2, end, added).copy_(value_states)
+            self._end = end = end + added
+            view = keys.narrow(2, self._start, end - self._start), values.narrow(
+                2, self._start, end - self._start)
+            self.keys, self.values = view
+            return view
+
+    return SlotLayer
 
 
 class PaddedKVBatch:
-    """Rows of sequence ids, their caches as one ``DynamicCache``, and the padding mask."""
+    """Rows of sequence ids, their caches as one ``DynamicCache``, and the padding layout."""
 
     def __init__(self) -> None:
         self._ids: list[int] = []
+        self._first: list[int] = []
+        """Per row, the buffer column of its first real token."""
+        self._start = 0
+        self._end = 0
+        self._layers: list[Any] = []
         self._cache: object | None = None
-        self._mask = torch.zeros((0, 0), dtype=torch.long)
+        self._mask: torch.Tensor | None = None
+        """The padding mask up to the last column, built on the first step after a layout
+        change and grown by one column per step."""
+        self._first_column = torch.zeros((0, 1), dtype=torch.long)
+        self._ones = torch.zeros((0, 1), dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -133,72 +130,148 @@ class PaddedKVBatch:
     @property
     def width(self) -> int:
         """Padded length of every row."""
-        return int(self._mask.shape[1])
+        return self._end - self._start if self._ids else 0
 
     def lengths(self) -> list[int]:
         """Real (unpadded) tokens held by each row."""
-        return [int(n) for n in self._mask.sum(dim=1).tolist()]
+        return [self._end - first for first in self._first]
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(row slots, token slots) of the buffers; (0, 0) when empty."""
+        if not self._layers:
+            return (0, 0)
+        keys = self._layers[0].buffers[0]
+        return (int(keys.shape[0]), int(keys.shape[-2]))
 
     def clear(self) -> None:
-        self._ids = []
+        """Forget every row and release the buffers."""
+        self._ids, self._first = [], []
+        self._start = self._end = 0
+        self._layers = []
         self._cache = None
-        self._mask = torch.zeros((0, 0), dtype=torch.long)
+        self._mask = None
 
     def extend(self, entries: Sequence[tuple[int, KVLayers]]) -> None:
-        """Add prefilled sequences, each with its own single-row cache."""
+        """Add prefilled sequences, each with its own one-row cache ``[1, heads, tokens, dim]``."""
         if not entries:
             return
-        old = cache_layers(self._cache) if self._cache is not None and self._ids else None
-        width = max([self.width, *(layers[0][0].shape[-2] for _, layers in entries)])
-        masks = [_pad_left(self._mask, width - self.width)] if old is not None else []
-        for _, layers in entries:
-            tokens = layers[0][0].shape[-2]
-            row = torch.ones((1, tokens), dtype=torch.long)
-            masks.append(_pad_left(row, width - tokens))
-        merged: KVLayers = []
-        for index in range(len(entries[0][1])):
-            keys = [_pad_left(old[index][0], width - self.width)] if old is not None else []
-            values = [_pad_left(old[index][1], width - self.width)] if old is not None else []
-            for _, layers in entries:
-                tokens = layers[index][0].shape[-2]
-                keys.append(_pad_left(layers[index][0], width - tokens))
-                values.append(_pad_left(layers[index][1], width - tokens))
-            merged.append((torch.cat(keys, dim=0), torch.cat(values, dim=0)))
-        self._ids.extend(seq_id for seq_id, _ in entries)
-        self._mask = torch.cat(masks, dim=0)
-        self._cache = batch_cache(merged)
+        longest = max(layers[0][0].shape[-2] for _, layers in entries)
+        rows = len(self._ids) + len(entries)
+        if not self._layers:
+            self._allocate(entries[0][1], rows, longest)
+        else:
+            slots, columns = self.capacity
+            if rows > slots or longest > self._end:
+                self._relayout(
+                    slots=max(rows, 2 * slots) if rows > slots else slots,
+                    left=max(0, longest - self.width),
+                    columns=columns,
+                )
+        start = min(self._start, self._end - longest) if self._ids else self._end - longest
+        for layer in self._layers:  # columns that become visible (masked) to the old rows
+            for buffer in layer.buffers:
+                buffer[: len(self._ids), :, start : self._start].zero_()
+        self._start = start
+        for seq_id, layers in entries:
+            row, tokens = len(self._ids), layers[0][0].shape[-2]
+            first = self._end - tokens
+            for layer, (keys, values) in zip(self._layers, layers, strict=True):
+                for buffer, states in zip(layer.buffers, (keys, values), strict=True):
+                    buffer[row, :, start:first].zero_()
+                    buffer[row, :, first : self._end].copy_(states[0])
+            self._ids.append(seq_id)
+            self._first.append(first)
+        self._bind()
 
     def remove(self, seq_ids: Collection[int]) -> None:
         """Drop these sequences' rows (ids not in the batch are ignored)."""
-        keep = [row for row, seq_id in enumerate(self._ids) if seq_id not in seq_ids]
-        if len(keep) == len(self._ids):
-            return
-        if not keep:
-            self.clear()
-            return
-        assert self._cache is not None
-        index = torch.tensor(keep, dtype=torch.long)
-        mask = self._mask.index_select(0, index)
-        # Columns that are padding in every remaining row hold nothing anyone attends to.
-        start = int(mask.any(dim=0).nonzero()[0, 0])
-        self._mask = mask[:, start:]
-        self._cache = batch_cache(
-            [
-                (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-                for k, v in cache_layers(self._cache)
-            ]
+        leaving = sorted(
+            (row for row, seq_id in enumerate(self._ids) if seq_id in seq_ids), reverse=True
         )
-        self._ids = [self._ids[row] for row in keep]
+        if len(leaving) == len(self._ids):
+            if leaving:
+                self.clear()
+            return
+        for row in leaving:  # descending, so the last row is never one still to leave
+            last = len(self._ids) - 1
+            if row != last:
+                for layer in self._layers:
+                    for buffer in layer.buffers:
+                        buffer[row, :, self._start : self._end].copy_(
+                            buffer[last, :, self._start : self._end]
+                        )
+                self._ids[row], self._first[row] = self._ids[last], self._first[last]
+            self._ids.pop()
+            self._first.pop()
+        # Columns that are padding in every remaining row hold nothing anyone attends to.
+        self._start = min(self._first)
+        self._bind()
 
     def step_inputs(self) -> tuple[object, torch.Tensor, torch.Tensor]:
         """The cache, attention mask (with the new token's column) and position ids of one
-        decode step. Call :meth:`advance` with the mask once the model has run."""
+        decode step. Call :meth:`advance` once the model has run."""
         if self._cache is None or not self._ids:
             raise RuntimeError("decode step on an empty batch")
-        positions = self._mask.sum(dim=1, keepdim=True)
-        mask = torch.cat([self._mask, torch.ones((len(self._ids), 1), dtype=torch.long)], dim=1)
-        return self._cache, mask, positions
+        slots, columns = self.capacity
+        if self._end >= columns:
+            self._relayout(slots=slots, left=0, columns=0)
+        if self._mask is None:
+            self._mask = self._layout_mask()
+        self._mask = torch.cat([self._mask, self._ones], dim=1)
+        return self._cache, self._mask, self._end - self._first_column
 
-    def advance(self, mask: torch.Tensor) -> None:
-        """Record that the model appended one token to every row of the cache."""
-        self._mask = mask
+    def advance(self) -> None:
+        """Record that the model appended one token to every row of the cache (each layer's
+        view already grew in its ``update``)."""
+        self._end += 1
+
+    def _layout_mask(self) -> torch.Tensor:
+        """The padding mask of the current rows and columns; also refreshes the per-row
+        tensors the decode steps reuse until the layout changes."""
+        self._first_column = torch.tensor(self._first, dtype=torch.long).unsqueeze(1)
+        self._ones = torch.ones((len(self._ids), 1), dtype=torch.long)
+        columns = torch.arange(self._start, self._end, dtype=torch.long)
+        return (columns.unsqueeze(0) >= self._first_column).long()
+
+    def _allocate(self, like: KVLayers, rows: int, longest: int) -> None:
+        slot_layer = _slot_layer_class()
+        columns = 2 * longest + _TOKEN_SLACK
+        self._layers = [
+            slot_layer(*(
+                states.new_empty((max(rows, _MIN_ROWS), states.shape[1], columns,
+                                  states.shape[-1]))
+                for states in (keys, values)
+            ))
+            for keys, values in like
+        ]
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        cache.layers = self._layers
+        self._cache = cache
+        self._start = self._end = longest
+
+    def _relayout(self, *, slots: int, left: int, columns: int) -> None:
+        """Copy the live rows into new buffers with ``slots`` rows, their columns starting at
+        ``left``, and room to grow (at least ``columns`` token slots)."""
+        rows, width = len(self._ids), self.width
+        columns = max(columns, left + 2 * width + _TOKEN_SLACK)
+        for layer in self._layers:
+            moved = []
+            for buffer in layer.buffers:
+                new = buffer.new_empty((slots, buffer.shape[1], columns, buffer.shape[-1]))
+                new[:rows, :, left : left + width].copy_(
+                    buffer[:rows, :, self._start : self._end]
+                )
+                moved.append(new)
+            layer.buffers = (moved[0], moved[1])
+        shift = left - self._start
+        self._first = [first + shift for first in self._first]
+        self._start, self._end = left, left + width
+        self._bind()
+
+    def _bind(self) -> None:
+        self._mask = None
+        for layer in self._layers:
+            layer.bind(len(self._ids), self._start, self._end)

@@ -113,7 +113,7 @@ class StepWorker:
             use_cache=True,
             **{self._cache_kwarg: cache},
         )
-        self._batch.advance(mask)
+        self._batch.advance()
         tokens = next_tokens(
             output.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows]
         )
