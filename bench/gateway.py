@@ -49,7 +49,9 @@ __all__ = [
 
 MINILM_ID = "all-minilm-l6-v2"
 ECHO_ID = "echo"
-GATEWAY_CONNECTIONS = (10, 64)
+GATEWAY_CONNECTIONS = (1, 10, 64)
+"""1 connection: the gateway's added latency with no queueing and no batching, one request at a
+time; 10 and 64: under load (the targets are checked at 10)."""
 _SENTENCES = 1024
 
 

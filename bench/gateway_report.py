@@ -138,14 +138,16 @@ def _reuse_lines(results: GatewayResults) -> list[str]:
 
 def gateway_markdown(results: GatewayResults, checks: list[Check]) -> list[str]:
     wrk = results.runs[0].result.command if results.runs else ()
-    conns = " and ".join(str(c) for c in GATEWAY_CONNECTIONS)
+    conns = ", ".join(str(c) for c in GATEWAY_CONNECTIONS[:-1]) + f" and {GATEWAY_CONNECTIONS[-1]}"
     lines = [
         "## Upstream gateway: tidegate in front of tidegate",
         "",
         f"wrk with `bench/post_embedding.lua` (one sentence per `POST /v1/embeddings`) at {conns} "
         "connections against each upstream directly, then through a gateway (a second "
         "tidegate with the model as `runtime = \"remote\"`), each run after a discarded warm-up. "
-        "`added p50` is gateway p50 minus direct p50 at the same connections. With the echo "
+        "`added p50` is gateway p50 minus direct p50 at the same connections; at 1 connection "
+        "nothing queues and nothing is coalesced, so it is the latency of the gateway's path "
+        "alone (two more loopback hops, the inbound request, the upstream client). With the echo "
         "upstream the upstream costs almost nothing, so that difference is the proxy's own "
         "cost; with MiniLM all processes share the machine's cores. `mean batch` is the "
         "batcher of the server wrk hit (the gateway's coalescing for gateway rows). Both "

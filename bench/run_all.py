@@ -11,9 +11,9 @@ Sections, in order (``--only`` picks some):
 * ``generation`` (about 1.5 minutes): streamed completions from a random-weight GPT-2 at 1, 4,
   16 and 32 concurrent streams, and server memory per idle stream with 1,000 streams open
   (``bench.generation``);
-* ``gateway`` (not run by default, about 3 minutes): MiniLM and echo upstreams measured directly
-  and through a tidegate gateway (``runtime = "remote"``), upstream connection reuse, and
-  coalescing on vs off (``bench.gateway``).
+* ``gateway`` (not run by default, about 4 minutes): MiniLM and echo upstreams measured directly
+  and through a tidegate gateway (``runtime = "remote"``) at 1, 10 and 64 connections, upstream
+  connection reuse, and coalescing on vs off (``bench.gateway``).
 
 Every section but ``gateway`` runs by default; ``--only generation gateway`` runs just the
 last two, ``--all`` every section. Then the target checks are printed as PASS/MISS with their

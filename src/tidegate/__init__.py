@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tidegate._version import __version__
 from tidegate.config import (
     BatchingConfig,
     CacheConfig,
@@ -25,8 +26,6 @@ from tidegate.errors import (
     TidegateError,
     UnsupportedMediaType,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationRequired",

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 import pytest
 
+import tidegate
 from tests.upstream.faulty_upstream import FaultyUpstream, refused_url, upstream_config, vector_for
 from tidegate.errors import (
     TidegateError,
@@ -211,6 +212,7 @@ def test_the_api_key_and_upstream_model_name_are_sent() -> None:
             async with UpstreamClient(config, model="llama", api_key="sk-test") as client:
                 await client.request_json(CHAT, chat())
             assert upstream.last_headers["authorization"] == "Bearer sk-test"
+            assert upstream.last_headers["user-agent"] == f"tidegate/{tidegate.__version__}"
             assert upstream.last_body["model"] == "meta-llama/Llama-3.1-8B"
             assert repr(client).count("sk-test") == 0
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from tidegate._version import __version__
 from tidegate.errors import (
     UpstreamBadGateway,
     UpstreamError,
@@ -66,6 +67,10 @@ log = logging.getLogger("tidegate.upstream")
 _JSON_HEADERS = {"content-type": "application/json"}
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_DETAIL_CHARS = 500
+
+
+USER_AGENT = f"tidegate/{__version__}"
+"""Sent upstream on every request and health check (instead of aiohttp's own)."""
 
 
 def _error_fields(body: bytes) -> tuple[str, dict[str, Any]]:
@@ -212,7 +217,9 @@ class UpstreamClient:
         self.config = config
         self.model = model
         self.upstream_model = config.model or model
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = {"user-agent": USER_AGENT}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
         self._pools = [
             ReplicaPool(url, pool=config.pool, timeouts=config.timeouts, headers=headers,
                         clock=clock)
