@@ -110,3 +110,50 @@ def test_decoding_past_the_capacity_compacts_and_keeps_every_value() -> None:
     assert batch.lengths() == [len(expected[1])]
     assert rows[1][0, :, 0].tolist() == expected[1]
     assert batch.width == len(expected[1])
+
+
+def test_random_joins_leaves_and_steps_keep_every_row_exact() -> None:
+    """Against a plain model of the batch: each sequence's own tokens, in order, must be what
+    its row holds right-aligned at the batch's end, with zeros (masked) before them."""
+    rng = torch.Generator().manual_seed(7)
+    batch = PaddedKVBatch()
+    expected: dict[int, list[float]] = {}
+    next_id = 0
+
+    def randint(high: int) -> int:
+        return int(torch.randint(high, (1,), generator=rng))
+
+    for step in range(300):
+        if expected and randint(4) == 0:  # some leave
+            leaving = {seq_id for seq_id in expected if randint(3) == 0}
+            batch.remove(leaving | {10_000})
+            for seq_id in leaving:
+                del expected[seq_id]
+        if randint(3) == 0:  # some join, with prompts up to longer than the batch
+            joining = []
+            for _ in range(1 + randint(3)):
+                tokens = 1 + randint(40)
+                values = [float(next_id * 1000 + i) for i in range(tokens)]
+                layer = (torch.tensor(values).view(1, 1, tokens, 1).expand(1, 2, tokens, 4),)
+                joining.append((next_id, [layer * 2, layer * 2]))
+                expected[next_id] = values
+                next_id += 1
+            batch.extend(joining)
+        if expected:
+            value = float(-step)
+            mask = decode_step(batch, value)
+            for values in expected.values():
+                values.append(value)
+            lengths = dict(zip(batch.ids, batch.lengths(), strict=True))
+            assert lengths == {seq_id: len(values) for seq_id, values in expected.items()}
+            assert batch.width == max(lengths.values())
+            keys = rows_by_id(batch)
+            for row, seq_id in enumerate(batch.ids):
+                values = expected[seq_id]
+                pad = batch.width - len(values)
+                assert keys[seq_id][0, :pad, 0].tolist() == [0.0] * pad
+                assert keys[seq_id][0, pad:, 0].tolist() == values
+                assert mask[row].tolist() == [0] * pad + [1] * len(values)  # the step's mask
+        else:
+            assert len(batch) == 0
+    assert next_id > 50

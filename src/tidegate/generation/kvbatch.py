@@ -116,6 +116,8 @@ class PaddedKVBatch:
         self._mask: torch.Tensor | None = None
         """The padding mask up to the last column, built on the first step after a layout
         change and grown by one column per step."""
+        self._step_mask = torch.zeros((0, 1), dtype=torch.long)
+        """The mask :meth:`step_inputs` returned, which :meth:`advance` makes the mask."""
         self._first_column = torch.zeros((0, 1), dtype=torch.long)
         self._ones = torch.zeros((0, 1), dtype=torch.long)
 
@@ -218,12 +220,13 @@ class PaddedKVBatch:
             self._relayout(slots=slots, left=0, columns=0)
         if self._mask is None:
             self._mask = self._layout_mask()
-        self._mask = torch.cat([self._mask, self._ones], dim=1)
-        return self._cache, self._mask, self._end - self._first_column
+        self._step_mask = torch.cat([self._mask, self._ones], dim=1)
+        return self._cache, self._step_mask, self._end - self._first_column
 
     def advance(self) -> None:
         """Record that the model appended one token to every row of the cache (each layer's
         view already grew in its ``update``)."""
+        self._mask = self._step_mask
         self._end += 1
 
     def _layout_mask(self) -> torch.Tensor:
