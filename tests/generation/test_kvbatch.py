@@ -157,3 +157,18 @@ def test_random_joins_leaves_and_steps_keep_every_row_exact() -> None:
         else:
             assert len(batch) == 0
     assert next_id > 50
+
+
+def test_compaction_gives_back_row_slots_after_a_busy_spell() -> None:
+    batch = PaddedKVBatch()
+    batch.extend([(seq_id, single(3, float(seq_id))) for seq_id in range(20)])
+    assert batch.capacity[0] >= 20
+    batch.remove(set(range(2, 20)))
+    step = 0
+    while batch.capacity[0] >= 20:  # the next compaction shrinks the rows too
+        decode_step(batch, 0.0)
+        step += 1
+        assert step < 100
+    assert batch.capacity[0] == 4 and sorted(batch.ids) == [0, 1]
+    rows = rows_by_id(batch)
+    assert torch.all(rows[0][:, :3] == 0) and torch.all(rows[1][:, :3] == 1)

@@ -99,6 +99,16 @@ def _slot_layer_class() -> type[Any]:
             self.keys, self.values = view
             return view
 
+        def _unsupported(self, *args: object, **kwargs: object) -> None:
+            raise NotImplementedError(
+                "the running batch's cache layout is managed by PaddedKVBatch"
+            )
+
+        # Generation utilities (beam search, assisted decoding) reshape caches with these;
+        # the engine never does, and they would break the buffer bookkeeping.
+        crop = batch_repeat_interleave = batch_select_indices = _unsupported
+        reorder_cache = reset = offload = prefetch = _unsupported
+
     return SlotLayer
 
 
@@ -216,8 +226,10 @@ class PaddedKVBatch:
         if self._cache is None or not self._ids:
             raise RuntimeError("decode step on an empty batch")
         slots, columns = self.capacity
-        if self._end >= columns:
-            self._relayout(slots=slots, left=0, columns=0)
+        if self._end >= columns:  # compact; give back row slots a busy spell left unused
+            rows = len(self._ids)
+            self._relayout(slots=slots if 4 * rows > slots else max(_MIN_ROWS, 2 * rows),
+                           left=0, columns=0)
         if self._mask is None:
             self._mask = self._layout_mask()
         self._step_mask = torch.cat([self._mask, self._ones], dim=1)
@@ -269,6 +281,7 @@ class PaddedKVBatch:
                 )
                 moved.append(new)
             layer.buffers = (moved[0], moved[1])
+            layer.bind(rows, left, left + width)  # drops this layer's old buffers now
         shift = left - self._start
         self._first = [first + shift for first in self._first]
         self._start, self._end = left, left + width
