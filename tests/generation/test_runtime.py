@@ -92,3 +92,46 @@ def test_chat_template_rejection_is_invalid_request(gpt2_dir: Path, tmp_path: Pa
     with pytest.raises(InvalidRequest, match="system messages are not supported") as caught:
         runtime.encode_chat([{"role": "system", "content": "be terse"}])
     assert caught.value.param == "messages"
+
+
+def test_fp32_linears_are_stored_input_major_with_the_same_outputs(
+    llama_dir: Path, gpt2: CausalLMRuntime, llama: CausalLMRuntime
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tidegate.runtimes.linear_layout import InputMajorLinear
+
+    plain = AutoModelForCausalLM.from_pretrained(llama_dir, local_files_only=True).eval()
+    # 7 projections in each of 2 layers, and the untied head.
+    assert llama.converted_linears == 2 * 7 + 1
+    assert isinstance(llama.model.lm_head, InputMajorLinear)
+    assert llama.model.lm_head.weight.shape == plain.lm_head.weight.shape
+    assert gpt2.converted_linears == 0  # Conv1D layers already are; its head is tied
+    ids = torch.tensor([llama.encode("The quick brown fox")] * 3)
+    with torch.inference_mode():
+        expected, got = plain(input_ids=ids).logits, llama.model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert llama.memory_bytes == sum(
+        t.numel() * t.element_size() for t in (*plain.parameters(), *plain.buffers())
+    )
+
+
+def test_tied_and_non_plain_linears_are_left_alone() -> None:
+    from torch import nn
+
+    from tidegate.runtimes.linear_layout import InputMajorLinear, convert_linears
+
+    class Scaled(nn.Linear):
+        pass
+
+    embed = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = embed.weight
+    model = nn.Sequential(embed, nn.Linear(4, 4), Scaled(4, 4), head)
+    assert convert_linears(model) == 1
+    assert isinstance(model[1], InputMajorLinear)
+    assert type(model[2]) is Scaled and type(model[3]) is nn.Linear
+    inputs = torch.randn(2, 3, 4)
+    converted = model[1]
+    assert converted.weight_t.is_contiguous() and converted.weight_t.shape == (4, 4)
+    torch.testing.assert_close(converted(inputs), inputs @ converted.weight.t() + converted.bias)

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from tidegate.errors import InvalidRequest
+from tidegate.runtimes.linear_layout import convert_linears
 
 __all__ = ["CausalLMRuntime", "Dtype", "default_chat_prompt"]
 
@@ -106,6 +107,8 @@ class CausalLMRuntime:
             model_dir, dtype=_DTYPES[dtype], local_files_only=True
         )
         self.model.train(False)  # inference mode for dropout and the like
+        # fp32 small-batch matmuls are faster on input-major weights (see linear_layout).
+        self.converted_linears = convert_linears(self.model) if dtype == "float32" else 0
         _check_cache_layout(self.model)
         native = _context_length(self.model, self.tokenizer)
         self.context_length = min(max_context_tokens or native, native)
