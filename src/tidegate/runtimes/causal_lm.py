@@ -119,8 +119,9 @@ class CausalLMRuntime:
         )
         tensors = [*self.model.parameters(), *self.model.buffers()]
         self.memory_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        log.info("loaded %s (%s, %d bytes, context %d)", model_dir, dtype, self.memory_bytes,
-                 self.context_length)
+        log.info("loaded %s (%s, %d bytes, context %d, %d linear layers input-major)",
+                 model_dir, dtype, self.memory_bytes, self.context_length,
+                 self.converted_linears)
 
     @property
     def has_chat_template(self) -> bool:
