@@ -113,3 +113,44 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer: Any) -> 
         initializer_range=0.2,
     )
     return _save(LlamaForCausalLM(config), byte_tokenizer, tmp_path_factory.mktemp("llama"))
+
+
+WINDOW = 40
+"""The sliding window of the ``windowed_dir`` models, well below their 256 positions."""
+
+
+@pytest.fixture(scope="session", params=["mistral", "qwen2-hybrid", "gemma2", "gemma3"])
+def windowed_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 byte_tokenizer: Any) -> Path:
+    """A sliding-window model: Mistral (every layer), Qwen2 with sliding layers above the
+    first, Gemma 2 and Gemma 3 text models (sliding and full layers alternating)."""
+    import torch
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    shape = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, vocab_size=len(byte_tokenizer),
+        bos_token_id=byte_tokenizer.eos_token_id, eos_token_id=byte_tokenizer.eos_token_id,
+        initializer_range=0.2, sliding_window=WINDOW,
+    )
+    model: Any
+    if request.param == "mistral":
+        model = MistralForCausalLM(MistralConfig(**shape))
+    elif request.param == "qwen2-hybrid":
+        model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, max_window_layers=1,
+                                             **shape))
+    elif request.param == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(head_dim=16, **shape))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, **shape))
+    return _save(model, byte_tokenizer, tmp_path_factory.mktemp(request.param))

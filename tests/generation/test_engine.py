@@ -4,9 +4,11 @@ staggered requests match each request run alone through ``model.generate``."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import WINDOW
 from tidegate.generation import GenerationResult, SamplingParams
 from tidegate.generation.engine import GenerationEngine
 from tidegate.runtimes.causal_lm import CausalLMRuntime
@@ -118,3 +120,31 @@ def test_max_tokens_and_context_end_with_length(llama: CausalLMRuntime) -> None:
     assert (five.finish_reason, five.completion_tokens, five.prompt_tokens) == ("length", 5, 8)
     # The context (256 positions) caps generation: 250 + 6 tokens.
     assert (capped.finish_reason, capped.completion_tokens) == ("length", 6)
+
+
+def test_sliding_window_models_are_served_exactly_within_their_window(
+    windowed_dir: Path
+) -> None:
+    runtime = CausalLMRuntime(windowed_dir)
+    assert runtime.context_length == WINDOW  # capped from 256 positions
+    vocab = runtime.model.config.vocab_size
+    prompts = random_prompts(6, (3, 17, 9, 25, 5, 12), vocab, avoid=set(runtime.eos_token_ids))
+    expected = [reference_greedy(runtime, p, WINDOW - len(p)) for p in prompts]
+    results: list[GenerationResult] = []
+
+    async def scenario(engine: GenerationEngine) -> None:
+        async def one(prompt: list[int]) -> GenerationResult:
+            # More than fits: generation stops at the window with finish_reason "length".
+            return await engine.submit(prompt, SamplingParams(max_tokens=100,
+                                                              temperature=0)).collect()
+
+        results.extend(await asyncio.gather(*(one(p) for p in prompts)))
+
+    run_engine(runtime, scenario, max_num_seqs=4)
+    for i, result in enumerate(results):
+        assert list(result.token_ids) == expected[i], f"request {i} diverged"
+        if result.finish_reason == "length":
+            assert result.prompt_tokens + result.completion_tokens == WINDOW
+        else:  # the random model may emit its end-of-sequence token first (so did generate)
+            assert result.finish_reason == "stop"
+    assert sum(result.finish_reason == "length" for result in results) >= 3

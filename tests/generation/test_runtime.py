@@ -58,15 +58,18 @@ def test_refuses_missing_dirs_and_unsupported_caches(
         CausalLMRuntime(tmp_path / "absent")
     with pytest.raises(ValueError, match="dtype"):
         CausalLMRuntime(tmp_path, dtype="float16")  # type: ignore[arg-type]
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-    config = MistralConfig(
+    config = Qwen3NextConfig(  # linear attention: a recurrent state, not a key/value cache
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=len(byte_tokenizer), sliding_window=16,
+        num_key_value_heads=1, head_dim=16, vocab_size=len(byte_tokenizer), num_experts=2,
+        num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16,
     )
-    MistralForCausalLM(config).save_pretrained(tmp_path)
+    Qwen3NextForCausalLM(config).save_pretrained(tmp_path)
     byte_tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="DynamicSlidingWindowLayer"):
+    with pytest.raises(ValueError, match="LinearAttentionLayer"):
         CausalLMRuntime(tmp_path)
 
 

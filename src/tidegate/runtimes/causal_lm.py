@@ -62,20 +62,26 @@ def _context_length(model: Any, tokenizer: Any) -> int:
     return _FALLBACK_CONTEXT
 
 
-def _check_cache_layout(model: Any) -> None:
-    """The engine keeps one growing key/value tensor pair per layer; refuse anything else
-    (sliding-window, linear-attention or mixed caches) instead of generating wrong text."""
+def _check_cache_layout(model: Any) -> int | None:
+    """The engine keeps one growing key/value tensor pair per layer; refuse caches it cannot
+    keep that way (linear-attention, quantized or cross-attention ones) instead of generating
+    wrong text. Returns the smallest sliding window among the model's layers, if any: within
+    that many tokens a sliding-window layer attends to everything, exactly like a full one, so
+    the model is served with its context capped there."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     cache = DynamicCache(config=model.config)
+    windows = {int(layer.sliding_window) for layer in cache.layers
+               if type(layer) is DynamicSlidingWindowLayer}
     odd = sorted({type(layer).__name__ for layer in cache.layers
-                  if type(layer) is not DynamicLayer})
+                  if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)})
     if odd or getattr(model.config, "add_cross_attention", False):
         raise ValueError(
             f"{type(model).__name__} needs cache layers of type {', '.join(odd) or 'cross'}, "
             "which the generation engine does not support yet"
         )
+    return min(windows) if windows else None
 
 
 class CausalLMRuntime:
@@ -109,8 +115,13 @@ class CausalLMRuntime:
         self.model.train(False)  # inference mode for dropout and the like
         # fp32 small-batch matmuls are faster on input-major weights (see linear_layout).
         self.converted_linears = convert_linears(self.model) if dtype == "float32" else 0
-        _check_cache_layout(self.model)
+        window = _check_cache_layout(self.model)
         native = _context_length(self.model, self.tokenizer)
+        if window is not None and window < native:
+            log.warning("%s uses sliding-window attention (window %d tokens): serving it with "
+                        "its context capped at the window, where that attention is exact",
+                        model_dir, window)
+            native = window
         self.context_length = min(max_context_tokens or native, native)
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
         rows = getattr(self.model.get_input_embeddings(), "num_embeddings", None)
