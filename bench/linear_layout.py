@@ -1,4 +1,4 @@
-"""Decode-step time of random-weight Llama models with ``nn.Linear`` vs input-major weights.
+"""Decode-step time of random-weight Llama models with ``nn.Linear`` vs the converted layers.
 
 ``python -m bench.linear_layout`` (about 30 s; not part of ``make bench``). For each model size
 it prefills 1 and 16 sequences through tidegate's own :class:`StepWorker`, then times greedy
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
-    print("| model | rows | nn.Linear ms/step | input-major ms/step |")
+    print("| model | rows | nn.Linear ms/step | converted ms/step |")
     print("|---|---:|---:|---:|")
     for name, shape in SIZES.items():
         torch.manual_seed(0)

@@ -97,32 +97,45 @@ def test_chat_template_rejection_is_invalid_request(gpt2_dir: Path, tmp_path: Pa
     assert caught.value.param == "messages"
 
 
-def test_fp32_linears_are_stored_input_major_with_the_same_outputs(
-    llama_dir: Path, gpt2: CausalLMRuntime, llama: CausalLMRuntime
+def test_fp32_linears_are_converted_with_the_same_outputs(
+    llama_dir: Path, gpt2_dir: Path, gpt2: CausalLMRuntime, llama: CausalLMRuntime
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from tidegate.runtimes.linear_layout import InputMajorLinear
+    from tidegate.runtimes.linear_layout import InputMajorLinear, WeightMajorLinear
 
-    plain = AutoModelForCausalLM.from_pretrained(llama_dir, local_files_only=True).eval()
-    # 7 projections in each of 2 layers, and the untied head.
+    # 7 projections in each of 2 layers, and the untied head: all small, so input-major.
     assert llama.converted_linears == 2 * 7 + 1
     assert isinstance(llama.model.lm_head, InputMajorLinear)
-    assert llama.model.lm_head.weight.shape == plain.lm_head.weight.shape
-    assert gpt2.converted_linears == 0  # Conv1D layers already are; its head is tied
-    ids = torch.tensor([llama.encode("The quick brown fox")] * 3)
-    with torch.inference_mode():
-        expected, got = plain(input_ids=ids).logits, llama.model(input_ids=ids).logits
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert llama.memory_bytes == sum(
-        t.numel() * t.element_size() for t in (*plain.parameters(), *plain.buffers())
-    )
+    # GPT-2's Conv1D layers are left alone; its head is tied to the token embeddings, so it
+    # goes weight-major and stays tied (one parameter, not two).
+    assert gpt2.converted_linears == 1
+    head = gpt2.model.lm_head
+    assert isinstance(head, WeightMajorLinear)
+    assert head.weight is gpt2.model.get_input_embeddings().weight
+    for runtime, source in ((llama, llama_dir), (gpt2, gpt2_dir)):
+        plain = AutoModelForCausalLM.from_pretrained(source, local_files_only=True).eval()
+        assert runtime.memory_bytes == sum(
+            t.numel() * t.element_size() for t in (*plain.parameters(), *plain.buffers())
+        )
+        # 3 x 5 rows and 3 x 13 rows: both sides of the weight-major row threshold.
+        for length in (5, 13):
+            ids = torch.tensor([runtime.encode("The quick brown fox jumps")[:1] * length] * 3)
+            with torch.inference_mode():
+                expected = plain(input_ids=ids).logits
+                got = runtime.model(input_ids=ids).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_tied_and_non_plain_linears_are_left_alone() -> None:
+def test_linear_conversion_picks_the_form_by_size_and_sharing() -> None:
     from torch import nn
 
-    from tidegate.runtimes.linear_layout import InputMajorLinear, convert_linears
+    from tidegate.runtimes.linear_layout import (
+        INPUT_MAJOR_MAX_ELEMENTS,
+        InputMajorLinear,
+        WeightMajorLinear,
+        convert_linears,
+    )
 
     class Scaled(nn.Linear):
         pass
@@ -130,11 +143,17 @@ def test_tied_and_non_plain_linears_are_left_alone() -> None:
     embed = nn.Embedding(10, 4)
     head = nn.Linear(4, 10, bias=False)
     head.weight = embed.weight
-    model = nn.Sequential(embed, nn.Linear(4, 4), Scaled(4, 4), head)
-    assert convert_linears(model) == 1
-    assert isinstance(model[1], InputMajorLinear)
-    assert type(model[2]) is Scaled and type(model[3]) is nn.Linear
-    inputs = torch.randn(2, 3, 4)
-    converted = model[1]
-    assert converted.weight_t.is_contiguous() and converted.weight_t.shape == (4, 4)
-    torch.testing.assert_close(converted(inputs), inputs @ converted.weight.t() + converted.bias)
+    wide = nn.Linear(1024, INPUT_MAJOR_MAX_ELEMENTS // 1024)
+    model = nn.Sequential(embed, nn.Linear(4, 4), Scaled(4, 4), head, wide)
+    originals = {name: module for name, module in model.named_children()}
+    assert convert_linears(model) == 3
+    assert isinstance(model[1], InputMajorLinear) and model[1].weight_t.is_contiguous()
+    assert type(model[2]) is Scaled
+    assert isinstance(model[3], WeightMajorLinear) and model[3].weight is embed.weight
+    assert isinstance(model[4], WeightMajorLinear) and model[4].weight is originals["4"].weight
+    for rows in (1, 11, 12, 40):
+        for index, width in ((1, 4), (3, 4), (4, 1024)):
+            inputs = torch.randn(2, rows, width)
+            reference = originals[str(index)]
+            torch.testing.assert_close(model[index](inputs), reference(inputs),
+                                       rtol=1e-5, atol=1e-4)

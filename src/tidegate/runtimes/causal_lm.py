@@ -113,7 +113,7 @@ class CausalLMRuntime:
             model_dir, dtype=_DTYPES[dtype], local_files_only=True
         )
         self.model.train(False)  # inference mode for dropout and the like
-        # fp32 small-batch matmuls are faster on input-major weights (see linear_layout).
+        # fp32 few-row products are much faster in another layout (see linear_layout).
         self.converted_linears = convert_linears(self.model) if dtype == "float32" else 0
         window = _check_cache_layout(self.model)
         native = _context_length(self.model, self.tokenizer)
@@ -130,7 +130,7 @@ class CausalLMRuntime:
         )
         tensors = [*self.model.parameters(), *self.model.buffers()]
         self.memory_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        log.info("loaded %s (%s, %d bytes, context %d, %d linear layers input-major)",
+        log.info("loaded %s (%s, %d bytes, context %d, %d linear layers converted)",
                  model_dir, dtype, self.memory_bytes, self.context_length,
                  self.converted_linears)
 
