@@ -157,3 +157,27 @@ def test_linear_conversion_picks_the_form_by_size_and_sharing() -> None:
             reference = originals[str(index)]
             torch.testing.assert_close(model[index](inputs), reference(inputs),
                                        rtol=1e-5, atol=1e-4)
+
+
+def test_weight_major_linears_inside_real_models_give_the_same_logits(
+    llama_dir: Path, windowed_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every projection weight-major (as in models wider than the test ones): attention and MLP
+    code must take the transposed-view outputs. Llama, and each sliding-window family."""
+    from transformers import AutoModelForCausalLM
+
+    from tidegate.runtimes import linear_layout
+
+    monkeypatch.setattr(linear_layout, "INPUT_MAJOR_MAX_ELEMENTS", 0)
+    for source in (llama_dir, windowed_dir):
+        plain = AutoModelForCausalLM.from_pretrained(source, local_files_only=True).eval()
+        converted = AutoModelForCausalLM.from_pretrained(source, local_files_only=True).eval()
+        assert linear_layout.convert_linears(converted) > 0
+        assert not any(isinstance(m, linear_layout.InputMajorLinear)
+                       for m in converted.modules())
+        for shape in ((1, 5), (3, 13), (16, 1)):  # below, above and at a decode step's rows
+            ids = torch.randint(3, plain.config.vocab_size, shape)
+            with torch.inference_mode():
+                expected = plain(input_ids=ids).logits
+                got = converted(input_ids=ids).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
