@@ -38,17 +38,28 @@ WEIGHT_MAJOR_MIN_ROWS = 12
 """Fewer input rows than this go through ``F.linear`` in :class:`WeightMajorLinear`."""
 
 
-class InputMajorLinear(nn.Module):
-    """``nn.Linear`` with its weight stored transposed (``[in, out]``, contiguous)."""
+class _ConvertedLinear(nn.Module):
+    """What both forms keep of the ``nn.Linear`` they replace."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
+        self.bias = linear.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class InputMajorLinear(_ConvertedLinear):
+    """``nn.Linear`` with its weight stored transposed (``[in, out]``, contiguous)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
         self.weight_t = nn.Parameter(
             linear.weight.detach().t().contiguous(), requires_grad=linear.weight.requires_grad
         )
-        self.bias = linear.bias
 
     @property
     def weight(self) -> torch.Tensor:
@@ -62,22 +73,15 @@ class InputMajorLinear(nn.Module):
         out = torch.addmm(self.bias, flat, self.weight_t)
         return out.view(*inputs.shape[:-1], self.out_features)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
 
-
-class WeightMajorLinear(nn.Module):
+class WeightMajorLinear(_ConvertedLinear):
     """``nn.Linear`` over the same weight parameter, computing ``(W @ x.T).T`` for 12 rows or
     more. The output is that product's transposed view (no copy); torch's later operations
     take it as they take any strided tensor."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+        super().__init__(linear)
         self.weight = linear.weight  # the same Parameter: a tied weight stays tied
-        self.bias = linear.bias
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         flat = inputs.reshape(-1, self.in_features)
@@ -88,10 +92,6 @@ class WeightMajorLinear(nn.Module):
         else:
             out = torch.addmm(self.bias.unsqueeze(1), self.weight, flat.t())
         return out.t().view(*inputs.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
 
 
 def convert_linears(model: nn.Module) -> int:
