@@ -21,7 +21,7 @@ from tidegate.generation.engine import GenerationEngine
 from tidegate.runtimes.causal_lm import CausalLMRuntime
 
 from .conftest import run_engine
-from .helpers import StepLog
+from .helpers import StepLog, reference_greedy
 
 LONG = SamplingParams(max_tokens=200, temperature=0)
 PROMPT = [5, 17, 42, 9]
@@ -195,6 +195,7 @@ class FlakyModel:
     def __init__(self, model: Any, fail_on: set[int], poison: int | None = None) -> None:
         self._model = model
         self.forward = model.forward
+        self.config = model.config
         self._fail_on = fail_on
         self._poison = poison
         self.calls = 0
@@ -203,9 +204,9 @@ class FlakyModel:
         self.calls += 1
         if self.calls in self._fail_on:
             raise RuntimeError(f"forward call {self.calls} failed")
-        prompts = kwargs["input_ids"]
-        if (self._poison is not None and prompts.shape[1] > 1  # a prefill, not a decode step
-                and bool((prompts[:, 0] == self._poison).any())):
+        # Packed steps: a prompt's first token is the one at position 0.
+        starts = kwargs["input_ids"][kwargs["position_ids"] == 0]
+        if self._poison is not None and bool((starts == self._poison).any()):
             raise RuntimeError(f"a prompt starts with poison token {self._poison}")
         return self._model(**kwargs)
 
@@ -254,6 +255,59 @@ def test_a_failed_joint_prefill_is_retried_prompt_by_prompt(llama: CausalLMRunti
                        for _ in range(2)]
             for stream in streams:
                 assert (await stream.collect()).completion_tokens == 3
+        finally:
+            await engine.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_newcomer_joins_the_running_batch_without_a_forward_of_its_own(
+    llama: CausalLMRuntime,
+) -> None:
+    log = StepLog()
+
+    async def main() -> None:
+        model = flaky(llama, set())
+        engine = GenerationEngine(model, model="tiny", on_step=log)
+        await engine.start()
+        try:
+            first = engine.submit(PROMPT, SamplingParams(max_tokens=8, temperature=0))
+            await log.steps(3)
+            later = engine.submit([3, *PROMPT], SamplingParams(max_tokens=4, temperature=0))
+            results = [await first.collect(), await later.collect()]
+            joined = [r for r in log.reports if r.prefilled == (later.request_id,)]
+            assert joined and joined[0].decoded == (first.request_id,)  # in one step
+            assert model.model.calls == engine.statistics().steps  # one forward per step
+            assert list(results[0].token_ids) == reference_greedy(llama, PROMPT, 8)
+            assert list(results[1].token_ids) == reference_greedy(llama, [3, *PROMPT], 4)
+        finally:
+            await engine.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_bad_newcomer_does_not_disturb_the_running_batch(llama: CausalLMRuntime) -> None:
+    poison = 7
+    log = StepLog()
+    # References first: during a step the engine's model is its worker's alone.
+    expected_good = reference_greedy(llama, [3, *PROMPT], 3)
+    expected_running = reference_greedy(llama, PROMPT, 8)
+
+    async def main() -> None:
+        model = flaky(llama, set(), poison=poison)
+        engine = GenerationEngine(model, model="tiny", on_step=log)
+        await engine.start()
+        try:
+            running = engine.submit(PROMPT, SamplingParams(max_tokens=8, temperature=0))
+            await log.steps(2)
+            # Both join the running sequence's step, which fails; the step is redone without
+            # them and each is then prefilled alone.
+            bad = engine.submit([poison, *PROMPT], SamplingParams(max_tokens=3, temperature=0))
+            good = engine.submit([3, *PROMPT], SamplingParams(max_tokens=3, temperature=0))
+            with pytest.raises(RuntimeFailure, match="poison token 7"):
+                await bad.collect()
+            assert list((await good.collect()).token_ids) == expected_good
+            assert list((await running.collect()).token_ids) == expected_running
         finally:
             await engine.aclose()
 

@@ -9,7 +9,7 @@ A step, as seen from the loop::
 
     abort sequences whose reader fell behind for longer than stream_timeout_s
     plan  = rows to drop (ended since last step) + waiting sequences to prefill (admit())
-    await the worker: drop, decode the batch one token, prefill the newcomers
+    await the worker: drop; one forward decodes the batch a token and prefills the newcomers
     apply = per new token: detokenize, match stop strings, push the delta, maybe finish
 
 Pushing never waits, so a slow reader cannot stall the batch. A sequence that ends or is

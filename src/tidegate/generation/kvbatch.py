@@ -1,13 +1,26 @@
-"""The running sequences' key/value caches, kept as one left-padded batch, in place.
+"""The running sequences' key/value caches, kept as one padded batch in place, and the packed
+step that decodes them and prefills newcomers in a single forward.
 
 Each layer's keys and values live in one preallocated buffer shaped ``[row slots, kv_heads,
 token slots, head_dim]``. The batch is the view ``[:rows, :, start:end]``: every row's last real
-token sits in column ``end - 1``, and a row's earlier columns, back to ``start``, are padding that
-its attention mask hides. Each decode step writes one new column per row at ``end``.
+token sits in column ``end - 1``, and a row's earlier columns, back to ``start``, are padding
+that its attention mask hides.
+
+**A step is one forward over one packed row of tokens**: first the last sampled token of every
+running row (when the step decodes), then each newcomer's whole prompt. :meth:`PaddedKVBatch.begin`
+lays the step out: it gives each newcomer a free row slot, right-aligned so that its last prompt
+token shares the column of the running rows' new token, and returns the packed position ids and
+the packed indices whose logits are needed. During the forward, each layer's cache ``update``
+writes the step's keys and values straight into the buffers (the running rows' new column, the
+newcomers' prompts into their rows), and tidegate's attention function
+(:mod:`tidegate.generation.attention`) attends each running token to its row and each prompt
+causally to itself. :meth:`commit` then makes the step part of the batch; :meth:`abort` forgets
+it after a failed forward. A newcomer therefore costs no forward of its own: only its tokens' share
+of the step's products.
 
 Joining and leaving touch only the rows involved, never the whole cache:
 
-- a newcomer's prefilled cache is copied into the next free row slot, right-aligned at ``end``;
+- a newcomer's prompt goes into the next free row slot;
 - a leaver's slot is filled by moving the last row into it (row order is not meaningful: the
   batch keeps the sequence ids in row order), and ``start`` moves up to the first column some
   remaining row still uses.
@@ -18,86 +31,122 @@ A copy also compacts: the live columns move to the front of the new buffer.
 
 Positions are explicit: a row's next token sits at the number of real tokens it holds, never at
 the padded length, so rotary and learned position embeddings see the same positions as when the
-sequence runs alone. Buffers are allocated uninitialised, but a padding column becomes part of
-a row's view only after it was zeroed (or copied with the row), so the zero attention weight the
-mask gives it never meets a NaN left by whatever held that memory before.
+sequence runs alone. Buffers are allocated uninitialised (except the first, which a layer
+allocates zeroed at its first update), but a padding column becomes part of a row's view only
+after it was zeroed (or copied with the row), so the zero attention weight the mask gives it
+never meets a NaN left by whatever held that memory before.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["KVLayers", "PaddedKVBatch", "cache_layers", "new_cache"]
-
-KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
-"""Per model layer, (keys, values) shaped ``[batch, kv_heads, tokens, head_dim]``."""
+__all__ = ["PackedInputs", "PackedStep", "PaddedKVBatch"]
 
 _TOKEN_SLACK = 16
 """Spare token columns a new buffer gets at least (it also gets as many as it holds)."""
 _MIN_ROWS = 4
 
 
-def new_cache(layers: KVLayers | None = None) -> object:
-    """A transformers ``DynamicCache``, optionally filled with ``layers``."""
-    from transformers import DynamicCache
+@dataclass(slots=True)
+class PackedStep:
+    """The layout of one step's packed row, read by the cache layers and the attention."""
 
-    cache = DynamicCache()
-    for index, (keys, values) in enumerate(layers or ()):
-        cache.update(keys, values, index)
-    return cache
+    decode_rows: int
+    """Running rows that decode this step: the first ``decode_rows`` packed tokens, in row
+    order, one per row."""
+    column: int
+    """The buffer column their new tokens go to."""
+    start: int
+    """First buffer column any row uses after the step."""
+    end: int
+    """The column after the step's last token, in every row."""
+    spans: tuple[tuple[int, int, int], ...]
+    """Per newcomer: (row slot, offset of its prompt in the packed row, prompt tokens)."""
+    tokens: int
+    """Length of the packed row."""
+    decode_mask: torch.Tensor | None
+    """``[decode_rows, 1, 1, end - start]``, True where a running row has a real token; None
+    when no running row has padding."""
+    decode_bias: torch.Tensor | None = None
+    """The mask as an additive bias in the model's dtype, made by the attention once a step."""
+    layer: Any = None
+    """The cache layer the model updated last: the attention that follows reads its rows."""
+    updates: int = 0
+    attended: int = 0
 
 
-def cache_layers(cache: object) -> KVLayers:
-    """The (keys, values) of each layer of a ``DynamicCache``."""
-    return [(layer[0], layer[1]) for layer in cache]  # type: ignore[attr-defined]
+@dataclass(frozen=True, slots=True)
+class PackedInputs:
+    cache: Any
+    """The transformers cache to pass to the model."""
+    position_ids: torch.Tensor
+    """``[1, tokens]``: each packed token's position in its own sequence."""
+    logits_index: torch.Tensor
+    """Packed indices whose logits the step needs: each running row's token, then each
+    newcomer's last prompt token (ascending)."""
+    step: PackedStep
 
 
 @functools.cache
 def _slot_layer_class() -> type[Any]:
-    """A transformers ``DynamicLayer`` over a preallocated buffer (see the module docstring).
-
-    The model calls ``update`` once per forward with the step's new column; the batch sets the
-    view (``bind``) before each forward and has made sure the column fits.
-    """
+    """A transformers ``DynamicLayer`` over a preallocated buffer (see the module docstring)."""
     from transformers.cache_utils import DynamicLayer
 
     class SlotLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        def __init__(self, batch: PaddedKVBatch) -> None:
             super().__init__()  # type: ignore[no-untyped-call]
-            self.device = keys.device
-            self.is_initialized = True
-            self.buffers = (keys, values)
-            self.bind(0, 0, 0)
-
-        def bind(self, rows: int, start: int, end: int) -> None:
-            self._rows, self._start, self._end = rows, start, end
-            keys, values = self.buffers
-            # Row views stay valid until the next bind; a step only narrows their columns.
-            self._row_views = (keys[:rows], values[:rows])
-            self.keys = self._row_views[0].narrow(2, start, end - start)
-            self.values = self._row_views[1].narrow(2, start, end - start)
+            self._batch = batch
+            self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                    *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-            keys, values = self._row_views
-            end = self._end
-            added = key_states.shape[-2]
-            if key_states.shape[0] != self._rows or end + added > keys.shape[-2]:
+            step = self._batch.active_step
+            if step is None:
+                raise RuntimeError("the batch's cache is written only during a packed step")
+            if key_states.shape[0] != 1 or key_states.shape[-2] != step.tokens:
                 raise RuntimeError(
-                    f"cache update of shape {tuple(key_states.shape)} does not fit the batch "
-                    f"({self._rows} rows, columns {self._start}:{end} of {keys.shape[-2]})"
+                    f"cache update of shape {tuple(key_states.shape)} does not match the "
+                    f"packed step of {step.tokens} tokens"
                 )
-            keys.narrow(2, end, added).copy_(key_states)
-            values.narrow(2, end, added).copy_(value_states)
-            self._end = end = end + added
-            view = keys.narrow(2, self._start, end - self._start), values.narrow(
-                2, self._start, end - self._start)
-            self.keys, self.values = view
-            return view
+            if self.buffers is None:  # the batch's first step: allocate, zeroed
+                slots, columns = self._batch.capacity
+                self.buffers = (
+                    key_states.new_zeros((slots, key_states.shape[1], columns,
+                                          key_states.shape[-1])),
+                    value_states.new_zeros((slots, value_states.shape[1], columns,
+                                            value_states.shape[-1])),
+                )
+                self.device = key_states.device
+                self.is_initialized = True
+            decoding = step.decode_rows
+            for buffer, states in zip(self.buffers, (key_states, value_states), strict=True):
+                if decoding:
+                    buffer[:decoding, :, step.column].copy_(
+                        states[0, :, :decoding].transpose(0, 1))
+                for row, offset, tokens in step.spans:
+                    buffer[row, :, step.end - tokens : step.end].copy_(
+                        states[0, :, offset : offset + tokens])
+            step.layer = self
+            step.updates += 1
+            return key_states, value_states
+
+        def decode_view(self, step: PackedStep) -> tuple[torch.Tensor, torch.Tensor]:
+            """The running rows' keys and values, this step's column included."""
+            if self.buffers is None:
+                raise RuntimeError("decode view of a layer that holds nothing")
+            keys, values = self.buffers
+            width = step.end - step.start
+            return (keys[: step.decode_rows].narrow(2, step.start, width),
+                    values[: step.decode_rows].narrow(2, step.start, width))
+
+        def get_seq_length(self, *args: object, **kwargs: object) -> int:
+            return self._batch.width
 
         def _unsupported(self, *args: object, **kwargs: object) -> None:
             raise NotImplementedError(
@@ -113,7 +162,7 @@ def _slot_layer_class() -> type[Any]:
 
 
 class PaddedKVBatch:
-    """Rows of sequence ids, their caches as one ``DynamicCache``, and the padding layout."""
+    """Rows of sequence ids, their caches in per-layer buffers, and the padding layout."""
 
     def __init__(self) -> None:
         self._ids: list[int] = []
@@ -121,15 +170,16 @@ class PaddedKVBatch:
         """Per row, the buffer column of its first real token."""
         self._start = 0
         self._end = 0
+        self._slots = 0
+        self._columns = 0
         self._layers: list[Any] = []
-        self._cache: object | None = None
-        self._mask: torch.Tensor | None = None
-        """The padding mask up to the last column, built on the first step after a layout
-        change and grown by one column per step."""
-        self._step_mask = torch.zeros((0, 1), dtype=torch.long)
-        """The mask :meth:`step_inputs` returned, which :meth:`advance` makes the mask."""
-        self._first_column = torch.zeros((0, 1), dtype=torch.long)
-        self._ones = torch.zeros((0, 1), dtype=torch.long)
+        """One slot layer per model layer, created by the cache at the model's first update."""
+        self._cache: Any = None
+        self._first_column: torch.Tensor | None = None
+        """``self._first`` as a ``[rows, 1]`` tensor, until the rows change."""
+        self._step: PackedStep | None = None
+        self._joining: list[tuple[int, int]] = []
+        """(sequence id, first column) of the step's newcomers, until it is committed."""
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -151,53 +201,115 @@ class PaddedKVBatch:
     @property
     def capacity(self) -> tuple[int, int]:
         """(row slots, token slots) of the buffers; (0, 0) when empty."""
-        if not self._layers:
-            return (0, 0)
-        keys = self._layers[0].buffers[0]
-        return (int(keys.shape[0]), int(keys.shape[-2]))
+        return (self._slots, self._columns)
+
+    @property
+    def active_step(self) -> PackedStep | None:
+        """The step between :meth:`begin` and :meth:`commit` or :meth:`abort`."""
+        return self._step
+
+    def layer_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (keys, values) buffers."""
+        return [layer.buffers for layer in self._layers if layer.buffers is not None]
+
+    def views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's live (keys, values), ``[rows, kv_heads, width, head_dim]``, rows in
+        :attr:`ids` order (for inspection)."""
+        rows, width = len(self._ids), self.width
+        return [(keys[:rows].narrow(2, self._start, width),
+                 values[:rows].narrow(2, self._start, width))
+                for keys, values in self.layer_buffers()]
 
     def clear(self) -> None:
         """Forget every row and release the buffers."""
         self._ids, self._first = [], []
-        self._start = self._end = 0
+        self._start = self._end = self._slots = self._columns = 0
         self._layers = []
         self._cache = None
-        self._mask = None
+        self._first_column = None
+        self._step = None
+        self._joining = []
 
-    def extend(self, entries: Sequence[tuple[int, KVLayers]]) -> None:
-        """Add prefilled sequences, each with its own one-row cache ``[1, heads, tokens, dim]``."""
-        if not entries:
-            return
-        longest = max(layers[0][0].shape[-2] for _, layers in entries)
-        rows = len(self._ids) + len(entries)
-        if not self._layers:
-            self._allocate(entries[0][1], rows, longest)
-        else:
-            slots, columns = self.capacity
-            if rows > slots or longest > self._end:
-                self._relayout(
-                    slots=max(rows, 2 * slots) if rows > slots else slots,
-                    left=max(0, longest - self.width),
-                    columns=columns,
-                )
-        start = min(self._start, self._end - longest) if self._ids else self._end - longest
-        for layer in self._layers:  # columns that become visible (masked) to the old rows
+    def begin(self, *, decode: bool, prompts: Sequence[tuple[int, int]]) -> PackedInputs:
+        """Lay out one step: every running row decodes one token if ``decode``, and each
+        ``(sequence id, prompt tokens)`` newcomer joins. The packed row the model gets holds the
+        running rows' tokens in row order, then the prompts in the order given."""
+        if self._step is not None:
+            raise RuntimeError("a step is already in progress")
+        if decode and not self._ids:
+            raise RuntimeError("decode step on an empty batch")
+        if not decode and not prompts:
+            raise RuntimeError("a step must decode or prefill something")
+        rows = len(self._ids)
+        longest = max((tokens for _, tokens in prompts), default=0)
+        added = 1 if decode else 0
+        if rows:
+            self._fit(rows + len(prompts), longest, added)
+        else:  # the layers allocate these at their first update
+            self._layers = []
+            self._cache = _new_cache(self._layers, self)
+            self._slots = max(len(prompts), _MIN_ROWS)
+            self._columns = 2 * longest + _TOKEN_SLACK
+            self._start = self._end = longest
+        end = self._end + added
+        start = min(self._start, end - longest) if prompts else self._start
+        spans = []
+        offset = rows if decode else 0
+        positions: list[int] = [self._end - first for first in self._first] if decode else []
+        keep = list(range(offset))
+        joining = []
+        for index, (seq_id, tokens) in enumerate(prompts):
+            spans.append((rows + index, offset, tokens))
+            positions.extend(range(tokens))
+            offset += tokens
+            keep.append(offset - 1)
+            joining.append((seq_id, end - tokens))
+        for layer in self._layers:
+            if layer.buffers is None:
+                continue
             for buffer in layer.buffers:
-                buffer[: len(self._ids), :, start : self._start].zero_()
-        self._start = start
-        for seq_id, layers in entries:
-            row, tokens = len(self._ids), layers[0][0].shape[-2]
-            first = self._end - tokens
-            for layer, (keys, values) in zip(self._layers, layers, strict=True):
-                for buffer, states in zip(layer.buffers, (keys, values), strict=True):
-                    buffer[row, :, start:first].zero_()
-                    buffer[row, :, first : self._end].copy_(states[0])
+                if start < self._start:  # columns that become visible (masked) to old rows
+                    buffer[:rows, :, start : self._start].zero_()
+                for row, _, tokens in spans:
+                    buffer[row, :, start : end - tokens].zero_()
+        self._step = PackedStep(
+            decode_rows=rows if decode else 0, column=self._end, start=start, end=end,
+            spans=tuple(spans), tokens=offset,
+            decode_mask=self._decode_mask(start, end) if decode else None,
+        )
+        self._joining = joining
+        return PackedInputs(
+            cache=self._cache,
+            position_ids=torch.tensor([positions], dtype=torch.long),
+            logits_index=torch.tensor(keep, dtype=torch.long),
+            step=self._step,
+        )
+
+    def commit(self) -> None:
+        """The model ran the step: its tokens are now part of every row, its newcomers rows."""
+        step = self._step
+        if step is None:
+            raise RuntimeError("no step to commit")
+        if step.updates == 0:
+            raise RuntimeError("the model did not write the step into the cache")
+        for seq_id, first in self._joining:
             self._ids.append(seq_id)
             self._first.append(first)
-        self._bind()
+        if self._joining:
+            self._first_column = None
+        self._start, self._end = step.start, step.end
+        self._step, self._joining = None, []
+
+    def abort(self) -> None:
+        """Forget the step in progress: the rows are as before it began."""
+        self._step, self._joining = None, []
+        if not self._ids:
+            self.clear()
 
     def remove(self, seq_ids: Collection[int]) -> None:
         """Drop these sequences' rows (ids not in the batch are ignored)."""
+        if self._step is not None:
+            raise RuntimeError("rows cannot leave during a step")
         leaving = sorted(
             (row for row, seq_id in enumerate(self._ids) if seq_id in seq_ids), reverse=True
         )
@@ -205,11 +317,13 @@ class PaddedKVBatch:
             if leaving:
                 self.clear()
             return
+        if not leaving:
+            return
         for row in leaving:  # descending, so the last row is never one still to leave
             last = len(self._ids) - 1
             if row != last:
-                for layer in self._layers:
-                    for buffer in layer.buffers:
+                for keys, values in self.layer_buffers():
+                    for buffer in (keys, values):
                         buffer[row, :, self._start : self._end].copy_(
                             buffer[last, :, self._start : self._end]
                         )
@@ -218,54 +332,29 @@ class PaddedKVBatch:
             self._first.pop()
         # Columns that are padding in every remaining row hold nothing anyone attends to.
         self._start = min(self._first)
-        self._bind()
+        self._first_column = None
 
-    def step_inputs(self) -> tuple[object, torch.Tensor, torch.Tensor]:
-        """The cache, attention mask (with the new token's column) and position ids of one
-        decode step. Call :meth:`advance` once the model has run."""
-        if self._cache is None or not self._ids:
-            raise RuntimeError("decode step on an empty batch")
-        slots, columns = self.capacity
-        if self._end >= columns:  # compact; give back row slots a busy spell left unused
-            rows = len(self._ids)
-            self._relayout(slots=slots if 4 * rows > slots else max(_MIN_ROWS, 2 * rows),
-                           left=0, columns=0)
-        if self._mask is None:
-            self._mask = self._layout_mask()
-        self._step_mask = torch.cat([self._mask, self._ones], dim=1)
-        return self._cache, self._step_mask, self._end - self._first_column
+    def _decode_mask(self, start: int, end: int) -> torch.Tensor | None:
+        if max(self._first) == start:
+            return None
+        if self._first_column is None:
+            self._first_column = torch.tensor(self._first, dtype=torch.long).unsqueeze(1)
+        columns = torch.arange(start, end, dtype=torch.long)
+        return (columns.unsqueeze(0) >= self._first_column).view(len(self._ids), 1, 1, -1)
 
-    def advance(self) -> None:
-        """Record that the model appended one token to every row of the cache (each layer's
-        view already grew in its ``update``)."""
-        self._mask = self._step_mask
-        self._end += 1
-
-    def _layout_mask(self) -> torch.Tensor:
-        """The padding mask of the current rows and columns; also refreshes the per-row
-        tensors the decode steps reuse until the layout changes."""
-        self._first_column = torch.tensor(self._first, dtype=torch.long).unsqueeze(1)
-        self._ones = torch.ones((len(self._ids), 1), dtype=torch.long)
-        columns = torch.arange(self._start, self._end, dtype=torch.long)
-        return (columns.unsqueeze(0) >= self._first_column).long()
-
-    def _allocate(self, like: KVLayers, rows: int, longest: int) -> None:
-        slot_layer = _slot_layer_class()
-        columns = 2 * longest + _TOKEN_SLACK
-        self._layers = [
-            slot_layer(*(
-                states.new_empty((max(rows, _MIN_ROWS), states.shape[1], columns,
-                                  states.shape[-1]))
-                for states in (keys, values)
-            ))
-            for keys, values in like
-        ]
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        cache.layers = self._layers
-        self._cache = cache
-        self._start = self._end = longest
+    def _fit(self, rows: int, longest: int, added: int) -> None:
+        """Make the buffers hold ``rows`` rows, a column for the running rows' new token
+        (``added``) and a newcomer of ``longest`` tokens right-aligned with it."""
+        slots, columns = self._slots, self._columns
+        end = self._end + added
+        if rows <= slots and end <= columns and longest <= end:
+            return
+        if rows > slots:
+            slots = max(rows, 2 * slots)
+        elif 4 * rows <= slots:  # give back row slots a busy spell left unused
+            slots = max(_MIN_ROWS, 2 * rows)
+        self._relayout(slots=slots, left=max(0, longest - self.width - added),
+                       columns=columns if end <= columns else 0)
 
     def _relayout(self, *, slots: int, left: int, columns: int) -> None:
         """Copy the live rows into new buffers with ``slots`` rows, their columns starting at
@@ -273,6 +362,8 @@ class PaddedKVBatch:
         rows, width = len(self._ids), self.width
         columns = max(columns, left + 2 * width + _TOKEN_SLACK)
         for layer in self._layers:
+            if layer.buffers is None:
+                continue
             moved = []
             for buffer in layer.buffers:
                 new = buffer.new_empty((slots, buffer.shape[1], columns, buffer.shape[-1]))
@@ -280,14 +371,40 @@ class PaddedKVBatch:
                     buffer[:rows, :, self._start : self._end]
                 )
                 moved.append(new)
-            layer.buffers = (moved[0], moved[1])
-            layer.bind(rows, left, left + width)  # drops this layer's old buffers now
+            layer.buffers = (moved[0], moved[1])  # drops this layer's old buffers now
         shift = left - self._start
         self._first = [first + shift for first in self._first]
+        self._first_column = None
         self._start, self._end = left, left + width
-        self._bind()
+        self._slots, self._columns = slots, columns
 
-    def _bind(self) -> None:
-        self._mask = None
-        for layer in self._layers:
-            layer.bind(len(self._ids), self._start, self._end)
+
+def _new_cache(layers: list[Any], batch: PaddedKVBatch) -> Any:
+    """A transformers ``DynamicCache`` whose layers are ``layers``, filled with slot layers
+    of ``batch`` as the model first updates each one."""
+    return _slot_cache_class()(layers, batch)
+
+
+@functools.cache
+def _slot_cache_class() -> type[Any]:
+    from transformers import DynamicCache
+
+    slot_layer = _slot_layer_class()
+
+    class SlotCache(DynamicCache):
+        def __init__(self, layers: list[Any], batch: PaddedKVBatch) -> None:
+            super().__init__()
+            self.layers = layers
+            self.layer_class_to_replicate = None
+            self._batch = batch
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                   layer_idx: int, *args: object, **kwargs: object
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            while len(self.layers) <= layer_idx:
+                self.layers.append(slot_layer(self._batch))
+            layer: Any = self.layers[layer_idx]
+            keys, values = layer.update(key_states, value_states)
+            return keys, values
+
+    return SlotCache

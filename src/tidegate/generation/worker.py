@@ -2,10 +2,13 @@
 
 :meth:`StepWorker.step` runs in the engine's single worker thread. The engine decides what a
 step does (a :class:`StepPlan`: who leaves, who is prefilled); the worker drops the leavers'
-rows, decodes one token for every sequence still in the batch, prefills the newcomers (together,
-in one forward over right-padded prompts, which under causal attention gives each the cache it
-would have running by itself) and adds them to the batch, where they decode from the next step
-on. Every step gives each sequence in it one new token.
+rows and runs **one forward** over a packed row of tokens (:mod:`tidegate.generation.kvbatch`):
+the last token of every sequence in the batch, which decodes one token each, followed by the
+newcomers' prompts, which are prefilled and join the batch, decoding from the next step on.
+Every step gives each sequence in it one new token.
+
+If a forward with newcomers fails, the step is redone without them and each newcomer is then
+prefilled alone, so one bad prompt fails only its own sequence.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 
 import torch
 
-from tidegate.generation.kvbatch import KVLayers, PaddedKVBatch, cache_layers, new_cache
+from tidegate.generation.attention import PackedAttention
+from tidegate.generation.kvbatch import PaddedKVBatch
 from tidegate.generation.params import SamplingParams
 from tidegate.generation.sampling import next_tokens
 
@@ -68,6 +72,7 @@ class StepWorker:
         parameters = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         self._batch = PaddedKVBatch()
+        self._attention = PackedAttention(model)
         self._rows: dict[int, _Row] = {}
 
     @property
@@ -85,94 +90,61 @@ class StepWorker:
             self._batch.remove(set(plan.drop))
             for seq_id in plan.drop:
                 self._rows.pop(seq_id, None)
-        tokens: dict[int, int] = {}
         decoded = self._batch.ids
-        if decoded:
-            tokens.update(zip(decoded, self._decode(decoded), strict=True))
-        joined = []
+        tokens: dict[int, int] = {}
         failed: dict[int, str] = {}
-        for request, result in zip(plan.prefill, self._prefill_all(plan.prefill), strict=True):
-            if isinstance(result, str):
-                failed[request.seq_id] = result
-                continue
-            token, layers = result
-            tokens[request.seq_id] = token
-            self._rows[request.seq_id] = _Row(request.params, request.generator, token)
-            joined.append((request.seq_id, layers))
-        self._batch.extend(joined)
+        if not decoded and not plan.prefill:
+            return StepOutcome(decoded=decoded, tokens=tokens, failed=failed)
+        try:
+            tokens.update(self._forward(decoded, plan.prefill))
+        except Exception:
+            if not plan.prefill:
+                raise  # the engine fails the batch
+            log.debug("step with %d newcomers failed; redoing it without them, then "
+                      "prefilling each alone", len(plan.prefill), exc_info=True)
+            if decoded:
+                tokens.update(self._forward(decoded, ()))
+            for request in plan.prefill:
+                try:
+                    tokens.update(self._forward((), (request,)))
+                except Exception as exc:  # one bad prompt must not take the batch down
+                    failed[request.seq_id] = f"{type(exc).__name__}: {exc}"
         return StepOutcome(decoded=decoded, tokens=tokens, failed=failed)
 
-    def _decode(self, seq_ids: Sequence[int]) -> list[int]:
-        rows = [self._rows[seq_id] for seq_id in seq_ids]
-        cache, mask, positions = self._batch.step_inputs()
-        input_ids = torch.tensor([[row.last_token] for row in rows], dtype=torch.long)
-        output = self._model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_kwarg: cache},
+    def _forward(
+        self, decoded: Sequence[int], requests: Sequence[PrefillRequest]
+    ) -> dict[int, int]:
+        """One forward: the ``decoded`` rows (all of the batch, or none) decode a token each
+        and ``requests`` join; returns every one's new token."""
+        rows = [self._rows[seq_id] for seq_id in decoded]
+        inputs = self._batch.begin(
+            decode=bool(rows),
+            prompts=[(request.seq_id, len(request.prompt_ids)) for request in requests],
         )
-        self._batch.advance()
-        tokens = next_tokens(
-            output.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows]
-        )
-        for row, token in zip(rows, tokens, strict=True):
-            row.last_token = token
-        return tokens
-
-    def _prefill_all(
-        self, requests: Sequence[PrefillRequest]
-    ) -> list[tuple[int, KVLayers] | str]:
-        """Each newcomer's first token and cache, or the error of its prefill.
-
-        Newcomers are prefilled together in one forward; if that fails, each alone, so one
-        bad prompt fails only its own sequence.
-        """
-        if len(requests) > 1:
-            try:
-                return list(self._prefill_together(requests))
-            except Exception:
-                log.debug("batched prefill of %d sequences failed; prefilling each alone",
-                          len(requests), exc_info=True)
-        results: list[tuple[int, KVLayers] | str] = []
+        packed = [row.last_token for row in rows]
         for request in requests:
-            try:
-                results.extend(self._prefill_together([request]))
-            except Exception as exc:  # one bad prompt must not take the batch down with it
-                results.append(f"{type(exc).__name__}: {exc}")
-        return results
-
-    def _prefill_together(
-        self, requests: Sequence[PrefillRequest]
-    ) -> list[tuple[int, KVLayers]]:
-        """One forward over the prompts, right-padded to the longest.
-
-        Under causal attention a token never sees the padding after it, so every prompt's
-        cache and last-token logits are what it would get alone; positions start at 0 in
-        every row, as they would alone. Each row's cache is then cut to its own tokens.
-        """
-        lengths = [len(request.prompt_ids) for request in requests]
-        input_ids = torch.zeros((len(requests), max(lengths)), dtype=torch.long)
-        for row, request in enumerate(requests):
-            input_ids[row, : lengths[row]] = torch.tensor(request.prompt_ids, dtype=torch.long)
-        last = torch.tensor(lengths, dtype=torch.long) - 1
-        # Only each prompt's last position needs logits (sorted, as searchsorted wants).
-        keep = torch.unique(last)
-        cache = new_cache()
-        output = self._model(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            use_cache=True,
-            logits_to_keep=keep,
-            **{self._cache_kwarg: cache},
-        )
-        logits = output.logits[torch.arange(len(requests)), torch.searchsorted(keep, last)]
-        tokens = next_tokens(logits, [r.params for r in requests],
-                             [r.generator for r in requests])
-        layers = cache_layers(cache)
-        return [
-            (token, [(k[row : row + 1, :, :length], v[row : row + 1, :, :length])
-                     for k, v in layers])
-            for row, (token, length) in enumerate(zip(tokens, lengths, strict=True))
-        ]
+            packed.extend(request.prompt_ids)
+        input_ids = torch.tensor([packed], dtype=torch.long)
+        try:
+            with self._attention.over(inputs.step):
+                output = self._model(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    position_ids=inputs.position_ids,
+                    use_cache=True,
+                    logits_to_keep=inputs.logits_index,
+                    **{self._cache_kwarg: inputs.cache},
+                )
+        except BaseException:
+            self._batch.abort()
+            raise
+        self._batch.commit()
+        params = [row.params for row in rows] + [request.params for request in requests]
+        generators = [row.generator for row in rows] + [r.generator for r in requests]
+        new = next_tokens(output.logits[0], params, generators)
+        for row, token in zip(rows, new, strict=False):
+            row.last_token = token
+        for request, token in zip(requests, new[len(rows):], strict=True):
+            self._rows[request.seq_id] = _Row(request.params, request.generator, token)
+        ids = [*decoded, *(request.seq_id for request in requests)]
+        return dict(zip(ids, new, strict=True))

@@ -1,0 +1,192 @@
+"""Attention over a packed step (see :mod:`tidegate.generation.kvbatch`), as a transformers
+attention function.
+
+transformers models call their attention through ``ALL_ATTENTION_FUNCTIONS``, keyed by the
+config's ``_attn_implementation``. During a step, :class:`PackedAttention` selects
+:func:`attend_packed` (registered under :data:`ATTENTION_NAME`), which receives each layer's
+queries for the packed row ``[1, heads, tokens, dim]`` right after the layer's cache update
+wrote the step's keys and values into the batch's buffers, and computes:
+
+- for each running row's token, attention over its row of the buffer (the step's column
+  included), with the padding mask;
+- for each newcomer's prompt, causal attention over the prompt's own keys and values (a
+  newcomer has no cache before its prompt).
+
+The model builds no attention mask for this implementation (transformers skips mask creation for
+a name it has no mask function for). Grouped-query attention, ``scaling`` and Gemma 2's logit
+softcapping are honoured; an attention that needs anything else (sinks, position biases) fails
+the step with a clear error rather than compute something else. A model whose layers do not call
+the attention interface at all is caught after the forward: each cache update must have been
+followed by one packed attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tidegate.generation.kvbatch import PackedStep
+
+__all__ = ["ATTENTION_NAME", "PackedAttention", "attend_packed"]
+
+ATTENTION_NAME = "tidegate_packed"
+_UNSUPPORTED = ("s_aux", "sinks", "position_bias")
+
+_active = threading.local()
+
+
+@functools.cache
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, attend_packed)
+
+
+class PackedAttention:
+    """Selects :func:`attend_packed` for one model's forward, one step at a time.
+
+    The model's config (and its sub-configs) name the attention implementation, so during a
+    step the model must not run anywhere else (the engine's worker owns it). The public
+    setter walks every sub-config and costs tens of microseconds, twice a step; where the
+    config keeps the name in its instance dictionary, the swap writes it there.
+    """
+
+    def __init__(self, model: Any) -> None:
+        _register()
+        self._model_name = type(model).__name__
+        self._configs = _all_configs(model.config)
+
+    @contextlib.contextmanager
+    def over(self, step: PackedStep) -> Iterator[None]:
+        """Run the model's forward inside this block with its attention over ``step``."""
+        previous = [self._swap(config, ATTENTION_NAME) for config in self._configs]
+        _active.step = step
+        try:
+            yield
+        finally:
+            _active.step = None
+            for config, name in zip(self._configs, previous, strict=True):
+                self._swap(config, name)
+        if step.updates == 0 or step.attended != step.updates:
+            raise RuntimeError(
+                f"{self._model_name} does not route attention through transformers' attention "
+                f"interface ({step.updates} cache updates, {step.attended} attention calls), "
+                "which continuous batching needs"
+            )
+
+    @staticmethod
+    def _swap(config: Any, name: str | None) -> str | None:
+        fields = vars(config)
+        if _INTERNAL in fields:
+            previous: str | None = fields[_INTERNAL]
+            fields[_INTERNAL] = name
+            return previous
+        previous = config._attn_implementation
+        config._attn_implementation = name
+        return previous
+
+
+_INTERNAL = "_attn_implementation_internal"
+
+
+def _all_configs(config: Any) -> list[Any]:
+    """``config`` and its sub-configs, recursively: each names its modules' attention."""
+    found = [config]
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and all(sub is not seen for seen in found):
+            found.extend(c for c in _all_configs(sub) if all(c is not s for s in found))
+    return found
+
+
+def attend_packed(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The attention of one layer over the active packed step; ``[1, tokens, heads, dim]``."""
+    step: PackedStep | None = getattr(_active, "step", None)
+    if step is None or step.layer is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside a tidegate step")
+    for name in _UNSUPPORTED:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"attention with {name!r} is not supported")
+    if dropout:
+        raise NotImplementedError("attention dropout (training) is not supported")
+    softcap: float | None = kwargs.get("softcap")
+    step.attended += 1
+    _, heads, tokens, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    rows = step.decode_rows
+    decoded: torch.Tensor | None = None
+    if rows:
+        keys, values = step.layer.decode_view(step)
+        if step.decode_mask is not None and step.decode_bias is None:
+            # An additive mask is a little faster than a boolean one in SDPA on CPU.
+            step.decode_bias = torch.zeros(step.decode_mask.shape, dtype=query.dtype
+                                           ).masked_fill_(~step.decode_mask, float("-inf"))
+        # [rows, heads, dim] -> [rows, kv_heads, groups, dim]: a kv head's query heads attend
+        # to it as if they were its query positions (the padding mask is the same for all).
+        # The query is a transposed view of [1, tokens, heads, dim], so this copies nothing.
+        queries = query[0, :, :rows].transpose(0, 1).reshape(rows, kv_heads, groups, dim)
+        decoded = _attend(queries, keys, values, mask=step.decode_bias, scaling=scaling,
+                          softcap=softcap)
+        decoded = decoded.reshape(1, rows, heads, -1)
+        if not step.spans:
+            return decoded, None
+    out = query.new_empty((1, tokens, heads, value.shape[-1]))
+    if decoded is not None:
+        out[:, :rows] = decoded
+    for _, offset, length in step.spans:
+        span = slice(offset, offset + length)
+        attended = _attend(query[:, :, span], key[:, :, span], value[:, :, span], mask=None,
+                           scaling=scaling, softcap=softcap, causal=True)
+        out[0, span] = attended[0].transpose(0, 1)
+    return out, None
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Scaled dot-product attention; ``mask`` is additive; ``key``/``value`` may have fewer
+    heads than ``query`` (grouped-query attention)."""
+    groups = query.shape[1] // key.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=causal, scale=scaling,
+            enable_gqa=groups > 1,
+        )
+    if groups > 1:  # as transformers' eager attention does
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores + mask
+    if causal:
+        length = query.shape[-2]
+        future = torch.ones((length, length), dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value)
