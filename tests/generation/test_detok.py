@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tidegate.generation.detok import IncrementalDetokenizer, StopFilter
+import torch
+
+from tidegate.generation.detok import IncrementalDetokenizer, StopFilter, fast_decoder
+
+from ..conftest import build_tokenizer
 
 TEXT = "Café déjà vu: 日本語 🙂🚀 naïve Zürich"
 
@@ -82,3 +86,26 @@ def test_earliest_of_several_stops_wins() -> None:
 
 def test_no_stops_passes_text_through() -> None:
     assert feed_all([], ["a", "b"]) == (["a", "b", ""], False)
+
+
+def test_the_fast_decoder_decodes_exactly_as_the_tokenizer(byte_tokenizer: Any) -> None:
+    fast = fast_decoder(byte_tokenizer)
+    assert fast is not byte_tokenizer  # the backend path is the one under test
+    generator = torch.Generator().manual_seed(3)
+    special = byte_tokenizer.eos_token_id
+    for _ in range(300):
+        ids = torch.randint(0, len(byte_tokenizer), (int(torch.randint(0, 9, (1,))),),
+                            generator=generator).tolist()
+        if ids and int(torch.randint(0, 3, (1,), generator=generator)) == 0:
+            ids[0] = special
+        for skip in (True, False):
+            assert fast.decode(ids, skip_special_tokens=skip) == byte_tokenizer.decode(
+                ids, skip_special_tokens=skip)
+    ids = byte_tokenizer.encode(TEXT, add_special_tokens=False)
+    assert "".join(stream(fast, ids)) == TEXT
+
+
+def test_a_tokenizer_that_cleans_up_spaces_decodes_through_its_own_decode() -> None:
+    tokenizer = build_tokenizer()
+    tokenizer.clean_up_tokenization_spaces = True
+    assert fast_decoder(tokenizer) is tokenizer

@@ -214,14 +214,14 @@ class FlakyModel:
 @dataclass
 class FlakyRuntime:
     model: FlakyModel
-    tokenizer: Any
+    decoder: Any
     eos_token_ids: frozenset[int]
     context_length: int
     vocab_size: int
 
 
 def flaky(runtime: CausalLMRuntime, fail_on: set[int], poison: int | None = None) -> FlakyRuntime:
-    return FlakyRuntime(FlakyModel(runtime.model, fail_on, poison), runtime.tokenizer,
+    return FlakyRuntime(FlakyModel(runtime.model, fail_on, poison), runtime.decoder,
                         runtime.eos_token_ids, runtime.context_length, runtime.vocab_size)
 
 

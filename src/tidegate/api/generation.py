@@ -132,6 +132,10 @@ class _Encoder:
         self.created = int(time.time())
         chat = request.endpoint == "chat"
         self.object = "chat.completion.chunk" if chat else "text_completion"
+        # Text chunks differ only in their text: the event around it is encoded once.
+        marker = orjson.dumps("\x00")
+        template = self._chunk(self._text_choice("\x00"))
+        self._delta_parts = template.split(marker) if template.count(marker) == 1 else None
 
     def _chunk(self, choice: dict[str, Any], usage: dict[str, int] | None = None) -> bytes:
         data: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created,
@@ -146,11 +150,18 @@ class _Encoder:
         return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
                             "logprobs": None, "finish_reason": None})
 
-    def delta(self, text: str) -> bytes:
+    def _text_choice(self, text: str) -> dict[str, Any]:
         if self.request.endpoint == "chat":
-            return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": None,
-                                "finish_reason": None})
-        return self._chunk({"index": 0, "text": text, "logprobs": None, "finish_reason": None})
+            return {"index": 0, "delta": {"content": text}, "logprobs": None,
+                    "finish_reason": None}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+
+    def delta(self, text: str) -> bytes:
+        """``_chunk(_text_choice(text))``, from the template."""
+        if self._delta_parts is None:  # the model's name holds the marker
+            return self._chunk(self._text_choice(text))
+        head, tail = self._delta_parts
+        return head + orjson.dumps(text) + tail
 
     def last(self, result: GenerationResult) -> list[bytes]:
         reason = _FINISH.get(result.finish_reason, "stop")

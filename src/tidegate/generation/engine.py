@@ -59,7 +59,7 @@ class GenerationModel(Protocol):
     @property
     def model(self) -> Any: ...
     @property
-    def tokenizer(self) -> TokenDecoder: ...
+    def decoder(self) -> TokenDecoder: ...
     @property
     def eos_token_ids(self) -> frozenset[int]: ...
     @property
@@ -181,7 +181,7 @@ class GenerationEngine:
         seq = SequenceState(
             seq_id, request_id, prompt, params=params,
             max_new=min(params.max_tokens or room, room), stream=stream,
-            decoder=self._runtime.tokenizer, eos_token_ids=self._runtime.eos_token_ids,
+            decoder=self._runtime.decoder, eos_token_ids=self._runtime.eos_token_ids,
             now=self._clock(),
         )
         self._waiting.append(seq)
