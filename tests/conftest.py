@@ -80,7 +80,7 @@ def byte_tokenizer() -> Any:
     return build_tokenizer()
 
 
-def _save(model: Any, tokenizer: Any, path: Path) -> Path:
+def save_model(model: Any, tokenizer: Any, path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -97,22 +97,29 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer: Any) -> P
         bos_token_id=byte_tokenizer.eos_token_id, eos_token_id=byte_tokenizer.eos_token_id,
         initializer_range=0.2,
     )
-    return _save(GPT2LMHeadModel(config), byte_tokenizer, tmp_path_factory.mktemp("gpt2"))
+    return save_model(GPT2LMHeadModel(config), byte_tokenizer, tmp_path_factory.mktemp("gpt2"))
 
 
-@pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer: Any) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(byte_tokenizer: Any) -> Any:
+    """The small Llama (grouped-query attention) the generation tests serve."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, vocab_size=len(byte_tokenizer),
         bos_token_id=byte_tokenizer.eos_token_id, eos_token_id=byte_tokenizer.eos_token_id,
         initializer_range=0.2,
     )
-    return _save(LlamaForCausalLM(config), byte_tokenizer, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer: Any) -> Path:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(byte_tokenizer))
+    return save_model(model, byte_tokenizer, tmp_path_factory.mktemp("llama"))
 
 
 WINDOW = 40
@@ -153,4 +160,4 @@ def windowed_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         model = Gemma2ForCausalLM(Gemma2Config(head_dim=16, **shape))
     else:
         model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, **shape))
-    return _save(model, byte_tokenizer, tmp_path_factory.mktemp(request.param))
+    return save_model(model, byte_tokenizer, tmp_path_factory.mktemp(request.param))

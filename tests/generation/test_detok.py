@@ -105,7 +105,24 @@ def test_the_fast_decoder_decodes_exactly_as_the_tokenizer(byte_tokenizer: Any) 
     assert "".join(stream(fast, ids)) == TEXT
 
 
-def test_a_tokenizer_that_cleans_up_spaces_decodes_through_its_own_decode() -> None:
-    tokenizer = build_tokenizer()
-    tokenizer.clean_up_tokenization_spaces = True
-    assert fast_decoder(tokenizer) is tokenizer
+def test_clean_up_of_tokenization_spaces_is_decoded_as_the_tokenizer_does() -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = build_tokenizer()
+    bpe.clean_up_tokenization_spaces = True  # transformers skips it for BPE models
+    text = "a , b . c ' d ?"
+    ids = bpe.encode(text, add_special_tokens=False)
+    assert fast_decoder(bpe) is not bpe
+    assert fast_decoder(bpe).decode(ids, skip_special_tokens=True) == bpe.decode(
+        ids, skip_special_tokens=True)
+
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece()
+    backend.train_from_iterator(
+        [text] * 4, trainers.WordPieceTrainer(special_tokens=["[UNK]"], show_progress=False))
+    wordpiece = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=backend, unk_token="[UNK]", clean_up_tokenization_spaces=True)
+    assert wordpiece.decode(wordpiece.encode(text)) != backend.decode(wordpiece.encode(text))
+    assert fast_decoder(wordpiece) is wordpiece  # its clean-up changes the text: keep it

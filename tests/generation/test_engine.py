@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import WINDOW
+from tests.conftest import WINDOW, llama_config, save_model
 from tidegate.generation import GenerationResult, SamplingParams
 from tidegate.generation.engine import GenerationEngine
+from tidegate.generation.worker import StepWorker
 from tidegate.runtimes.causal_lm import CausalLMRuntime
 
 from .conftest import run_engine
@@ -23,7 +25,30 @@ LENGTHS = (3, 17, 5, 31, 9, 2, 24, 12, 40, 7, 19, 4, 28, 11, 6, 35)
 def test_greedy_staggered_batch_matches_generate_alone(
     name: str, request: pytest.FixtureRequest
 ) -> None:
-    runtime: CausalLMRuntime = request.getfixturevalue(name)
+    staggered_batch_matches_generate_alone(request.getfixturevalue(name))
+
+
+def test_prefills_kept_apart_for_per_forward_rotary_scaling_match_generate_alone(
+    tmp_path: Path, byte_tokenizer: Any,
+) -> None:
+    """Dynamic NTK rotary scaling is chosen per forward, so such a model's newcomers are
+    prefilled in a forward of their own, after the decode: that path must be exact too."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = llama_config(byte_tokenizer)
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    save_model(LlamaForCausalLM(config), byte_tokenizer, tmp_path)
+    runtime = CausalLMRuntime(tmp_path)
+    try:
+        assert not StepWorker(runtime.model).packs_prefill
+        staggered_batch_matches_generate_alone(runtime)
+    finally:
+        runtime.close()
+
+
+def staggered_batch_matches_generate_alone(runtime: CausalLMRuntime) -> None:
     vocab = runtime.model.config.vocab_size
     prompts = random_prompts(16, LENGTHS, vocab, avoid=set(runtime.eos_token_ids))
     max_tokens = [6 + (7 * i) % 19 for i in range(16)]

@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import save_model
 from tidegate.generation.attention import PackedAttention, attend_packed
 from tidegate.generation.kvbatch import PaddedKVBatch
+from tidegate.generation.worker import check_packed_steps
 from tidegate.runtimes.causal_lm import CausalLMRuntime
 
 TOLERANCE = 1e-4
@@ -76,8 +78,11 @@ def check(driver: Driver, logits: dict[int, torch.Tensor]) -> None:
 
 
 def run_scenario(runtime: CausalLMRuntime) -> None:
-    driver = Driver(runtime.model)
-    vocab = runtime.vocab_size
+    run_model_scenario(runtime.model, runtime.vocab_size)
+
+
+def run_model_scenario(model: Any, vocab: int) -> None:
+    driver = Driver(model)
     p = prompts(vocab - 2, [5, 9, 3, 12, 2, 7], seed=1)
     check(driver, driver.step({0: p[0], 1: p[1]}, next_token=1))  # two join an empty batch
     check(driver, driver.step({}, next_token=1))  # decode only
@@ -142,7 +147,7 @@ def test_a_model_that_bypasses_the_attention_interface_is_refused(
     driver = Driver(model)
     attention.forward = own_attention.__get__(attention)
     try:
-        with pytest.raises(RuntimeError, match="does not route attention"):
+        with pytest.raises(RuntimeError, match="does not attend through"):
             driver.step({0: [1, 2, 3]}, next_token=1)
     finally:
         del attention.forward
@@ -150,3 +155,113 @@ def test_a_model_that_bypasses_the_attention_interface_is_refused(
     assert (len(driver.batch), driver.batch.capacity) == (0, (0, 0))
     assert type(attention).forward is original
     assert len(driver.batch) == 0
+
+
+def test_models_whose_attention_cannot_be_packed_are_refused_at_load(
+    tmp_path: Path, byte_tokenizer: Any,
+) -> None:
+    """JetMoE repeats its key heads after the cache update; DeepSeek-V3 caches compressed
+    latents and expands them after it: the packed attention would read the wrong keys, so the
+    load-time check refuses both with a clear error instead of serving wrong text."""
+    from transformers import (
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+        JetMoeConfig,
+        JetMoeForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    vocab = len(byte_tokenizer)
+    models = {
+        "jetmoe": JetMoeForCausalLM(JetMoeConfig(
+            hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
+            intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, vocab_size=vocab,
+            max_position_embeddings=256, initializer_range=0.2)),
+        "deepseek": DeepseekV3ForCausalLM(DeepseekV3Config(
+            hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+            first_k_dense_replace=2, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256,
+            vocab_size=vocab)),
+    }
+    for name, model in models.items():
+        path = save_model(model, byte_tokenizer, tmp_path / name)
+        with pytest.raises(ValueError, match="cannot run the generation engine's packed steps"):
+            CausalLMRuntime(path)
+
+
+def test_rotary_scaling_chosen_per_forward_keeps_prefills_apart() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tidegate.generation.worker import packs_prefill
+
+    def llama(rope: dict[str, Any] | None) -> Any:
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, vocab_size=64, max_position_embeddings=64)
+        if rope is not None:
+            config.rope_parameters = {"rope_theta": 10000.0, **rope}
+        return LlamaForCausalLM(config)
+
+    assert packs_prefill(llama(None))
+    assert packs_prefill(llama({"rope_type": "linear", "factor": 2.0}))
+    assert not packs_prefill(llama({"rope_type": "dynamic", "factor": 2.0}))
+    assert not packs_prefill(llama({"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                    "long_factor": [4.0] * 8,
+                                    "original_max_position_embeddings": 16}))
+
+
+VOCAB = 97
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, vocab_size=VOCAB)
+
+
+def family(name: str) -> Any:
+    import transformers as t
+
+    torch.manual_seed(0)
+    models = {
+        "llama-mqa": lambda: t.LlamaForCausalLM(t.LlamaConfig(**{**BASE,
+                                                                 "num_key_value_heads": 1})),
+        "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**BASE, head_dim=16)),
+        "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**BASE, head_dim=16)),
+        "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(**BASE, pad_token_id=0, bos_token_id=1,
+                                                       eos_token_id=2)),
+        "phi": lambda: t.PhiForCausalLM(t.PhiConfig(**{**BASE, "num_key_value_heads": 4})),
+        "gpt-neox": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(
+            **{**BASE, "num_key_value_heads": 4})),
+        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(
+            hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, vocab_size=VOCAB, word_embed_proj_dim=64)),
+        "gpt-j": lambda: t.GPTJForCausalLM(t.GPTJConfig(
+            n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=VOCAB, rotary_dim=8)),
+        "starcoder2": lambda: t.Starcoder2ForCausalLM(t.Starcoder2Config(**BASE)),
+        "bloom": lambda: t.BloomForCausalLM(t.BloomConfig(
+            hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB)),
+        "gpt-neo": lambda: t.GPTNeoForCausalLM(t.GPTNeoConfig(
+            hidden_size=64, num_layers=2, num_heads=4, vocab_size=VOCAB,
+            attention_types=[[["global", "local"], 1]], max_position_embeddings=256)),
+        "falcon": lambda: t.FalconForCausalLM(t.FalconConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+            alibi=True)),
+        "gpt-oss": lambda: t.GptOssForCausalLM(t.GptOssConfig(
+            **{**BASE, "intermediate_size": 64}, head_dim=16, num_local_experts=4,
+            num_experts_per_tok=2, sliding_window=64)),
+    }
+    return models[name]().eval()
+
+
+@pytest.mark.parametrize("name", ["llama-mqa", "qwen3", "gemma", "phi3", "phi", "gpt-neox",
+                                  "opt", "gpt-j", "starcoder2"])
+def test_more_families_give_the_plain_logits(name: str) -> None:
+    model = family(name)
+    check_packed_steps(model, VOCAB)  # what the runtime runs at load
+    run_model_scenario(model, VOCAB)
+
+
+@pytest.mark.parametrize("name", ["bloom", "gpt-neo", "falcon", "gpt-oss"])
+def test_families_that_attend_their_own_way_are_refused(name: str) -> None:
+    """Bloom, GPT-Neo and Falcon attend without the interface (ALiBi, local attention); gpt-oss
+    needs attention sinks."""
+    with pytest.raises(ValueError, match="cannot run the generation engine's packed steps"):
+        check_packed_steps(family(name), VOCAB)

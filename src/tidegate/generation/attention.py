@@ -14,10 +14,13 @@ wrote the step's keys and values into the batch's buffers, and computes:
 
 The model builds no attention mask for this implementation (transformers skips mask creation for
 a name it has no mask function for). Grouped-query attention, ``scaling`` and Gemma 2's logit
-softcapping are honoured; an attention that needs anything else (sinks, position biases) fails
-the step with a clear error rather than compute something else. A model whose layers do not call
-the attention interface at all is caught after the forward: each cache update must have been
-followed by one packed attention.
+softcapping are honoured; an attention that needs anything else (sinks, position biases, keys
+and values transformed after the cache update) fails the step with a clear error rather than
+compute something else. A model whose layers do not call the attention interface is caught after
+the forward: each cache update must have been followed by one packed attention. Sliding windows
+are not applied: the runtime caps such a model's context at its smallest window, where sliding
+attention is full attention, and a longer sequence fails the step.
+:func:`tidegate.generation.worker.check_packed_steps` runs all this once at load.
 """
 
 from __future__ import annotations
@@ -75,9 +78,9 @@ class PackedAttention:
                 self._swap(config, name)
         if step.updates == 0 or step.attended != step.updates:
             raise RuntimeError(
-                f"{self._model_name} does not route attention through transformers' attention "
-                f"interface ({step.updates} cache updates, {step.attended} attention calls), "
-                "which continuous batching needs"
+                f"{self._model_name} does not attend through transformers' attention interface "
+                f"once per cache update ({step.updates} cache updates, {step.attended} packed "
+                "attention calls), which continuous batching needs"
             )
 
     @staticmethod
@@ -125,6 +128,17 @@ def attend_packed(
             raise NotImplementedError(f"attention with {name!r} is not supported")
     if dropout:
         raise NotImplementedError("attention dropout (training) is not supported")
+    if step.states is None or key is not step.states[0] or value is not step.states[1]:
+        raise NotImplementedError(
+            f"{type(module).__name__} transforms the cached keys and values before attending "
+            "(latent or repeated key heads, for instance), which the packed attention cannot "
+            "follow"
+        )
+    window = kwargs.get("sliding_window")
+    if window is not None and max(
+        [step.end - step.start, *(length for _, _, length in step.spans)]
+    ) > window:
+        raise RuntimeError(f"a sequence is longer than the sliding window ({window} tokens)")
     softcap: float | None = kwargs.get("softcap")
     step.attended += 1
     _, heads, tokens, dim = query.shape

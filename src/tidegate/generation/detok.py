@@ -8,7 +8,7 @@ start of a stop string, so a stop string is never streamed, even in part.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 __all__ = ["IncrementalDetokenizer", "StopFilter", "TokenDecoder", "fast_decoder"]
 
@@ -48,19 +48,29 @@ class _BackendDecoder:
 def fast_decoder(tokenizer: Any) -> TokenDecoder:
     """A decoder that gives exactly what ``tokenizer.decode`` gives, through the tokenizer's
     Rust backend where that is all its ``decode`` does (a transformers fast tokenizer that does
-    not override decoding and does not clean up tokenization spaces); else the tokenizer."""
+    not override decoding and does not clean up tokenization spaces, which transformers never
+    does for BPE models); else the tokenizer. The choice is made once: a tokenizer whose
+    clean-up setting changes afterwards needs a new decoder."""
     try:
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
     except ImportError:  # pragma: no cover - an older transformers
-        return tokenizer  # type: ignore[no-any-return]
-    if (
+        return cast(TokenDecoder, tokenizer)
+    if not (
         isinstance(tokenizer, TokenizersBackend)
         and type(tokenizer)._decode is TokenizersBackend._decode
         and type(tokenizer).decode is TokenizersBackend.decode
-        and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
     ):
-        return _BackendDecoder(tokenizer.backend_tokenizer)
-    return tokenizer  # type: ignore[no-any-return]
+        return cast(TokenDecoder, tokenizer)
+    backend = tokenizer.backend_tokenizer
+    # transformers skips the clean-up for BPE models unless forced (it corrupts their text).
+    cleans = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)) and not (
+        type(backend.model).__name__ == "BPE"
+        and not getattr(tokenizer, _FORCE_BPE_CLEANUP, False)
+    )
+    return cast(TokenDecoder, tokenizer) if cleans else _BackendDecoder(backend)
+
+
+_FORCE_BPE_CLEANUP = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
 
 
 class IncrementalDetokenizer:

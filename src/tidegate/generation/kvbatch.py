@@ -77,6 +77,8 @@ class PackedStep:
     """The mask as an additive bias in the model's dtype, made by the attention once a step."""
     layer: Any = None
     """The cache layer the model updated last: the attention that follows reads its rows."""
+    states: tuple[torch.Tensor, torch.Tensor] | None = None
+    """The keys and values that layer's update returned, which the attention must receive."""
     updates: int = 0
     attended: int = 0
 
@@ -133,6 +135,7 @@ def _slot_layer_class() -> type[Any]:
                     buffer[row, :, step.end - tokens : step.end].copy_(
                         states[0, :, offset : offset + tokens])
             step.layer = self
+            step.states = (key_states, value_states)
             step.updates += 1
             return key_states, value_states
 

@@ -8,7 +8,10 @@ newcomers' prompts, which are prefilled and join the batch, decoding from the ne
 Every step gives each sequence in it one new token.
 
 If a forward with newcomers fails, the step is redone without them and each newcomer is then
-prefilled alone, so one bad prompt fails only its own sequence.
+prefilled alone, so one bad prompt fails only its own sequence. Models whose rotary scaling
+depends on the forward's largest position (dynamic, longrope) prefill newcomers in a forward of
+their own, after the decode, so that a prompt gets exactly the embedding it gets alone.
+:func:`check_packed_steps` is run at load: a model whose attention cannot be packed is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ from tidegate.generation.kvbatch import PaddedKVBatch
 from tidegate.generation.params import SamplingParams
 from tidegate.generation.sampling import next_tokens
 
-__all__ = ["PrefillRequest", "StepOutcome", "StepPlan", "StepWorker"]
+__all__ = [
+    "PrefillRequest",
+    "StepOutcome",
+    "StepPlan",
+    "StepWorker",
+    "check_packed_steps",
+    "packs_prefill",
+]
 
 log = logging.getLogger("tidegate.generation")
 
@@ -73,6 +83,8 @@ class StepWorker:
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         self._batch = PaddedKVBatch()
         self._attention = PackedAttention(model)
+        self.packs_prefill = packs_prefill(model)
+        """Newcomers join the running rows' forward; else they get a forward of their own."""
         self._rows: dict[int, _Row] = {}
 
     @property
@@ -91,39 +103,53 @@ class StepWorker:
             for seq_id in plan.drop:
                 self._rows.pop(seq_id, None)
         decoded = self._batch.ids
-        tokens: dict[int, int] = {}
         failed: dict[int, str] = {}
-        if not decoded and not plan.prefill:
-            return StepOutcome(decoded=decoded, tokens=tokens, failed=failed)
-        try:
-            tokens.update(self._forward(decoded, plan.prefill))
-        except Exception:
-            if not plan.prefill:
-                raise  # the engine fails the batch
-            log.debug("step with %d newcomers failed; redoing it without them, then "
-                      "prefilling each alone", len(plan.prefill), exc_info=True)
-            if decoded:
-                tokens.update(self._forward(decoded, ()))
-            for request in plan.prefill:
-                try:
-                    tokens.update(self._forward((), (request,)))
-                except Exception as exc:  # one bad prompt must not take the batch down
-                    failed[request.seq_id] = f"{type(exc).__name__}: {exc}"
+        done: list[tuple[Sequence[int], Sequence[PrefillRequest], torch.Tensor]] = []
+        running: Sequence[int] = decoded
+        if running and plan.prefill and not self.packs_prefill:
+            done.append((running, (), self._forward(running, ())))
+            running = ()
+        if running or plan.prefill:
+            try:
+                done.append((running, plan.prefill, self._forward(running, plan.prefill)))
+            except Exception:
+                if not plan.prefill:
+                    raise  # the engine fails the batch
+                log.debug("step with %d newcomers failed; redoing it without them, then "
+                          "prefilling each alone", len(plan.prefill), exc_info=True)
+                if running:
+                    done.append((running, (), self._forward(running, ())))
+                for request in plan.prefill:
+                    try:
+                        done.append(((), (request,), self._forward((), (request,))))
+                    except Exception as exc:  # one bad prompt must not take the batch down
+                        failed[request.seq_id] = f"{type(exc).__name__}: {exc}"
+        tokens: dict[int, int] = {}
+        for seq_ids, requests, logits in done:
+            tokens.update(self._sample(seq_ids, requests, logits))
         return StepOutcome(decoded=decoded, tokens=tokens, failed=failed)
 
     def _forward(
         self, decoded: Sequence[int], requests: Sequence[PrefillRequest]
-    ) -> dict[int, int]:
-        """One forward: the ``decoded`` rows (all of the batch, or none) decode a token each
-        and ``requests`` join; returns every one's new token."""
-        rows = [self._rows[seq_id] for seq_id in decoded]
-        inputs = self._batch.begin(
-            decode=bool(rows),
-            prompts=[(request.seq_id, len(request.prompt_ids)) for request in requests],
+    ) -> torch.Tensor:
+        """One forward in which the ``decoded`` rows (all of the batch, or none) decode and
+        ``requests`` join: the logits of each one's next token, in that order."""
+        return self._packed(
+            [self._rows[seq_id].last_token for seq_id in decoded],
+            [(request.seq_id, request.prompt_ids) for request in requests],
         )
-        packed = [row.last_token for row in rows]
-        for request in requests:
-            packed.extend(request.prompt_ids)
+
+    def _packed(
+        self, last_tokens: Sequence[int], prompts: Sequence[tuple[int, Sequence[int]]]
+    ) -> torch.Tensor:
+        """The forward over one packed row; the batch commits it, or forgets it if it raises."""
+        inputs = self._batch.begin(
+            decode=bool(last_tokens),
+            prompts=[(seq_id, len(prompt)) for seq_id, prompt in prompts],
+        )
+        packed = list(last_tokens)
+        for _, prompt in prompts:
+            packed.extend(prompt)
         input_ids = torch.tensor([packed], dtype=torch.long)
         try:
             with self._attention.over(inputs.step):
@@ -139,12 +165,84 @@ class StepWorker:
             self._batch.abort()
             raise
         self._batch.commit()
+        logits: torch.Tensor = output.logits[0]
+        return logits
+
+    def _sample(
+        self, decoded: Sequence[int], requests: Sequence[PrefillRequest], logits: torch.Tensor
+    ) -> dict[int, int]:
+        rows = [self._rows[seq_id] for seq_id in decoded]
         params = [row.params for row in rows] + [request.params for request in requests]
         generators = [row.generator for row in rows] + [r.generator for r in requests]
-        new = next_tokens(output.logits[0], params, generators)
+        new = next_tokens(logits, params, generators)
         for row, token in zip(rows, new, strict=False):
             row.last_token = token
         for request, token in zip(requests, new[len(rows):], strict=True):
             self._rows[request.seq_id] = _Row(request.params, request.generator, token)
         ids = [*decoded, *(request.seq_id for request in requests)]
         return dict(zip(ids, new, strict=True))
+
+
+_POSITION_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
+"""Rotary scalings chosen per forward from its largest position: a prompt packed with a long
+running sequence would get another scaling than when prefilled alone."""
+
+
+def _rope_types(config: Any) -> set[str]:
+    found: set[str] = set()
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(config, name, None)
+        if not isinstance(value, dict):
+            continue
+        per_layer_type = value and all(isinstance(v, dict) for v in value.values())
+        for entry in value.values() if per_layer_type else (value,):
+            kind = entry.get("rope_type") or entry.get("type")
+            if isinstance(kind, str):
+                found.add(kind)
+    return found
+
+
+def packs_prefill(model: Any) -> bool:
+    """Whether newcomers' prompts can share a forward with the running rows' tokens and still
+    get exactly their own results (see :data:`_POSITION_DEPENDENT_ROPE`)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return not (_rope_types(config) | _rope_types(text)) & _POSITION_DEPENDENT_ROPE
+
+
+def check_packed_steps(model: Any, vocab_size: int) -> None:
+    """Run two packed steps on a throwaway batch (a prompt alone, then its decode step with a
+    newcomer joining) and compare every logit with the model's own forward over each sequence.
+
+    Raises ``ValueError`` naming the problem when the model's attention cannot be packed: it
+    bypasses transformers' attention interface, transforms cached keys and values before
+    attending (latent attention, repeated key heads), or needs something the packed attention
+    does not do. Run at load, so such a model is refused before it takes a request.
+    """
+    worker = StepWorker(model)
+    first = [token % vocab_size for token in (1, 2, 3)]
+    second = [token % vocab_size for token in (4, 5)]
+    try:
+        with torch.inference_mode():
+            alone = worker._packed((), [(0, first)])
+            token = int(alone[0].argmax())
+            joined = worker._packed([token], [(1, second)])
+            expected = [model(input_ids=torch.tensor([ids])).logits[0, -1]
+                        for ids in (first, [*first, token], second)]
+    except Exception as exc:
+        raise ValueError(
+            f"{type(model).__name__} cannot run the generation engine's packed steps "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    finally:
+        worker.reset()
+    loose = next(model.parameters()).dtype != torch.float32
+    for got, want in zip((alone[0], joined[0], joined[1]), expected, strict=True):
+        scale = max(1.0, float(want.abs().max()))
+        error = float((got.float() - want.float()).abs().max())
+        if error > (5e-2 if loose else 1e-3) * scale:
+            raise ValueError(
+                f"{type(model).__name__}: the generation engine's packed steps give logits "
+                f"that differ from the model's own by {error:.3g}; its attention computes "
+                "something the packed attention does not reproduce"
+            )

@@ -16,6 +16,7 @@ import torch
 
 from tidegate.errors import InvalidRequest
 from tidegate.generation.detok import TokenDecoder, fast_decoder
+from tidegate.generation.worker import check_packed_steps
 from tidegate.runtimes.linear_layout import convert_linears
 
 __all__ = ["CausalLMRuntime", "Dtype", "default_chat_prompt"]
@@ -131,6 +132,8 @@ class CausalLMRuntime:
         self.vocab_size = rows if isinstance(rows, int) else int(
             self.model.config.get_text_config().vocab_size
         )
+        # Refuse, now, a model whose attention the engine's packed steps cannot reproduce.
+        check_packed_steps(self.model, self.vocab_size)
         tensors = [*self.model.parameters(), *self.model.buffers()]
         self.memory_bytes = sum(t.numel() * t.element_size() for t in tensors)
         log.info("loaded %s (%s, %d bytes, context %d, %d linear layers converted)",
