@@ -48,6 +48,30 @@ def test_prefills_kept_apart_for_per_forward_rotary_scaling_match_generate_alone
         runtime.close()
 
 
+def test_latent_attention_served_with_materialized_caches_matches_generate_alone(
+    tmp_path: Path, byte_tokenizer: Any,
+) -> None:
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256,
+        vocab_size=len(byte_tokenizer), bos_token_id=byte_tokenizer.eos_token_id,
+        eos_token_id=byte_tokenizer.eos_token_id, initializer_range=0.2,
+    )
+    save_model(DeepseekV3ForCausalLM(config), byte_tokenizer, tmp_path)
+    runtime = CausalLMRuntime(tmp_path)
+    try:
+        assert runtime.materialized_cache
+        staggered_batch_matches_generate_alone(runtime)
+    finally:
+        runtime.close()
+
+
 def staggered_batch_matches_generate_alone(runtime: CausalLMRuntime) -> None:
     vocab = runtime.model.config.vocab_size
     prompts = random_prompts(16, LENGTHS, vocab, avoid=set(runtime.eos_token_ids))

@@ -218,6 +218,7 @@ class FlakyRuntime:
     eos_token_ids: frozenset[int]
     context_length: int
     vocab_size: int
+    materialized_cache: bool = False
 
 
 def flaky(runtime: CausalLMRuntime, fail_on: set[int], poison: int | None = None) -> FlakyRuntime:

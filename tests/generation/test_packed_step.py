@@ -24,9 +24,9 @@ TOLERANCE = 1e-4
 class Driver:
     """What the worker does, without sampling: each step's logits per sequence."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, materialized: bool = False) -> None:
         self.model = model
-        self.batch = PaddedKVBatch()
+        self.batch = PaddedKVBatch(materialized=materialized)
         self.attention = PackedAttention(model)
         self.tokens: dict[int, list[int]] = {}
 
@@ -81,8 +81,8 @@ def run_scenario(runtime: CausalLMRuntime) -> None:
     run_model_scenario(runtime.model, runtime.vocab_size)
 
 
-def run_model_scenario(model: Any, vocab: int) -> None:
-    driver = Driver(model)
+def run_model_scenario(model: Any, vocab: int, *, materialized: bool = False) -> None:
+    driver = Driver(model, materialized=materialized)
     p = prompts(vocab - 2, [5, 9, 3, 12, 2, 7], seed=1)
     check(driver, driver.step({0: p[0], 1: p[1]}, next_token=1))  # two join an empty batch
     check(driver, driver.step({}, next_token=1))  # decode only
@@ -157,12 +157,13 @@ def test_a_model_that_bypasses_the_attention_interface_is_refused(
     assert len(driver.batch) == 0
 
 
-def test_models_whose_attention_cannot_be_packed_are_refused_at_load(
+def test_models_that_transform_cached_keys_are_served_with_materialized_caches(
     tmp_path: Path, byte_tokenizer: Any,
 ) -> None:
     """JetMoE repeats its key heads after the cache update; DeepSeek-V3 caches compressed
-    latents and expands them after it: the packed attention would read the wrong keys, so the
-    load-time check refuses both with a clear error instead of serving wrong text."""
+    latents and expands them after it. The load-time check finds that the attention does not
+    get what the cache returned, and the engine then hands such a model whole caches: its
+    packed steps must still give the model's own logits."""
     from transformers import (
         DeepseekV3Config,
         DeepseekV3ForCausalLM,
@@ -186,9 +187,15 @@ def test_models_whose_attention_cannot_be_packed_are_refused_at_load(
             vocab_size=vocab)),
     }
     for name, model in models.items():
-        path = save_model(model, byte_tokenizer, tmp_path / name)
-        with pytest.raises(ValueError, match="cannot run the generation engine's packed steps"):
-            CausalLMRuntime(path)
+        runtime = CausalLMRuntime(save_model(model, byte_tokenizer, tmp_path / name))
+        try:
+            assert runtime.materialized_cache, name
+            run_model_scenario(runtime.model, runtime.vocab_size, materialized=True)
+            with pytest.raises(NotImplementedError, match="transforms the cached keys"):
+                run_model_scenario(runtime.model, runtime.vocab_size)  # not materialized
+        finally:
+            runtime.close()
+    assert not check_packed_steps(family("qwen3"), VOCAB)  # the others are not materialized
 
 
 def test_rotary_scaling_chosen_per_forward_keeps_prefills_apart() -> None:

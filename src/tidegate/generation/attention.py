@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from tidegate.generation.kvbatch import PackedStep
 
-__all__ = ["ATTENTION_NAME", "PackedAttention", "attend_packed"]
+__all__ = ["ATTENTION_NAME", "PackedAttention", "TransformedCache", "attend_packed"]
 
 ATTENTION_NAME = "tidegate_packed"
 _UNSUPPORTED = ("s_aux", "sinks", "position_bias")
@@ -108,6 +108,11 @@ def _all_configs(config: Any) -> list[Any]:
     return found
 
 
+class TransformedCache(NotImplementedError):
+    """The model attends to something other than what its cache update returned: it needs
+    the batch's caches materialized (see :class:`tidegate.generation.kvbatch.PaddedKVBatch`)."""
+
+
 def attend_packed(
     module: Any,
     query: torch.Tensor,
@@ -128,8 +133,10 @@ def attend_packed(
             raise NotImplementedError(f"attention with {name!r} is not supported")
     if dropout:
         raise NotImplementedError("attention dropout (training) is not supported")
-    if step.states is None or key is not step.states[0] or value is not step.states[1]:
-        raise NotImplementedError(
+    if not step.materialized and (
+        step.states is None or key is not step.states[0] or value is not step.states[1]
+    ):
+        raise TransformedCache(
             f"{type(module).__name__} transforms the cached keys and values before attending "
             "(latent or repeated key heads, for instance), which the packed attention cannot "
             "follow"
@@ -145,9 +152,21 @@ def attend_packed(
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     rows = step.decode_rows
+    width = step.end - step.start
+    # Materialized: ``key``/``value`` hold the running rows' caches end to end, as the model
+    # transformed them, then the prompts'; else the step's own tokens (rows from the buffers).
+    shift = rows * (width - 1) if step.materialized else 0
     decoded: torch.Tensor | None = None
     if rows:
-        keys, values = step.layer.decode_view(step)
+        if step.materialized:
+            keys, values = (
+                states[0, :, : rows * width]
+                .reshape(states.shape[1], rows, width, states.shape[-1])
+                .transpose(0, 1)
+                for states in (key, value)
+            )
+        else:
+            keys, values = step.layer.decode_view(step)
         if step.decode_mask is not None and step.decode_bias is None:
             # An additive mask is a little faster than a boolean one in SDPA on CPU.
             step.decode_bias = torch.zeros(step.decode_mask.shape, dtype=query.dtype
@@ -165,9 +184,10 @@ def attend_packed(
     if decoded is not None:
         out[:, :rows] = decoded
     for _, offset, length in step.spans:
-        span = slice(offset, offset + length)
-        attended = _attend(query[:, :, span], key[:, :, span], value[:, :, span], mask=None,
-                           scaling=scaling, softcap=softcap, causal=True)
+        span, cached = slice(offset, offset + length), slice(offset + shift,
+                                                             offset + shift + length)
+        attended = _attend(query[:, :, span], key[:, :, cached], value[:, :, cached],
+                           mask=None, scaling=scaling, softcap=softcap, causal=True)
         out[0, span] = attended[0].transpose(0, 1)
     return out, None
 

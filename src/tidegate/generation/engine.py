@@ -66,6 +66,8 @@ class GenerationModel(Protocol):
     def context_length(self) -> int: ...
     @property
     def vocab_size(self) -> int: ...
+    @property
+    def materialized_cache(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,7 @@ class GenerationEngine:
         )
         self._clock = clock
         self._on_step = on_step
-        self._worker = StepWorker(runtime.model)
+        self._worker = StepWorker(runtime.model, materialized=runtime.materialized_cache)
         self._waiting: deque[SequenceState] = deque()
         self._running: dict[int, SequenceState] = {}
         self._live: dict[int, SequenceState] = {}

@@ -75,6 +75,10 @@ class PackedStep:
     when no running row has padding."""
     decode_bias: torch.Tensor | None = None
     """The mask as an additive bias in the model's dtype, made by the attention once a step."""
+    materialized: bool = False
+    """The cache update returns the running rows' whole caches, not just the step's tokens:
+    ``[1, kv_heads, decode_rows * (end - start) + prompt tokens, dim]``, each running row's
+    columns ``start:end`` in row order, then the prompts (see :class:`PaddedKVBatch`)."""
     layer: Any = None
     """The cache layer the model updated last: the attention that follows reads its rows."""
     states: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -134,6 +138,12 @@ def _slot_layer_class() -> type[Any]:
                 for row, offset, tokens in step.spans:
                     buffer[row, :, step.end - tokens : step.end].copy_(
                         states[0, :, offset : offset + tokens])
+            if step.materialized:
+                key_states, value_states = (
+                    _materialized(buffer, states, step)
+                    for buffer, states in zip(self.buffers, (key_states, value_states),
+                                              strict=True)
+                )
             step.layer = self
             step.states = (key_states, value_states)
             step.updates += 1
@@ -164,10 +174,31 @@ def _slot_layer_class() -> type[Any]:
     return SlotLayer
 
 
-class PaddedKVBatch:
-    """Rows of sequence ids, their caches in per-layer buffers, and the padding layout."""
+def _materialized(buffer: torch.Tensor, states: torch.Tensor, step: PackedStep) -> torch.Tensor:
+    """The running rows' caches (this step's column included) laid end to end along the token
+    axis, then the newcomers' prompts: ``[1, heads, rows * width + prompt tokens, dim]``."""
+    rows, width = step.decode_rows, step.end - step.start
+    parts = []
+    if rows:
+        view = buffer[:rows].narrow(2, step.start, width)
+        parts.append(view.transpose(0, 1).reshape(1, view.shape[1], rows * width, -1))
+    if step.spans:
+        parts.append(states[:, :, rows:])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
-    def __init__(self) -> None:
+
+class PaddedKVBatch:
+    """Rows of sequence ids, their caches in per-layer buffers, and the padding layout.
+
+    With ``materialized``, each layer's cache update hands the model the running rows' whole
+    caches instead of the step's own keys and values, for models that transform what they read
+    from the cache before attending (latent attention expands compressed keys, JetMoE repeats
+    key heads). That copies every row's cache once per layer and step, as a plain
+    ``DynamicCache`` would; other models never pay for it.
+    """
+
+    def __init__(self, *, materialized: bool = False) -> None:
+        self.materialized = materialized
         self._ids: list[int] = []
         self._first: list[int] = []
         """Per row, the buffer column of its first real token."""
@@ -279,6 +310,7 @@ class PaddedKVBatch:
             decode_rows=rows if decode else 0, column=self._end, start=start, end=end,
             spans=tuple(spans), tokens=offset,
             decode_mask=self._decode_mask(start, end) if decode else None,
+            materialized=self.materialized,
         )
         self._joining = joining
         return PackedInputs(

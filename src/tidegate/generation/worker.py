@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tidegate.generation.attention import PackedAttention
+from tidegate.generation.attention import PackedAttention, TransformedCache
 from tidegate.generation.kvbatch import PaddedKVBatch
 from tidegate.generation.params import SamplingParams
 from tidegate.generation.sampling import next_tokens
@@ -76,12 +76,12 @@ class _Row:
 class StepWorker:
     """Owns the padded KV batch of one model. Not thread-safe: one step at a time."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, materialized: bool = False) -> None:
         self._model = model
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns).
         parameters = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
-        self._batch = PaddedKVBatch()
+        self._batch = PaddedKVBatch(materialized=materialized)
         self._attention = PackedAttention(model)
         self.packs_prefill = packs_prefill(model)
         """Newcomers join the running rows' forward; else they get a forward of their own."""
@@ -210,16 +210,27 @@ def packs_prefill(model: Any) -> bool:
     return not (_rope_types(config) | _rope_types(text)) & _POSITION_DEPENDENT_ROPE
 
 
-def check_packed_steps(model: Any, vocab_size: int) -> None:
+def check_packed_steps(model: Any, vocab_size: int) -> bool:
     """Run two packed steps on a throwaway batch (a prompt alone, then its decode step with a
     newcomer joining) and compare every logit with the model's own forward over each sequence.
 
-    Raises ``ValueError`` naming the problem when the model's attention cannot be packed: it
-    bypasses transformers' attention interface, transforms cached keys and values before
-    attending (latent attention, repeated key heads), or needs something the packed attention
-    does not do. Run at load, so such a model is refused before it takes a request.
+    Returns whether the model needs materialized caches (it transforms what it reads from the
+    cache before attending: latent attention, repeated key heads); those are probed again that
+    way. Raises ``ValueError`` naming the problem when the model's attention cannot be packed at
+    all: it bypasses transformers' attention interface or needs something the packed attention
+    does not do (sinks, position biases). Run at load, so such a model is refused before it
+    takes a request.
     """
-    worker = StepWorker(model)
+    try:
+        _probe(model, vocab_size, materialized=False)
+    except TransformedCache:
+        _probe(model, vocab_size, materialized=True)
+        return True
+    return False
+
+
+def _probe(model: Any, vocab_size: int, *, materialized: bool) -> None:
+    worker = StepWorker(model, materialized=materialized)
     first = [token % vocab_size for token in (1, 2, 3)]
     second = [token % vocab_size for token in (4, 5)]
     try:
@@ -229,6 +240,8 @@ def check_packed_steps(model: Any, vocab_size: int) -> None:
             joined = worker._packed([token], [(1, second)])
             expected = [model(input_ids=torch.tensor([ids])).logits[0, -1]
                         for ids in (first, [*first, token], second)]
+    except TransformedCache:
+        raise  # not wrapped: the caller probes again with materialized caches
     except Exception as exc:
         raise ValueError(
             f"{type(model).__name__} cannot run the generation engine's packed steps "

@@ -133,7 +133,8 @@ class CausalLMRuntime:
             self.model.config.get_text_config().vocab_size
         )
         # Refuse, now, a model whose attention the engine's packed steps cannot reproduce.
-        check_packed_steps(self.model, self.vocab_size)
+        self.materialized_cache = check_packed_steps(self.model, self.vocab_size)
+        """The engine must hand the model whole caches (latent attention and the like)."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
         self.memory_bytes = sum(t.numel() * t.element_size() for t in tensors)
         log.info("loaded %s (%s, %d bytes, context %d, %d linear layers converted)",
