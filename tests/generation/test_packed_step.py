@@ -251,6 +251,14 @@ def family(name: str) -> Any:
         "falcon": lambda: t.FalconForCausalLM(t.FalconConfig(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
             alibi=True)),
+        "deepseek-v2": lambda: t.DeepseekV2ForCausalLM(t.DeepseekV2Config(
+            **{**BASE, "num_key_value_heads": 4}, moe_intermediate_size=32,
+            n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+            first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16, initializer_range=0.2)),
+        "minicpm3": lambda: t.MiniCPM3ForCausalLM(t.MiniCPM3Config(
+            **{**BASE, "num_key_value_heads": 4}, kv_lora_rank=32, q_lora_rank=32,
+            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
         "gpt-oss": lambda: t.GptOssForCausalLM(t.GptOssConfig(
             **{**BASE, "intermediate_size": 64}, head_dim=16, num_local_experts=4,
             num_experts_per_tok=2, sliding_window=64)),
@@ -272,3 +280,10 @@ def test_families_that_attend_their_own_way_are_refused(name: str) -> None:
     needs attention sinks."""
     with pytest.raises(ValueError, match="cannot run the generation engine's packed steps"):
         check_packed_steps(family(name), VOCAB)
+
+
+@pytest.mark.parametrize("name", ["deepseek-v2", "minicpm3"])
+def test_more_latent_attention_families_are_served_materialized(name: str) -> None:
+    model = family(name)
+    assert check_packed_steps(model, VOCAB)
+    run_model_scenario(model, VOCAB, materialized=True)

@@ -14,13 +14,15 @@ wrote the step's keys and values into the batch's buffers, and computes:
 
 The model builds no attention mask for this implementation (transformers skips mask creation for
 a name it has no mask function for). Grouped-query attention, ``scaling`` and Gemma 2's logit
-softcapping are honoured; an attention that needs anything else (sinks, position biases, keys
-and values transformed after the cache update) fails the step with a clear error rather than
-compute something else. A model whose layers do not call the attention interface is caught after
-the forward: each cache update must have been followed by one packed attention. Sliding windows
-are not applied: the runtime caps such a model's context at its smallest window, where sliding
-attention is full attention, and a longer sequence fails the step.
-:func:`tidegate.generation.worker.check_packed_steps` runs all this once at load.
+softcapping are honoured; an attention that needs anything else (sinks, position biases) fails
+the step with a clear error rather than compute something else. Keys and values the model
+transforms after the cache update (latent attention) raise :class:`TransformedCache` unless the
+batch is materialized, in which case the attention reads them as the model passes them. A model
+whose layers do not call the attention interface is caught after the forward: each cache update
+must have been followed by one packed attention. Sliding windows are not applied: the runtime
+caps such a model's context at its smallest window, where sliding attention is full attention,
+and a longer sequence fails the step. :func:`tidegate.generation.worker.check_packed_steps` runs
+all this once at load.
 """
 
 from __future__ import annotations
