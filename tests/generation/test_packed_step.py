@@ -40,10 +40,9 @@ class Driver:
         for prompt in joining.values():
             packed.extend(prompt)
         ids = torch.tensor([packed])
-        with self.attention.over(inputs.step):
-            logits = self.model(input_ids=ids, position_ids=inputs.position_ids,
-                                logits_to_keep=inputs.logits_index, use_cache=True,
-                                cache=inputs.cache).logits[0]
+        logits = self.attention.run(inputs.step, lambda: self.model(
+            input_ids=ids, position_ids=inputs.position_ids, logits_to_keep=inputs.logits_index,
+            use_cache=True, cache=inputs.cache).logits[0])
         self.batch.commit()
         order = [*running, *joining]
         for seq_id, prompt in joining.items():

@@ -27,11 +27,10 @@ all this once at load.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +40,15 @@ from tidegate.generation.kvbatch import PackedStep
 __all__ = ["ATTENTION_NAME", "PackedAttention", "TransformedCache", "attend_packed"]
 
 ATTENTION_NAME = "tidegate_packed"
-_UNSUPPORTED = ("s_aux", "sinks", "position_bias")
+_T = TypeVar("_T")
+_UNSUPPORTED = frozenset({"s_aux", "sinks", "position_bias"})
 
-_active = threading.local()
+
+class _Active(threading.local):
+    step: PackedStep | None = None
+
+
+_active = _Active()
 
 
 @functools.cache
@@ -67,16 +72,16 @@ class PackedAttention:
         self._model_name = type(model).__name__
         self._configs = _all_configs(model.config)
 
-    @contextlib.contextmanager
-    def over(self, step: PackedStep) -> Iterator[None]:
-        """Run the model's forward inside this block with its attention over ``step``."""
-        previous = [self._swap(config, ATTENTION_NAME) for config in self._configs]
+    def run(self, step: PackedStep, forward: Callable[[], _T]) -> _T:
+        """Run the model's ``forward`` with its attention over ``step``."""
+        configs = self._configs
+        previous = [self._swap(config, ATTENTION_NAME) for config in configs]
         _active.step = step
         try:
-            yield
+            result = forward()
         finally:
             _active.step = None
-            for config, name in zip(self._configs, previous, strict=True):
+            for config, name in zip(configs, previous, strict=True):
                 self._swap(config, name)
         if step.updates == 0 or step.attended != step.updates:
             raise RuntimeError(
@@ -84,6 +89,7 @@ class PackedAttention:
                 f"once per cache update ({step.updates} cache updates, {step.attended} packed "
                 "attention calls), which continuous batching needs"
             )
+        return result
 
     @staticmethod
     def _swap(config: Any, name: str | None) -> str | None:
@@ -127,12 +133,13 @@ def attend_packed(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The attention of one layer over the active packed step; ``[1, tokens, heads, dim]``."""
-    step: PackedStep | None = getattr(_active, "step", None)
+    step = _active.step
     if step is None or step.layer is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside a tidegate step")
-    for name in _UNSUPPORTED:
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"attention with {name!r} is not supported")
+    if not _UNSUPPORTED.isdisjoint(kwargs):
+        for name in sorted(_UNSUPPORTED.intersection(kwargs)):
+            if kwargs[name] is not None:
+                raise NotImplementedError(f"attention with {name!r} is not supported")
     if dropout:
         raise NotImplementedError("attention dropout (training) is not supported")
     if not step.materialized and (
@@ -176,7 +183,10 @@ def attend_packed(
         # [rows, heads, dim] -> [rows, kv_heads, groups, dim]: a kv head's query heads attend
         # to it as if they were its query positions (the padding mask is the same for all).
         # The query is a transposed view of [1, tokens, heads, dim], so this copies nothing.
-        queries = query[0, :, :rows].transpose(0, 1).reshape(rows, kv_heads, groups, dim)
+        queries = query.transpose(1, 2)
+        if step.spans:
+            queries = queries[:, :rows]
+        queries = queries.reshape(rows, kv_heads, groups, dim)
         decoded = _attend(queries, keys, values, mask=step.decode_bias, scaling=scaling,
                           softcap=softcap)
         decoded = decoded.reshape(1, rows, heads, -1)

@@ -108,7 +108,34 @@ def _slot_layer_class() -> type[Any]:
         def __init__(self, batch: PaddedKVBatch) -> None:
             super().__init__()  # type: ignore[no-untyped-call]
             self._batch = batch
-            self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._geometry: list[tuple[tuple[int, ...], int, int, int]] = []
+            """Per buffer: strides, storage offset, heads, dim (views are made from these)."""
+
+        @property
+        def buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+            return self._buffers
+
+        @buffers.setter
+        def buffers(self, buffers: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+            self._buffers = buffers
+            self._geometry = [(b.stride(), int(b.storage_offset()), b.shape[1], b.shape[3])
+                              for b in buffers or ()]
+
+        def _columns(self, rows: int, start: int, width: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+            """``buffer[:rows, :, start:start + width]`` of both buffers, made directly (a
+            decode step needs these per layer; ``as_strided`` is the cheapest way)."""
+            assert self._buffers is not None
+            keys, values = self._buffers
+            (k_strides, k_offset, k_heads, k_dim), (v_strides, v_offset, v_heads, v_dim) = (
+                self._geometry)
+            return (
+                keys.as_strided((rows, k_heads, width, k_dim), k_strides,
+                                k_offset + start * k_strides[2]),
+                values.as_strided((rows, v_heads, width, v_dim), v_strides,
+                                  v_offset + start * v_strides[2]),
+            )
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                    *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,13 +158,17 @@ def _slot_layer_class() -> type[Any]:
                 self.device = key_states.device
                 self.is_initialized = True
             decoding = step.decode_rows
-            for buffer, states in zip(self.buffers, (key_states, value_states), strict=True):
-                if decoding:
-                    buffer[:decoding, :, step.column].copy_(
-                        states[0, :, :decoding].transpose(0, 1))
-                for row, offset, tokens in step.spans:
-                    buffer[row, :, step.end - tokens : step.end].copy_(
-                        states[0, :, offset : offset + tokens])
+            if decoding:  # [1, heads, rows, dim] -> the rows' new column [rows, heads, 1, dim]
+                for column, states in zip(self._columns(decoding, step.column, 1),
+                                          (key_states, value_states), strict=True):
+                    running = states[:, :, :decoding] if step.spans else states
+                    column.copy_(running.transpose(0, 2))
+            if step.spans:
+                for buffer, states in zip(self.buffers, (key_states, value_states),
+                                          strict=True):
+                    for row, offset, tokens in step.spans:
+                        buffer[row, :, step.end - tokens : step.end].copy_(
+                            states[0, :, offset : offset + tokens])
             if step.materialized:
                 key_states, value_states = (
                     _materialized(buffer, states, step)
@@ -153,10 +184,8 @@ def _slot_layer_class() -> type[Any]:
             """The running rows' keys and values, this step's column included."""
             if self.buffers is None:
                 raise RuntimeError("decode view of a layer that holds nothing")
-            keys, values = self.buffers
-            width = step.end - step.start
-            return (keys[: step.decode_rows].narrow(2, step.start, width),
-                    values[: step.decode_rows].narrow(2, step.start, width))
+            keys, values = self._columns(step.decode_rows, step.start, step.end - step.start)
+            return keys, values
 
         def get_seq_length(self, *args: object, **kwargs: object) -> int:
             return self._batch.width
@@ -172,6 +201,12 @@ def _slot_layer_class() -> type[Any]:
         reorder_cache = reset = offload = prefetch = _unsupported
 
     return SlotLayer
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_index(rows: int) -> torch.Tensor:
+    """``0..rows-1``: the logits a decode-only step keeps (shared, never written)."""
+    return torch.arange(rows, dtype=torch.long)
 
 
 def _materialized(buffer: torch.Tensor, states: torch.Tensor, step: PackedStep) -> torch.Tensor:
@@ -316,7 +351,8 @@ class PaddedKVBatch:
         return PackedInputs(
             cache=self._cache,
             position_ids=torch.tensor([positions], dtype=torch.long),
-            logits_index=torch.tensor(keep, dtype=torch.long),
+            logits_index=_rows_index(rows) if not spans else torch.tensor(keep,
+                                                                           dtype=torch.long),
             step=self._step,
         )
 

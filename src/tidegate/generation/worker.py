@@ -151,16 +151,16 @@ class StepWorker:
         for _, prompt in prompts:
             packed.extend(prompt)
         input_ids = torch.tensor([packed], dtype=torch.long)
+        arguments = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "position_ids": inputs.position_ids,
+            "use_cache": True,
+            "logits_to_keep": inputs.logits_index,
+            self._cache_kwarg: inputs.cache,
+        }
         try:
-            with self._attention.over(inputs.step):
-                output = self._model(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    position_ids=inputs.position_ids,
-                    use_cache=True,
-                    logits_to_keep=inputs.logits_index,
-                    **{self._cache_kwarg: inputs.cache},
-                )
+            output = self._attention.run(inputs.step, lambda: self._model(**arguments))
         except BaseException:
             self._batch.abort()
             raise
