@@ -286,3 +286,16 @@ def test_more_latent_attention_families_are_served_materialized(name: str) -> No
     model = family(name)
     assert check_packed_steps(model, VOCAB)
     run_model_scenario(model, VOCAB, materialized=True)
+
+
+def test_a_sequence_longer_than_the_sliding_window_fails_the_step() -> None:
+    """The packed attention does not apply sliding windows (the runtime caps the context at the
+    window): a longer sequence must fail loudly, not attend past its window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**BASE, sliding_window=8)).eval()
+    driver = Driver(model)
+    driver.step({0: list(range(1, 9))}, next_token=1)  # 8 tokens: within the window
+    with pytest.raises(RuntimeError, match="longer than the sliding window"):
+        driver.step({}, next_token=1)  # the 9th

@@ -108,12 +108,12 @@ _INTERNAL = "_attn_implementation_internal"
 
 def _all_configs(config: Any) -> list[Any]:
     """``config`` and its sub-configs, recursively: each names its modules' attention."""
-    found = [config]
+    found = {id(config): config}
     for key in getattr(config, "sub_configs", {}) or {}:
         sub = getattr(config, key, None)
-        if sub is not None and all(sub is not seen for seen in found):
-            found.extend(c for c in _all_configs(sub) if all(c is not s for s in found))
-    return found
+        if sub is not None:
+            found.update((id(c), c) for c in _all_configs(sub))
+    return list(found.values())
 
 
 class TransformedCache(NotImplementedError):
@@ -151,9 +151,7 @@ def attend_packed(
             "follow"
         )
     window = kwargs.get("sliding_window")
-    if window is not None and max(
-        [step.end - step.start, *(length for _, _, length in step.spans)]
-    ) > window:
+    if window is not None and step.end - step.start > window:  # the widest row, prompts too
         raise RuntimeError(f"a sequence is longer than the sliding window ({window} tokens)")
     softcap: float | None = kwargs.get("softcap")
     step.attended += 1

@@ -333,14 +333,11 @@ class PaddedKVBatch:
             offset += tokens
             keep.append(offset - 1)
             joining.append((seq_id, end - tokens))
-        for layer in self._layers:
-            if layer.buffers is None:
-                continue
-            for buffer in layer.buffers:
-                if start < self._start:  # columns that become visible (masked) to old rows
-                    buffer[:rows, :, start : self._start].zero_()
-                for row, _, tokens in spans:
-                    buffer[row, :, start : end - tokens].zero_()
+        for buffer in (b for pair in self.layer_buffers() for b in pair) if spans else ():
+            if start < self._start:  # columns that become visible (masked) to old rows
+                buffer[:rows, :, start : self._start].zero_()
+            for row, _, tokens in spans:  # newcomers' padding
+                buffer[row, :, start : end - tokens].zero_()
         self._step = PackedStep(
             decode_rows=rows if decode else 0, column=self._end, start=start, end=end,
             spans=tuple(spans), tokens=offset,
