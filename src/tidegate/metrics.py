@@ -11,8 +11,8 @@ apps can live in one process, as in tests.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import exposition as _exposition
@@ -80,6 +80,17 @@ class BatchMetrics:
         self.queue_depth: Callable[[], int] = lambda: 0
 
 
+class ModelSample(Protocol):
+    """What the cache collector reads of one model (the model manager's ``ModelSnapshot``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def loaded(self) -> bool: ...
+    @property
+    def memory_bytes(self) -> int | None: ...
+
+
 class CacheMetrics:
     """The model cache's counters."""
 
@@ -93,7 +104,7 @@ class CacheMetrics:
         self.preloads = 0
         self.preload_hits = 0
         self.preload_wasted = 0
-        self.describe: Callable[[], list[dict[str, object]]] = list
+        self.models: Callable[[], Iterable[ModelSample]] = tuple
 
     def preload_hit_rate(self) -> float | None:
         settled = self.preload_hits + self.preload_wasted
@@ -140,11 +151,10 @@ class _CacheCollector:
                                    labels=["model"])
         state = GaugeMetricFamily("tidegate_model_loaded", "1 if the model is loaded",
                                   labels=["model"])
-        for card in c.describe():
-            loaded = card["status"] == "loaded"
-            state.add_metric([str(card["id"])], 1.0 if loaded else 0.0)
-            if loaded:
-                memory.add_metric([str(card["id"])], float(card["memory_bytes"] or 0))  # type: ignore[arg-type]
+        for model in c.models():
+            state.add_metric([model.id], 1.0 if model.loaded else 0.0)
+            if model.loaded:
+                memory.add_metric([model.id], float(model.memory_bytes or 0))
         yield memory
         yield state
 

@@ -159,6 +159,34 @@ def test_load_timeout_marks_the_model_failed(budget_server: tuple[ServerProcess,
         assert cards(http)["sluggish"]["status"] == "failed"
 
 
+def test_ready_recovers_once_a_failed_eager_model_loads(tmp_path: Path, cache_dir: Path) -> None:
+    log = tmp_path / "events.log"
+    flag = tmp_path / "broken.flag"
+    flag.touch()
+    config = blob("broken", log, preload="eager", fail_if_exists=str(flag)) \
+        + blob("fine", log, preload="eager")
+    with run_server(tmp_path, config, cache_dir, wait="/health/live") as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        for _ in range(200):  # bounded: the eager preload is two instant loads
+            if "preloading done" in server.log():
+                break
+            time.sleep(0.05)
+        not_ready = http.get("/health/ready")
+        assert not_ready.status_code == 503
+        assert not_ready.json()["models"] == {"broken": "failed", "fine": "loaded"}
+        flag.unlink()
+        # Loopback admin load; the retry backoff after one failure is 1 s: poll, bounded.
+        for _ in range(100):
+            loaded = http.post("/admin/models/broken/load")
+            if loaded.status_code != 503:
+                break
+            time.sleep(0.05)
+        assert loaded.status_code == 200, loaded.text
+        ready = http.get("/health/ready")
+        assert ready.status_code == 200
+        assert ready.json() == {"status": "ready", "models": {"broken": "loaded", "fine": "loaded"}}
+
+
 @pytest.fixture(scope="module")
 def dependency_server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
                       ) -> Iterator[tuple[ServerProcess, Path]]:

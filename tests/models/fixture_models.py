@@ -1,9 +1,13 @@
-"""Real ``python``-runtime models for the model-cache tests: each really sleeps for its load
-time, really allocates its memory, and appends a line to a log file per load/close."""
+"""Real ``python``-runtime models for the model-cache tests: each really allocates its memory
+and appends a line to a log file per load/close. A load or an embed can be held (the e2e tests
+sleep ``load_seconds``/``embed_seconds``; the unit tests block on a named :func:`gate`, opened
+by the test, so that no test waits on real time)."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +20,29 @@ def _log(path: str | None, line: str) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(f"{line} {time.monotonic():.6f} {os.getpid()}\n")
+
+
+_GATES: dict[str, threading.Event] = {}
+_GATE_IDS = itertools.count()
+_GATE_LIMIT_S = 60.0
+
+
+def gate() -> tuple[str, threading.Event]:
+    """A new gate: its name (for a model's ``load_gate``/``embed_gate`` option) and its event."""
+    name = f"gate{next(_GATE_IDS)}"
+    _GATES[name] = threading.Event()
+    return name, _GATES[name]
+
+
+def open_all_gates() -> None:
+    """Let every held load and embed finish (a test's cleanup: threads cannot be cancelled)."""
+    for event in _GATES.values():
+        event.set()
+
+
+def _pass(name: str | None) -> None:
+    if name and not _GATES[name].wait(_GATE_LIMIT_S):
+        raise RuntimeError(f"gate {name} was not opened within {_GATE_LIMIT_S}s")
 
 
 class Blob:
@@ -32,22 +59,27 @@ class Blob:
         dimensions: int = 4,
         fail_if_exists: str | None = None,
         log: str | None = None,
+        load_gate: str | None = None,
+        embed_gate: str | None = None,
     ) -> None:
         self._name = name
         self._log = log
         _log(log, f"load-start {name}")
         time.sleep(load_seconds)
+        _pass(load_gate)
         if fail_if_exists and Path(fail_if_exists).exists():
             _log(log, f"load-failed {name}")
             raise RuntimeError(f"{name} cannot load while {fail_if_exists} exists")
         self._memory = np.ones(allocate_mb << 20, dtype=np.uint8)  # touched: really resident
         self.dimensions = dimensions
         self._embed_seconds = embed_seconds
+        self._embed_gate = embed_gate
         _log(log, f"loaded {name}")
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         _log(self._log, f"embed-start {self._name}")
         time.sleep(self._embed_seconds)
+        _pass(self._embed_gate)
         _log(self._log, f"embed-end {self._name}")
         return [[float(len(t))] + [0.0] * (self.dimensions - 1) for t in texts]
 

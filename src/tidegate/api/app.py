@@ -160,7 +160,7 @@ async def health_live(request: Request) -> Response:
 
 async def health_ready(request: Request) -> Response:
     manager = app_state(request).manager
-    models = {card["id"]: card["status"] for card in manager.describe()}
+    models = {model.id: model.status.value for model in manager.snapshots()}
     if manager.ready:
         return json_response({"status": "ready", "models": models})
     return json_response({"status": "not_ready", "models": models}, status=503)

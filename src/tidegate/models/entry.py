@@ -1,17 +1,18 @@
-"""One configured model's cache state. Plain data plus its state transitions."""
+"""One configured model's cache state (plain data plus its state transitions) and the typed
+snapshot of it that the API, the health check and the metrics read."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from tidegate.config import ModelConfig
 from tidegate.models.policy import EntryView, decayed
 from tidegate.models.served import ServedModel
 
-__all__ = ["Entry", "ModelState"]
+__all__ = ["Entry", "ModelSnapshot", "ModelState"]
 
 
 class ModelState(enum.StrEnum):
@@ -48,6 +49,7 @@ class Entry:
     """Loaded by predictive preloading and not used since."""
     skipped: str | None = None
     """Why eager preloading passed over it."""
+    ever_loaded: bool = False
 
     def view(self) -> EntryView:
         return EntryView(
@@ -62,16 +64,16 @@ class Entry:
             frequency_at=self.frequency_at,
         )
 
-    def touch(self, now: float) -> None:
+    def touch(self, now: float, wall: float) -> None:
         self.last_used = now
-        self.last_used_wall = time.time()
+        self.last_used_wall = wall
 
-    def requested(self, now: float, *, half_life: float) -> None:
+    def requested(self, now: float, wall: float, *, half_life: float) -> None:
         """A request got it: count the request and mark it used. (The lease's end only
         touches it, so each request counts once.)"""
         self.frequency = decayed(self.frequency, self.frequency_at, now, half_life) + 1
         self.frequency_at = now
-        self.touch(now)
+        self.touch(now, wall)
 
     def loaded(self, served: ServedModel, *, measured: int, seconds: float, preloaded: bool,
                now: float) -> None:
@@ -84,6 +86,7 @@ class Entry:
         self.failures = 0
         self.preloaded = preloaded
         self.skipped = None
+        self.ever_loaded = True
         self.last_used = now
 
     def failed(self, detail: str, *, retry_at: float) -> None:
@@ -103,31 +106,91 @@ class Entry:
         self.preloaded = False
         return served
 
-    def card(self, *, now: float) -> dict[str, object]:
+    def snapshot(self) -> ModelSnapshot:
+        served = self.served
+        loaded = self.state is ModelState.LOADED
+        return ModelSnapshot(
+            id=self.config.id,
+            runtime=self.config.runtime,
+            status=self.state,
+            created=self.created,
+            memory_bytes=self.measured_bytes if loaded else None,
+            last_used=self.last_used_wall,
+            depends_on=self.config.depends_on,
+            leases=self.leases,
+            ever_loaded=self.ever_loaded,
+            error=self.error,
+            skipped=self.skipped,
+            kind=None if served is None else served.kind,
+            load_seconds=None if served is None else self.load_seconds or 0.0,
+            details={} if served is None else _served_details(served),
+        )
+
+
+def _served_details(served: ServedModel) -> dict[str, object]:
+    """The model object's fields that depend on what the loaded model serves."""
+    if served.kind == "generation":
+        return {"context_length": served.causal_lm.context_length}
+    details: dict[str, object] = {
+        "dimensions": served.dimensions,
+        "max_input_tokens": getattr(served.runtime, "max_input_tokens", None),
+    }
+    if served.kind == "remote":
+        details["upstream"] = served.upstream.describe()
+    return details
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSnapshot:
+    """One model's cache state at one moment: what ``GET /v1/models``, ``/health/ready`` and
+    the cache metrics show."""
+
+    id: str
+    runtime: str
+    status: ModelState
+    created: int
+    """When the server started knowing it (seconds since the epoch)."""
+    memory_bytes: int | None
+    """Measured size while loaded, else None."""
+    last_used: float | None
+    """When a request last used it (seconds since the epoch), None if never."""
+    depends_on: tuple[str, ...]
+    leases: int
+    """Requests holding it (or waiting for its load) now."""
+    ever_loaded: bool
+    """Loaded at least once since start (eager models: what readiness needs)."""
+    error: str | None = None
+    skipped: str | None = None
+    kind: str | None = None
+    """What the loaded model serves (``embedding``, ``generation``, ``remote``); None unless
+    loaded."""
+    load_seconds: float | None = None
+    details: Mapping[str, object] = field(default_factory=dict)
+    """Kind-specific fields of the model object (``dimensions``, ``context_length``, ...)."""
+
+    @property
+    def loaded(self) -> bool:
+        return self.status is ModelState.LOADED
+
+    def model_object(self) -> dict[str, object]:
+        """The OpenAI model object, with tidegate's status fields added."""
         card: dict[str, object] = {
-            "id": self.config.id,
+            "id": self.id,
             "object": "model",
             "created": self.created,
             "owned_by": "tidegate",
-            "runtime": self.config.runtime,
-            "status": self.state.value,
-            "memory_bytes": self.measured_bytes if self.state is ModelState.LOADED else None,
-            "last_used": self.last_used_wall,
-            "depends_on": list(self.config.depends_on),
+            "runtime": self.runtime,
+            "status": self.status.value,
+            "memory_bytes": self.memory_bytes,
+            "last_used": self.last_used,
+            "depends_on": list(self.depends_on),
         }
         if self.error:
             card["error"] = self.error
         if self.skipped:
             card["skipped"] = self.skipped
-        served = self.served
-        if served is not None:
-            card["kind"] = served.kind
+        if self.kind is not None:
+            card["kind"] = self.kind
             card["load_seconds"] = round(self.load_seconds or 0.0, 3)
-            if served.kind == "generation":
-                card["context_length"] = served.causal_lm.context_length
-            else:
-                card["dimensions"] = served.dimensions
-                card["max_input_tokens"] = getattr(served.runtime, "max_input_tokens", None)
-            if served.kind == "remote":
-                card["upstream"] = served.upstream.describe()
+            card.update(self.details)
         return card
