@@ -1,5 +1,5 @@
-"""Which loaded models to evict to make room. Pure: the manager decides under its lock with
-this, then unloads outside it."""
+"""Which loaded models to evict to make room. Pure: the cache decides with this synchronously,
+on the event loop, then unloads the victims after the decision."""
 
 from __future__ import annotations
 
