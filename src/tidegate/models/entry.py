@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from tidegate.config import ModelConfig
 from tidegate.models.policy import EntryView, decayed
-from tidegate.models.served import ServedModel
+from tidegate.models.served import RemoteModel, ServedModel, TextGenerationModel
 
 __all__ = ["Entry", "ModelState"]
 
@@ -123,11 +123,11 @@ class Entry:
         if served is not None:
             card["kind"] = served.kind
             card["load_seconds"] = round(self.load_seconds or 0.0, 3)
-            if served.kind == "generation":
-                card["context_length"] = served.causal_lm.context_length
+            if isinstance(served, TextGenerationModel):
+                card["context_length"] = served.runtime.context_length
             else:
                 card["dimensions"] = served.dimensions
-                card["max_input_tokens"] = getattr(served.runtime, "max_input_tokens", None)
-            if served.kind == "remote":
+                card["max_input_tokens"] = served.max_input_tokens
+            if isinstance(served, RemoteModel):
                 card["upstream"] = served.upstream.describe()
         return card

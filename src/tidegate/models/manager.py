@@ -29,7 +29,7 @@ from tidegate.metrics import CacheMetrics, Metrics
 from tidegate.models.entry import Entry, ModelState
 from tidegate.models.policy import EntryView, EvictionPolicy, hotter_than, plan_eviction
 from tidegate.models.predictor import TransitionPredictor
-from tidegate.models.served import ServedModel
+from tidegate.models.served import ServedModel, served_model
 from tidegate.runtimes import AnyRuntime, ModelHandle, create_runtime
 
 __all__ = ["ModelManager", "ModelState", "RuntimeFactory", "ServedModel"]
@@ -66,7 +66,7 @@ class _DependencyHandle:
 
     async def _embed(self, texts: Sequence[str]) -> list[npt.NDArray[np.float32]]:
         async with self._manager.lease(self.id) as served:
-            return (await served.embed(texts)).vectors
+            return (await served.embedder().embed(texts)).vectors
 
 
 def _close_abandoned(future: asyncio.Future[AnyRuntime]) -> None:
@@ -307,7 +307,7 @@ class ModelManager:
                 return
             async with asyncio.timeout_at(self._loop_deadline(deadline)):
                 runtime, measured = await self._run_factory(entry)
-            served = ServedModel(entry.config, runtime, self._metrics)
+            served = served_model(entry.config, runtime, self._metrics)
             await served.start()
         except Exception as exc:
             timed_out = isinstance(exc, TimeoutError)
