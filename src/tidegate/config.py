@@ -23,6 +23,7 @@ from tidegate.configutil import (
     require_table,
 )
 from tidegate.errors import ConfigError
+from tidegate.kinds import RuntimeKind
 from tidegate.upstream.config import UpstreamConfig
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_ID = "all-minilm-l6-v2"
-RuntimeKind = Literal["embedding", "echo", "python", "remote", "causal-lm"]
 PreloadMode = Literal["eager", "lazy", "predictive"]
 EvictionMode = Literal["lru", "lfu"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -147,7 +147,7 @@ class ModelConfig:
     """One served model."""
 
     id: str
-    runtime: RuntimeKind = "embedding"
+    runtime: RuntimeKind = RuntimeKind.EMBEDDING
     source: str | None = None
     """``embedding``: a local model directory (``None``: the bundled all-MiniLM-L6-v2).
     ``python``: ``"package.module:ClassName"``."""
@@ -178,7 +178,8 @@ class ModelConfig:
         if not isinstance(self.id, str) or not self.id.strip():
             raise ConfigError(f"models.id must be a non-empty string, got {self.id!r}")
         where = f"models[{self.id}]"
-        check_choice(f"{where}.runtime", self.runtime, get_args(RuntimeKind))
+        check_choice(f"{where}.runtime", self.runtime, tuple(k.value for k in RuntimeKind))
+        object.__setattr__(self, "runtime", RuntimeKind(self.runtime))
         if self.source is not None and not isinstance(self.source, str):
             raise ConfigError(f"{where}.source must be a string")
         if self.runtime == "causal-lm" and not self.source:

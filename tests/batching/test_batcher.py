@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tidegate.batching.batcher import Batcher
+from tidegate.batching.compute import in_executor, on_loop
 from tidegate.config import BatchingConfig
 from tidegate.errors import ModelUnavailable, Overloaded, PayloadTooLarge, RuntimeFailure
 from tidegate.runtimes.base import Prepared
@@ -55,7 +56,7 @@ def run(
     async def main() -> None:
         runtime = GatedDoubler()
         batcher: Batcher[Any] = Batcher(
-            model="m", run_batch=runtime, config=BatchingConfig(**config)
+            model="m", compute=in_executor(runtime), config=BatchingConfig(**config)
         )
         await batcher.start()
         try:
@@ -76,8 +77,12 @@ async def hold_model(batcher: Batcher[Any], runtime: GatedDoubler) -> asyncio.Ta
     return first
 
 
-async def until(predicate: Callable[[], bool]) -> None:
-    while not predicate():
+async def until_queued(batcher: Batcher[Any], count: int) -> None:
+    """Yield to the loop until ``count`` inputs are queued; fail after 5 s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while (queued := batcher.statistics().queued_items) != count:
+        assert loop.time() < deadline, f"waited 5 s for {count} queued inputs, have {queued}"
         await asyncio.sleep(0)
 
 
@@ -94,7 +99,7 @@ def test_concurrent_requests_are_coalesced_into_one_batch() -> None:
     async def scenario(batcher: Batcher[Any], runtime: GatedDoubler) -> None:
         first = await hold_model(batcher, runtime)
         waiting = [asyncio.create_task(batcher.submit(items(i))) for i in range(10)]
-        await until(lambda: batcher.statistics().queued_items == 10)
+        await until_queued(batcher, 10)
         runtime.release()
         assert [await t for t in waiting] == [[2 * i] for i in range(10)]
         assert await first == [200]
@@ -108,7 +113,7 @@ def test_full_batches_and_split_request_reassembled_in_order() -> None:
     async def scenario(batcher: Batcher[Any], runtime: GatedDoubler) -> None:
         first = await hold_model(batcher, runtime)
         big = asyncio.create_task(batcher.submit(items(*range(10))))
-        await until(lambda: batcher.statistics().queued_items == 10)
+        await until_queued(batcher, 10)
         runtime.release()
         assert await big == [2 * i for i in range(10)]
         await first
@@ -123,7 +128,7 @@ def test_token_budget_limits_batches() -> None:
     async def scenario(batcher: Batcher[Any], runtime: GatedDoubler) -> None:
         first = await hold_model(batcher, runtime)
         task = asyncio.create_task(batcher.submit(items(*range(6), tokens=40)))
-        await until(lambda: batcher.statistics().queued_items == 6)
+        await until_queued(batcher, 6)
         runtime.release()
         await task
         await first
@@ -150,7 +155,7 @@ def test_full_queue_is_refused_with_overloaded() -> None:
     async def scenario(batcher: Batcher[Any], runtime: GatedDoubler) -> None:
         await hold_model(batcher, runtime)
         queued = asyncio.create_task(batcher.submit(items(*range(5))))
-        await until(lambda: batcher.statistics().queued_items == 5)
+        await until_queued(batcher, 5)
         with pytest.raises(Overloaded) as caught:
             await batcher.submit(items(1))
         assert caught.value.status == 503
@@ -170,7 +175,7 @@ def test_cancelled_request_is_withdrawn_before_dispatch() -> None:
         first = await hold_model(batcher, runtime)
         doomed = asyncio.create_task(batcher.submit(items(-1, -2, -3)))
         kept = asyncio.create_task(batcher.submit(items(5)))
-        await until(lambda: batcher.statistics().queued_items == 4)
+        await until_queued(batcher, 4)
         doomed.cancel()
         await asyncio.gather(doomed, return_exceptions=True)
         stats = batcher.statistics()
@@ -201,7 +206,7 @@ def test_a_bad_request_fails_only_itself() -> None:
         first = await hold_model(batcher, runtime)
         good = [asyncio.create_task(batcher.submit(items(i))) for i in range(3)]
         bad = asyncio.create_task(batcher.submit(items("poison")))
-        await until(lambda: batcher.statistics().queued_items == 4)
+        await until_queued(batcher, 4)
         runtime.release()
         assert [await t for t in good] == [[0], [2], [4]]
         with pytest.raises(RuntimeFailure, match="poisoned input"):
@@ -225,11 +230,13 @@ def test_runtime_returning_wrong_count_fails_the_request_not_the_worker() -> Non
 def test_close_fails_queued_requests() -> None:
     async def main() -> None:
         runtime = GatedDoubler()
-        batcher: Batcher[Any] = Batcher(model="m", run_batch=runtime, config=BatchingConfig())
+        batcher: Batcher[Any] = Batcher(
+            model="m", compute=in_executor(runtime), config=BatchingConfig()
+        )
         await batcher.start()
         first = await hold_model(batcher, runtime)
         queued = asyncio.create_task(batcher.submit(items(1)))
-        await until(lambda: batcher.statistics().queued_items == 1)
+        await until_queued(batcher, 1)
         closing = asyncio.create_task(batcher.aclose())
         with pytest.raises(ModelUnavailable, match="shutting down"):
             await queued
@@ -258,7 +265,7 @@ def test_inline_runtime_serves_on_the_loop_and_isolates_failures() -> None:
 
     async def main() -> None:
         batcher: Batcher[Any] = Batcher(
-            model="m", run_batch=doubler, config=BatchingConfig(), inline=True
+            model="m", compute=on_loop(doubler), config=BatchingConfig()
         )
         await batcher.start()
         results = await asyncio.gather(
@@ -268,6 +275,26 @@ def test_inline_runtime_serves_on_the_loop_and_isolates_failures() -> None:
         assert results[0] == [2, 4] and results[2] == [6]
         assert isinstance(results[1], RuntimeFailure)
         assert batcher.statistics().inflight_batches == 0
+        await batcher.aclose()
+
+    asyncio.run(main())
+
+
+def test_on_loop_compute_answers_without_yielding_to_the_loop() -> None:
+    """The echo runtime's fast path: an idle model computes and delivers within ``submit``."""
+
+    async def main() -> None:
+        batcher: Batcher[Any] = Batcher(
+            model="m", compute=on_loop(lambda payloads: [p * 2 for p in payloads]),
+            config=BatchingConfig(),
+        )
+        await batcher.start()
+        submit = batcher.submit(items(1, 2))
+        with pytest.raises(StopIteration) as finished:
+            submit.send(None)  # one step of the coroutine: it must not suspend
+        assert finished.value.value == [2, 4]
+        stats = batcher.statistics()
+        assert stats.batches == 1 and stats.inflight_batches == 0
         await batcher.aclose()
 
     asyncio.run(main())

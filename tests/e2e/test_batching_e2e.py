@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.e2e.test_embeddings_api import metric
+from tests.e2e.test_embeddings_api import metric, post_until_dispatched
 from tests.serverproc import ServerProcess, run_server
 
 pytestmark = pytest.mark.e2e
@@ -108,14 +108,7 @@ def test_client_disconnect_withdraws_queued_inputs(server: ServerProcess) -> Non
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
             page = (await http.get("/metrics")).text
             withdrawn = metric(page, "tidegate_withdrawn_items_total")
-            batches = metric(page, "tidegate_batch_size_items_count")
-            busy = asyncio.create_task(
-                http.post("/v1/embeddings", json={"model": MODEL, "input": heavy})
-            )
-            while metric((await http.get("/metrics")).text, "tidegate_batch_size_items_count") \
-                    == batches:
-                assert not busy.done()
-                await asyncio.sleep(0.005)
+            busy = await post_until_dispatched(http, heavy)
             # The model is busy with `heavy`; this request queues, then its client gives up.
             with pytest.raises(httpx.ReadTimeout):
                 await http.post(

@@ -136,21 +136,31 @@ def metric(text: str, name: str, model: str = MODEL) -> float:
     raise AssertionError(f"{prefix!r} not in /metrics")
 
 
+async def post_until_dispatched(
+    http: httpx.AsyncClient, inputs: list[str], *, timeout_s: float = 30.0
+) -> asyncio.Task[httpx.Response]:
+    """Start embedding ``inputs`` with MODEL (otherwise idle) and return the request's task once
+    /metrics shows its first batch dispatched; fail if it finishes first or after ``timeout_s``."""
+    batches = "tidegate_batch_size_items_count"
+    before = metric((await http.get("/metrics")).text, batches)
+    busy = asyncio.create_task(http.post("/v1/embeddings", json={"model": MODEL, "input": inputs}))
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while metric((await http.get("/metrics")).text, batches) == before:
+        assert not busy.done(), f"the request finished before its batch was seen: {await busy}"
+        assert asyncio.get_running_loop().time() < deadline, \
+            f"no batch of {MODEL} dispatched within {timeout_s:g}s"
+        await asyncio.sleep(0.005)
+    return busy
+
+
 def test_live_answers_while_a_128_input_request_computes(server: ServerProcess) -> None:
     texts = [f"sentence number {i} " + "with many filler words " * 15 for i in range(128)]
-    batches = "tidegate_batch_size_items_count"
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-            before = metric((await http.get("/metrics")).text, batches)
-            big = asyncio.create_task(
-                http.post("/v1/embeddings", json={"model": MODEL, "input": texts})
-            )
             # /metrics itself is served by the event loop: wait until the first batch of the
             # big request was dispatched to the model.
-            while metric((await http.get("/metrics")).text, batches) == before:
-                assert not big.done(), (await big).text
-                await asyncio.sleep(0.005)
+            big = await post_until_dispatched(http, texts)
             live = await http.get("/health/live")
             assert live.status_code == 200
             assert not big.done(), "the 128-input request finished before /health/live answered"
@@ -250,3 +260,17 @@ def test_wrong_method_is_405_json(http: httpx.Client) -> None:
     response = http.get("/v1/embeddings")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_generating_with_an_embedding_model_is_400_wrong_model_type(
+    http: httpx.Client, path: str
+) -> None:
+    body = {"model": "echo", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
+    response = http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "wrong_model_type" and error["param"] == "model"
+    assert error["message"] == (
+        "Model 'echo' is an embedding model; it cannot generate text. Use /v1/embeddings."
+    )

@@ -14,7 +14,6 @@ MESSAGES = [{"role": "system", "content": "Be terse."}, {"role": "user", "conten
 
 
 def test_reports_context_eos_and_memory(gpt2: CausalLMRuntime) -> None:
-    assert gpt2.kind == "causal-lm"
     assert gpt2.context_length == 256
     assert gpt2.eos_token_ids == frozenset({gpt2.tokenizer.eos_token_id})
     tensors = [*gpt2.model.parameters(), *gpt2.model.buffers()]

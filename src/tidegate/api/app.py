@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Literal, TypeVar
 
 from starlette.applications import Starlette
@@ -19,6 +18,7 @@ from tidegate.api import admin, generation
 from tidegate.api.common import (
     AppState,
     ClientDisconnected,
+    Handler,
     app_state,
     endpoint,
     json_response,
@@ -31,10 +31,7 @@ from tidegate.api.schemas import (
     parse_embedding_request,
 )
 from tidegate.config import Config
-from tidegate.errors import (
-    InvalidRequest,
-    RequestTimeout,
-)
+from tidegate.errors import RequestTimeout
 from tidegate.metrics import Metrics
 from tidegate.models.manager import ModelManager, RuntimeFactory
 from tidegate.models.served import EmbeddingResult
@@ -42,10 +39,7 @@ from tidegate.runtimes import create_runtime
 
 __all__ = ["AppState", "create_app"]
 
-log = logging.getLogger("tidegate.api")
-
 T = TypeVar("T")
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 # Most requests finish within a few milliseconds; only those still waiting after this long get a
@@ -108,21 +102,10 @@ async def run_guarded(request: Request, work: Awaitable[T], *, model: str, timeo
 
 async def _embed(manager: ModelManager, parsed: EmbeddingRequest) -> tuple[str, EmbeddingResult]:
     async with manager.lease(parsed.model) as model:
-        dimensions = model.dimensions
-        if parsed.dimensions is not None and model.kind == "remote":
-            # Requests to a remote model are coalesced into one upstream call per batch, so a
-            # per-request 'dimensions' cannot be honoured; refusing beats answering silently
-            # with another size.
-            raise InvalidRequest(
-                f"'dimensions' is not supported for remote model '{model.id}'.",
-                param="dimensions",
-            )
-        if parsed.dimensions is not None and parsed.dimensions != dimensions:
-            raise InvalidRequest(
-                f"Model '{model.id}' produces {dimensions}-dimensional embeddings and does not "
-                f"support 'dimensions'={parsed.dimensions}.", param="dimensions",
-            )
-        return model.id, await model.embed(parsed.inputs)
+        embedder = model.embedder()  # 400 for a text-generation model
+        if parsed.dimensions is not None:
+            embedder.check_dimensions(parsed.dimensions)
+        return model.id, await embedder.embed(parsed.inputs)
 
 
 @endpoint

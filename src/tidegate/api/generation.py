@@ -25,7 +25,7 @@ from tidegate.api.sse import DONE, EventStreamResponse, sse_event
 from tidegate.errors import InvalidRequest, RequestTimeout, TidegateError
 from tidegate.generation.params import SamplingParams
 from tidegate.generation.stream import GenerationResult, GenerationStream
-from tidegate.models.served import ServedModel
+from tidegate.models.served import RemoteModel, TextGenerationModel
 from tidegate.upstream.client import UpstreamStream
 
 __all__ = ["chat_completions", "completions"]
@@ -228,10 +228,10 @@ async def _local_events(
         yield DONE
 
 
-async def _serve_local(request: GenerationRequest, model: ServedModel,
+async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
                        stack: contextlib.AsyncExitStack[Any]) -> Response | EventStreamResponse:
-    engine = model.engine  # 400 for an embedding model
-    runtime = model.causal_lm
+    engine = model.engine
+    runtime = model.runtime
     if request.messages is not None:
         prompt_ids = await asyncio.to_thread(runtime.encode_chat, request.messages)
     else:
@@ -258,7 +258,7 @@ async def _relay_events(stack: contextlib.AsyncExitStack[Any], upstream_stream: 
             yield chunk
 
 
-async def _serve_remote(request: GenerationRequest, model: ServedModel,
+async def _serve_remote(request: GenerationRequest, model: RemoteModel,
                         stack: contextlib.AsyncExitStack[Any]) -> Response | EventStreamResponse:
     client = model.upstream
     body = {**request.body, "model": client.upstream_model}
@@ -285,9 +285,10 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response | EventStr
                 model = await stack.enter_async_context(state.manager.lease(parsed.model))
         except TimeoutError:
             raise RequestTimeout(model=parsed.model, timeout_s=server.request_timeout_s) from None
-        if model.kind == "remote":
-            return await _serve_remote(parsed, model, stack)
-        return await _serve_local(parsed, model, stack)
+        generator = model.generator()  # 400 for an embedding model
+        if isinstance(generator, RemoteModel):
+            return await _serve_remote(parsed, generator, stack)
+        return await _serve_local(parsed, generator, stack)
     raise AssertionError("unreachable")
 
 

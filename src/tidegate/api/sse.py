@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Mapping
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
 __all__ = ["DONE", "EventStreamResponse", "sse_event"]
-
-log = logging.getLogger("tidegate.streaming")
 
 DONE = b"data: [DONE]\n\n"
 

@@ -1,1 +1,2 @@
-"""Dynamic request batching: a pure dispatch policy, adaptive sizing, and the batcher."""
+"""Dynamic request batching: a pure dispatch policy, adaptive sizing, the batcher, and the
+adapters that give it one way to compute a batch."""

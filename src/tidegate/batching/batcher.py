@@ -1,5 +1,6 @@
 """The per-model batcher: a bounded queue of inputs, a pump that forms batches with the pure
-policy, and an executor that computes them off the event loop.
+policy, and one compute callable that it awaits for each batch (see
+:mod:`tidegate.batching.compute` for the adapters: worker threads, the event loop, upstream).
 
 The pump is event-driven rather than a worker task: it runs when an input arrives, when a batch
 finishes, and when a ``max_wait`` timer fires. An arrival at an idle model is therefore
@@ -13,13 +14,13 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import Executor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from tidegate.batching.adaptive import AdaptiveBatchSize
+from tidegate.batching.compute import BatchResults, Compute
 from tidegate.batching.policy import Decision, DispatchReason, decide
 from tidegate.config import BatchingConfig
 from tidegate.errors import (
@@ -37,20 +38,6 @@ __all__ = ["Batcher", "BatcherStatistics"]
 log = logging.getLogger("tidegate.batching")
 
 R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
-
-
-class BatchResults(Protocol[R_co]):
-    """What ``run_batch`` returns: one result per payload (a list, or an array's rows)."""
-
-    def __len__(self) -> int: ...
-
-    def __iter__(self) -> Iterator[R_co]: ...
-
-
-RunBatch = Callable[[Sequence[Any]], BatchResults[R]]
-RunBatchAsync = Callable[[Sequence[Any]], Awaitable[BatchResults[R]]]
-
 
 _NOTHING_QUEUED = Decision(None)
 
@@ -94,34 +81,23 @@ class BatcherStatistics:
 class Batcher(Generic[R]):
     """Coalesce inputs from concurrent requests into batches for one model.
 
-    ``run_batch`` is synchronous and runs in ``executor``; it gets the payloads of one batch
-    and returns one result per payload, in order. A request larger than a batch is split across
-    batches and its results reassembled in order.
+    ``compute`` gets the payloads of one batch and returns an awaitable of one result per
+    payload, in order. A request larger than a batch is split across batches and its results
+    reassembled in order.
     """
 
     def __init__(
         self,
         *,
         model: str,
-        run_batch: RunBatch[R] | None = None,
-        run_batch_async: RunBatchAsync[R] | None = None,
+        compute: Compute[R],
         config: BatchingConfig,
-        executor: Executor | None = None,
-        inline: bool = False,
         metrics: BatchMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """Give ``run_batch`` (synchronous: it runs in ``executor``, or on the event loop itself
-        with ``inline=True``, only for batches that take microseconds, like the echo runtime's)
-        or ``run_batch_async`` (a coroutine on the loop, for remote models)."""
-        if (run_batch is None) == (run_batch_async is None):
-            raise ValueError("give exactly one of run_batch and run_batch_async")
         self.model = model
-        self._run_batch = run_batch
-        self._run_batch_async = run_batch_async
+        self._compute = compute
         self._config = config
-        self._executor = executor
-        self._inline = inline
         self._metrics = metrics = metrics or BatchMetrics()
         metrics.queue_depth = self._queue_depth
         self._clock = clock
@@ -302,28 +278,14 @@ class Batcher(Generic[R]):
         metrics.batch_tokens.observe(tokens)
         backlogged = bool(queue)
         started = self._clock()
-        payloads = [item.payload for item in items]
-        if self._inline and self._run_batch is not None:
-            try:
-                results = self._checked(self._run_batch(payloads), items)
-            except Exception as exc:
-                self._failed += 1
-                self._isolate_inline(items, exc)
-            else:
-                self._deliver(items, results)
-            self._finish(items, started, backlogged)
+        future = asyncio.ensure_future(self._compute([item.payload for item in items]))
+        if future.done():  # computed on the loop (``on_loop``): deliver in this same step
+            self._on_computed(future, items, started, backlogged)
             return
-        future = self._start_compute(payloads)
         self._pending.add(future)
         future.add_done_callback(
             lambda done: self._on_computed(done, items, started, backlogged)
         )
-
-    def _start_compute(self, payloads: list[Any]) -> asyncio.Future[BatchResults[R]]:
-        if self._run_batch_async is not None:
-            return asyncio.ensure_future(self._run_batch_async(payloads))
-        loop = self._loop or asyncio.get_running_loop()
-        return loop.run_in_executor(self._executor, self._run_batch, payloads)  # type: ignore[arg-type]
 
     @staticmethod
     def _checked(results: BatchResults[R], items: list[_Item]) -> BatchResults[R]:
@@ -373,20 +335,7 @@ class Batcher(Generic[R]):
             if group[0].request.future.done():
                 continue
             try:
-                results = await self._start_compute([item.payload for item in group])
-                self._deliver(group, self._checked(results, group))
-            except Exception as group_exc:
-                self._fail(group, group_exc)
-
-    def _isolate_inline(self, items: list[_Item], exc: Exception) -> None:
-        groups = self._by_request(items)
-        if len(groups) == 1:
-            self._fail(items, exc)
-            return
-        assert self._run_batch is not None
-        for group in groups:
-            try:
-                results = self._run_batch([item.payload for item in group])
+                results = await self._compute([item.payload for item in group])
                 self._deliver(group, self._checked(results, group))
             except Exception as group_exc:
                 self._fail(group, group_exc)

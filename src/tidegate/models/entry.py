@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tidegate.config import ModelConfig
+from tidegate.kinds import ModelKind
 from tidegate.models.policy import EntryView, decayed
-from tidegate.models.served import ServedModel
+from tidegate.models.served import RemoteModel, ServedModel, TextGenerationModel
 
 __all__ = ["Entry", "ModelSnapshot", "ModelState"]
 
@@ -129,13 +130,13 @@ class Entry:
 
 def _served_details(served: ServedModel) -> dict[str, object]:
     """The model object's fields that depend on what the loaded model serves."""
-    if served.kind == "generation":
-        return {"context_length": served.causal_lm.context_length}
+    if isinstance(served, TextGenerationModel):
+        return {"context_length": served.runtime.context_length}
     details: dict[str, object] = {
         "dimensions": served.dimensions,
-        "max_input_tokens": getattr(served.runtime, "max_input_tokens", None),
+        "max_input_tokens": served.max_input_tokens,
     }
-    if served.kind == "remote":
+    if isinstance(served, RemoteModel):
         details["upstream"] = served.upstream.describe()
     return details
 
@@ -161,7 +162,7 @@ class ModelSnapshot:
     """Loaded at least once since start (eager models: what readiness needs)."""
     error: str | None = None
     skipped: str | None = None
-    kind: str | None = None
+    kind: ModelKind | None = None
     """What the loaded model serves (``embedding``, ``generation``, ``remote``); None unless
     loaded."""
     load_seconds: float | None = None

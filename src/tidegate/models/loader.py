@@ -23,7 +23,7 @@ from tidegate.errors import ModelUnavailable
 from tidegate.metrics import Metrics
 from tidegate.models.cache import ModelCache
 from tidegate.models.entry import Entry, ModelState
-from tidegate.models.served import ServedModel
+from tidegate.models.served import ServedModel, served_model
 from tidegate.runtimes import AnyRuntime, ModelHandle
 
 __all__ = ["Lease", "Loader", "RuntimeFactory", "Spawn"]
@@ -64,7 +64,7 @@ class _DependencyHandle:
 
     async def _embed(self, texts: Sequence[str]) -> list[npt.NDArray[np.float32]]:
         async with self._lease(self.id) as served:
-            return (await served.embed(texts)).vectors
+            return (await served.embedder().embed(texts)).vectors
 
 
 def _close_abandoned(future: asyncio.Future[AnyRuntime]) -> None:
@@ -139,7 +139,7 @@ class Loader:
                 return
             async with self._clock.timeout_at(deadline):
                 runtime, measured = await self._run_factory(entry)
-            served = ServedModel(entry.config, runtime, self._metrics)
+            served = served_model(entry.config, runtime, self._metrics)
             await served.start()
         except Exception as exc:
             timed_out = isinstance(exc, TimeoutError)

@@ -1,22 +1,33 @@
-"""A loaded model, ready to serve: its runtime plus what sits in front of it — a batcher
-(embedding and remote models) or a continuous-batching engine (causal LMs)."""
+"""A loaded model, ready to serve: one type per :class:`~tidegate.kinds.ModelKind`, made by
+:func:`served_model` from the runtime it wraps.
+
+* :class:`EmbeddingModel`: a local embedding runtime behind a batcher.
+* :class:`TextGenerationModel`: a causal LM behind the continuous-batching engine.
+* :class:`RemoteModel`: upstream replicas; embeddings batched, completions relayed by the API.
+
+Routes ask the model for the capability they need (:meth:`embedder`, :meth:`generator`); a model
+of the wrong kind answers with a 400 ``wrong_model_type`` error.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from tidegate.batching.batcher import Batcher
-from tidegate.config import ModelConfig
+from tidegate.batching.compute import Compute, in_executor, on_loop
+from tidegate.config import BatchingConfig, ModelConfig
 from tidegate.errors import InvalidRequest
+from tidegate.kinds import ModelKind
 from tidegate.metrics import Metrics
-from tidegate.runtimes import AnyRuntime, EmbeddingRuntime
+from tidegate.runtimes import AnyRuntime, BatchedRuntime, EmbeddingRuntime
 
 if TYPE_CHECKING:
     from tidegate.generation.engine import GenerationEngine
@@ -24,127 +35,229 @@ if TYPE_CHECKING:
     from tidegate.runtimes.remote import RemoteRuntime
     from tidegate.upstream.client import UpstreamClient
 
-__all__ = ["EmbeddingResult", "ServedModel"]
+__all__ = [
+    "Embedder",
+    "EmbeddingModel",
+    "EmbeddingResult",
+    "RemoteModel",
+    "ServedModel",
+    "TextGenerationModel",
+    "served_model",
+]
 
 # Tokenizing a few short inputs costs tens of microseconds: cheaper on the loop than a thread hop.
 _INLINE_PREPARE_MAX = 8
 
-ModelKind = Literal["embedding", "generation", "remote"]
+Vector = npt.NDArray[np.float32]
+RT_co = TypeVar("RT_co", bound=EmbeddingRuntime, covariant=True)
 
 
 @dataclass(frozen=True, slots=True)
 class EmbeddingResult:
-    vectors: list[npt.NDArray[np.float32]]
+    vectors: list[Vector]
     prompt_tokens: int
 
 
-class ServedModel:
-    """A loaded model. ``kind`` says what it serves: ``embedding`` (local vectors),
-    ``generation`` (a local causal LM) or ``remote`` (upstream replicas: both, relayed)."""
+class _Served(ABC):
+    """What every served model has: its config, a lifecycle, and the two capabilities."""
 
-    def __init__(self, config: ModelConfig, runtime: AnyRuntime, metrics: Metrics) -> None:
+    kind: ClassVar[ModelKind]
+
+    def __init__(self, config: ModelConfig, metrics: Metrics) -> None:
         self.config = config
-        self.runtime = runtime
         self._metrics = metrics
-        self._executor: ThreadPoolExecutor | None = None
-        self.batcher: Batcher[npt.NDArray[np.float32]] | None = None
-        self._engine: GenerationEngine | None = None
-        self.kind: ModelKind
-        if runtime.kind == "causal-lm":
-            self.kind = "generation"
-        elif runtime.kind == "remote":
-            self.kind = "remote"
-            remote = cast("RemoteRuntime", runtime)
-            self.batcher = Batcher(
-                model=config.id, run_batch_async=remote.run_batch_async,
-                config=config.batching.resolved(remote=True),
-                metrics=metrics.for_batcher(config.id),
-            )
-        else:
-            self.kind = "embedding"
-            local = cast(EmbeddingRuntime, runtime)
-            batching = config.batching.resolved(remote=False)
-            self._executor = ThreadPoolExecutor(
-                max_workers=batching.concurrency, thread_name_prefix=f"tidegate-{config.id}"
-            )
-            self.batcher = Batcher(
-                model=config.id, run_batch=local.run_batch, config=batching,
-                executor=self._executor, inline=local.inline,
-                metrics=metrics.for_batcher(config.id),
-            )
 
     @property
     def id(self) -> str:
         return self.config.id
 
-    @property
-    def engine(self) -> GenerationEngine:
-        if self._engine is None:
-            raise InvalidRequest(
-                f"Model '{self.id}' is an embedding model; it cannot generate text. "
-                "Use /v1/embeddings.", param="model", code="wrong_model_type",
-            )
-        return self._engine
+    @abstractmethod
+    def embedder(self) -> Embedder[EmbeddingRuntime]:
+        """This model as a source of embeddings; 400 ``wrong_model_type`` if it is not one."""
 
-    @property
-    def upstream(self) -> UpstreamClient:
-        from tidegate.runtimes.remote import RemoteRuntime
+    @abstractmethod
+    def generator(self) -> TextGenerationModel | RemoteModel:
+        """This model as a text generator; 400 ``wrong_model_type`` if it is not one."""
 
-        assert isinstance(self.runtime, RemoteRuntime)
-        return self.runtime.client
+    @abstractmethod
+    async def start(self) -> None: ...
 
-    @property
-    def causal_lm(self) -> CausalLMRuntime:
-        from tidegate.runtimes.causal_lm import CausalLMRuntime
+    @abstractmethod
+    async def aclose(self) -> None: ...
 
-        assert isinstance(self.runtime, CausalLMRuntime)
-        return self.runtime
 
-    async def start(self) -> None:
-        if self.kind == "remote":
-            await cast("RemoteRuntime", self.runtime).start()
-            self._metrics.track_upstream(self.id, self.upstream)
-        if self.batcher is not None:
-            await self.batcher.start()
-        if self.kind == "generation":
-            from tidegate.generation.engine import GenerationEngine
+class Embedder(_Served, Generic[RT_co]):
+    """A model that serves embeddings through its batcher (local or remote)."""
 
-            self._engine = GenerationEngine(
-                self.causal_lm, model=self.id, config=self.config.generation,
-                metrics=self._metrics.for_generation(self.id),
-            )
-            await self._engine.start()
-            self._metrics.track_engine(self.id, self._engine.statistics)
+    def __init__(
+        self, config: ModelConfig, runtime: RT_co, metrics: Metrics, *, compute: Compute[Vector],
+        batching: BatchingConfig,
+    ) -> None:
+        super().__init__(config, metrics)
+        self.runtime = runtime
+        self.batcher: Batcher[Vector] = Batcher(
+            model=config.id, compute=compute, config=batching,
+            metrics=metrics.for_batcher(config.id),
+        )
 
-    async def aclose(self) -> None:
-        if self._engine is not None:
-            self._metrics.untrack(self.id)
-            await self._engine.aclose()
-        if self.batcher is not None:
-            await self.batcher.aclose()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-        if self.kind == "remote":
-            self._metrics.untrack(self.id)
-            await cast("RemoteRuntime", self.runtime).aclose()
-        self.runtime.close()
+    def embedder(self) -> Embedder[EmbeddingRuntime]:
+        return self
 
     @property
     def dimensions(self) -> int:
         """The vector length (0 for a remote model until its first answer)."""
-        return int(getattr(self.runtime, "dimensions", 0))
+        return self.runtime.dimensions
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.runtime.max_input_tokens
+
+    @abstractmethod
+    def check_dimensions(self, requested: int) -> None:
+        """Refuse (400) a request's ``dimensions`` that this model cannot honour."""
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
-        if self.batcher is None:
-            raise InvalidRequest(
-                f"Model '{self.id}' is a text-generation model; it does not produce embeddings. "
-                "Use /v1/completions or /v1/chat/completions.", param="model",
-                code="wrong_model_type",
-            )
-        runtime = cast(EmbeddingRuntime, self.runtime)
+        runtime = self.runtime
         if len(texts) <= _INLINE_PREPARE_MAX:
             prepared = runtime.prepare(texts)
         else:
             prepared = await asyncio.to_thread(runtime.prepare, texts)
         vectors = await self.batcher.submit(prepared)
         return EmbeddingResult(vectors, sum(p.tokens for p in prepared))
+
+
+class EmbeddingModel(Embedder[BatchedRuntime]):
+    """A local embedding runtime; its batches run in the model's own worker threads (or on the
+    event loop for an ``inline`` runtime)."""
+
+    kind = ModelKind.EMBEDDING
+
+    def __init__(self, config: ModelConfig, runtime: BatchedRuntime, metrics: Metrics) -> None:
+        batching = config.batching.resolved(remote=False)
+        self._executor: ThreadPoolExecutor | None = None
+        if runtime.inline:
+            compute: Compute[Vector] = on_loop(runtime.run_batch)
+        else:
+            self._executor = ThreadPoolExecutor(
+                max_workers=batching.concurrency, thread_name_prefix=f"tidegate-{config.id}"
+            )
+            compute = in_executor(runtime.run_batch, self._executor)
+        super().__init__(config, runtime, metrics, compute=compute, batching=batching)
+
+    def generator(self) -> TextGenerationModel | RemoteModel:
+        raise InvalidRequest(
+            f"Model '{self.id}' is an embedding model; it cannot generate text. "
+            "Use /v1/embeddings.", param="model", code="wrong_model_type",
+        )
+
+    def check_dimensions(self, requested: int) -> None:
+        if requested != self.dimensions:
+            raise InvalidRequest(
+                f"Model '{self.id}' produces {self.dimensions}-dimensional embeddings and does "
+                f"not support 'dimensions'={requested}.", param="dimensions",
+            )
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self.runtime.close()
+
+
+class RemoteModel(Embedder["RemoteRuntime"]):
+    """Upstream replicas: embedding requests batched into one upstream call per batch,
+    completions and chat relayed by the API through :attr:`upstream`."""
+
+    kind = ModelKind.REMOTE
+
+    def __init__(self, config: ModelConfig, runtime: RemoteRuntime, metrics: Metrics) -> None:
+        super().__init__(
+            config, runtime, metrics, compute=runtime.run_batch_async,
+            batching=config.batching.resolved(remote=True),
+        )
+
+    @property
+    def upstream(self) -> UpstreamClient:
+        return self.runtime.client
+
+    def generator(self) -> TextGenerationModel | RemoteModel:
+        return self
+
+    def check_dimensions(self, requested: int) -> None:
+        # Requests to a remote model are coalesced into one upstream call per batch, so a
+        # per-request 'dimensions' cannot be honoured; refusing beats answering silently
+        # with another size.
+        raise InvalidRequest(
+            f"'dimensions' is not supported for remote model '{self.id}'.", param="dimensions",
+        )
+
+    async def start(self) -> None:
+        await self.runtime.start()
+        self._metrics.track_upstream(self.id, self.upstream)
+        await self.batcher.start()
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()
+        self._metrics.untrack(self.id)
+        await self.runtime.aclose()
+        self.runtime.close()
+
+
+class TextGenerationModel(_Served):
+    """A local causal LM served by its continuous-batching engine (created by :meth:`start`)."""
+
+    kind = ModelKind.GENERATION
+
+    def __init__(self, config: ModelConfig, runtime: CausalLMRuntime, metrics: Metrics) -> None:
+        super().__init__(config, metrics)
+        self.runtime = runtime
+        self._engine: GenerationEngine | None = None
+
+    @property
+    def engine(self) -> GenerationEngine:
+        if self._engine is None:
+            raise RuntimeError(f"model {self.id} was not started")
+        return self._engine
+
+    def embedder(self) -> Embedder[EmbeddingRuntime]:
+        raise InvalidRequest(
+            f"Model '{self.id}' is a text-generation model; it does not produce embeddings. "
+            "Use /v1/completions or /v1/chat/completions.", param="model",
+            code="wrong_model_type",
+        )
+
+    def generator(self) -> TextGenerationModel | RemoteModel:
+        return self
+
+    async def start(self) -> None:
+        from tidegate.generation.engine import GenerationEngine
+
+        self._engine = GenerationEngine(
+            self.runtime, model=self.id, config=self.config.generation,
+            metrics=self._metrics.for_generation(self.id),
+        )
+        await self._engine.start()
+        self._metrics.track_engine(self.id, self._engine.statistics)
+
+    async def aclose(self) -> None:
+        if self._engine is not None:
+            self._metrics.untrack(self.id)
+            await self._engine.aclose()
+        self.runtime.close()
+
+
+ServedModel = EmbeddingModel | TextGenerationModel | RemoteModel
+
+
+def served_model(config: ModelConfig, runtime: AnyRuntime, metrics: Metrics) -> ServedModel:
+    """The served type for ``runtime``'s kind (not started: await its ``start()``)."""
+    if isinstance(runtime, BatchedRuntime):
+        return EmbeddingModel(config, runtime, metrics)
+    from tidegate.runtimes.remote import RemoteRuntime
+
+    if isinstance(runtime, RemoteRuntime):
+        return RemoteModel(config, runtime, metrics)
+    return TextGenerationModel(config, runtime, metrics)

@@ -1,13 +1,17 @@
-"""Runtimes: the code that actually computes. ``create_runtime`` maps a config to one."""
+"""Runtimes: the code that actually computes. ``create_runtime`` maps a config to one through
+one table, ``LOADERS``, with an entry per :class:`~tidegate.kinds.RuntimeKind`: a new runtime
+(or a backend of one) is a new loader there. Heavy imports (onnxruntime, torch, aiohttp) happen
+inside the loaders, so a server loads only what its models use."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from tidegate.config import ModelConfig
-from tidegate.runtimes.base import EmbeddingRuntime, Prepared
+from tidegate.kinds import RuntimeKind
+from tidegate.runtimes.base import BatchedRuntime, EmbeddingRuntime, Prepared
 from tidegate.runtimes.echo import EchoRuntime
 from tidegate.runtimes.python import ModelHandle, load_python_model
 
@@ -15,43 +19,75 @@ if TYPE_CHECKING:
     from tidegate.runtimes.causal_lm import CausalLMRuntime
     from tidegate.runtimes.remote import RemoteRuntime
 
-__all__ = ["AnyRuntime", "EmbeddingRuntime", "ModelHandle", "Prepared", "create_runtime"]
+__all__ = [
+    "LOADERS",
+    "AnyRuntime",
+    "BatchedRuntime",
+    "EmbeddingRuntime",
+    "Loader",
+    "ModelHandle",
+    "Prepared",
+    "create_runtime",
+]
 
-AnyRuntime = Union[EmbeddingRuntime, "CausalLMRuntime", "RemoteRuntime"]
+AnyRuntime = Union[BatchedRuntime, "CausalLMRuntime", "RemoteRuntime"]
+Loader = Callable[[ModelConfig, Path, Mapping[str, ModelHandle]], AnyRuntime]
+"""``(model config, cache directory, loaded dependencies) -> runtime``; blocking."""
 
 
-def create_runtime(
-    model: ModelConfig, cache_dir: Path, dependencies: Mapping[str, ModelHandle]
-) -> AnyRuntime:
-    """Load the runtime ``model`` names. Blocking: call it off the event loop."""
-    if model.runtime == "remote":
-        from tidegate.runtimes.remote import RemoteRuntime
-
-        return RemoteRuntime(model)
-    if model.runtime == "causal-lm":
-        from tidegate.runtimes.causal_lm import CausalLMRuntime
-
-        assert model.source is not None  # validated by ModelConfig
-        return CausalLMRuntime(
-            Path(model.source).expanduser(), dtype=model.generation.dtype,
-            max_context_tokens=model.generation.max_context_tokens,
-        )
-    if model.runtime == "echo":
-        return EchoRuntime(max_input_tokens=model.max_input_tokens or 512)
-    if model.runtime == "python":
-        assert model.source is not None  # validated by ModelConfig
-        return load_python_model(
-            model.source, options=model.options, dependencies=dependencies,
-            max_input_tokens=model.max_input_tokens,
-        )
+def _load_onnx(model: ModelConfig, cache_dir: Path, _: Mapping[str, ModelHandle]) -> AnyRuntime:
     from tidegate.runtimes.embedding import OnnxEmbeddingRuntime, bundled_model_dir
 
     model_dir = Path(model.source).expanduser() if model.source else bundled_model_dir()
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model source {model_dir} is not a directory")
     return OnnxEmbeddingRuntime(
-        model_dir,
-        cache_dir,
-        max_input_tokens=model.max_input_tokens,
+        model_dir, cache_dir, max_input_tokens=model.max_input_tokens,
         intra_op_threads=model.intra_op_threads,
     )
+
+
+def _load_echo(model: ModelConfig, _: Path, __: Mapping[str, ModelHandle]) -> AnyRuntime:
+    return EchoRuntime(max_input_tokens=model.max_input_tokens or 512)
+
+
+def _load_python(
+    model: ModelConfig, _: Path, dependencies: Mapping[str, ModelHandle]
+) -> AnyRuntime:
+    assert model.source is not None  # validated by ModelConfig
+    return load_python_model(
+        model.source, options=model.options, dependencies=dependencies,
+        max_input_tokens=model.max_input_tokens,
+    )
+
+
+def _load_remote(model: ModelConfig, _: Path, __: Mapping[str, ModelHandle]) -> AnyRuntime:
+    from tidegate.runtimes.remote import RemoteRuntime
+
+    return RemoteRuntime(model)
+
+
+def _load_causal_lm(model: ModelConfig, _: Path, __: Mapping[str, ModelHandle]) -> AnyRuntime:
+    from tidegate.runtimes.causal_lm import CausalLMRuntime
+
+    assert model.source is not None  # validated by ModelConfig
+    return CausalLMRuntime(
+        Path(model.source).expanduser(), dtype=model.generation.dtype,
+        max_context_tokens=model.generation.max_context_tokens,
+    )
+
+
+LOADERS: Mapping[RuntimeKind, Loader] = {
+    RuntimeKind.EMBEDDING: _load_onnx,
+    RuntimeKind.ECHO: _load_echo,
+    RuntimeKind.PYTHON: _load_python,
+    RuntimeKind.REMOTE: _load_remote,
+    RuntimeKind.CAUSAL_LM: _load_causal_lm,
+}
+
+
+def create_runtime(
+    model: ModelConfig, cache_dir: Path, dependencies: Mapping[str, ModelHandle]
+) -> AnyRuntime:
+    """Load the runtime ``model`` names. Blocking: call it off the event loop."""
+    return LOADERS[model.runtime](model, cache_dir, dependencies)

@@ -1,4 +1,5 @@
-"""What a batched runtime offers the batcher and the API."""
+"""What the embedding runtimes offer the batcher and the API: ``EmbeddingRuntime`` is what every
+one has (local or remote), ``BatchedRuntime`` a local one that computes a batch in a thread."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["EmbeddingRuntime", "Prepared"]
+__all__ = ["BatchedRuntime", "EmbeddingRuntime", "Prepared"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,27 +21,30 @@ class Prepared:
     payload: Any
 
 
-@runtime_checkable
 class EmbeddingRuntime(Protocol):
-    """A model that turns texts into fixed-size vectors, a batch at a time.
+    """A model that turns texts into fixed-size vectors. ``prepare`` runs per request (on the
+    event loop for a few inputs, in a thread for many); how a batch is computed is up to the
+    kind: :class:`BatchedRuntime` locally, ``RemoteRuntime.run_batch_async`` upstream."""
 
-    ``prepare`` runs per request (on the event loop for a few inputs, in a thread for many);
-    ``run_batch`` runs in the model's executor thread and must not touch the event loop.
-    """
-
-    kind: str
-    inline: bool
-    """True when a batch costs microseconds: the batcher then runs it on the event loop."""
     dimensions: int
     max_input_tokens: int
     memory_bytes: int
 
     def prepare(self, texts: Sequence[str]) -> list[Prepared]: ...
 
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchedRuntime(EmbeddingRuntime, Protocol):
+    """A local embedding runtime: ``run_batch`` runs in the model's executor thread (on the
+    event loop itself when ``inline``) and must not touch the event loop."""
+
+    inline: bool
+    """True when a batch costs microseconds: the batcher then runs it on the event loop."""
+
     def run_batch(
         self, payloads: Sequence[Any]
     ) -> npt.NDArray[np.float32] | list[npt.NDArray[np.float32]]:
         """One vector per payload: a 2-D array's rows, or a list of 1-D arrays."""
         ...
-
-    def close(self) -> None: ...

@@ -93,8 +93,6 @@ class CausalLMRuntime:
     (the KV cache of running sequences comes on top).
     """
 
-    kind = "causal-lm"
-
     def __init__(
         self,
         model_dir: Path,

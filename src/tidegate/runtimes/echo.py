@@ -16,7 +16,6 @@ __all__ = ["EchoRuntime"]
 class EchoRuntime:
     """Returns the same unit vector for every input; tokens are counted as whitespace words + 2."""
 
-    kind = "embedding"
     inline = True
 
     def __init__(self, *, dimensions: int = 8, max_input_tokens: int = 512) -> None:

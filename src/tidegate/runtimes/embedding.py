@@ -53,7 +53,6 @@ class OnnxEmbeddingRuntime:
     after truncation to ``max_input_tokens``.
     """
 
-    kind = "embedding"
     inline = False
 
     def __init__(

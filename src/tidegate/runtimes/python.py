@@ -40,7 +40,6 @@ class ModelHandle(Protocol):
 class PythonModelRuntime:
     """Adapts a user class to the batcher's runtime protocol."""
 
-    kind = "embedding"
     inline = False
 
     def __init__(self, model: Any, *, max_input_tokens: int) -> None:

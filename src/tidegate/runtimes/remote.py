@@ -24,14 +24,12 @@ _DEFAULT_TOKEN_LIMIT = 8192
 
 
 class RemoteRuntime:
-    """The upstream client of one model, shaped as a batched embedding runtime.
+    """The upstream client of one model: an embedding runtime whose batches are computed
+    upstream (``run_batch_async``, a coroutine on the event loop).
 
     Token counts in ``usage`` are estimates (words + 2): the upstream reports usage per batch,
     not per input. ``dimensions`` is learned from the first answer (0 until then).
     """
-
-    kind = "remote"
-    inline = False
 
     def __init__(self, config: ModelConfig) -> None:
         assert config.upstream is not None  # validated by ModelConfig
@@ -68,9 +66,6 @@ class RemoteRuntime:
         if rows:
             self.dimensions = len(rows[0])
         return rows
-
-    def run_batch(self, payloads: Sequence[Any]) -> npt.NDArray[np.float32]:
-        raise NotImplementedError("remote models compute asynchronously (run_batch_async)")
 
     def close(self) -> None:
         return None
