@@ -87,10 +87,6 @@ class StepWorker:
         """Newcomers join the running rows' forward; else they get a forward of their own."""
         self._rows: dict[int, _Row] = {}
 
-    @property
-    def batch_ids(self) -> tuple[int, ...]:
-        return self._batch.ids
-
     def reset(self) -> None:
         """Forget every sequence (after a failed step, or at shutdown)."""
         self._batch.clear()
