@@ -25,7 +25,7 @@ from tests.upstream.faulty_upstream import FaultyUpstream
 pytestmark = pytest.mark.e2e
 
 ENDLESS = "endless"
-TIMEOUT_S = 1.0
+TIMEOUT_S = 2.0
 ENDPOINTS = {
     "/v1/completions": {"prompt": "The quick brown fox"},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
