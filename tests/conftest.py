@@ -122,6 +122,24 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer: Any) -> 
     return save_model(model, byte_tokenizer, tmp_path_factory.mktemp("llama"))
 
 
+@pytest.fixture(scope="session")
+def endless_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer: Any) -> Path:
+    """A small Llama that never ends on its own: no end-of-sequence token, and a context of
+    2**20 positions (rotary: no table to allocate). A request to it runs until its
+    ``max_tokens``, its timeout or its client's disconnect."""
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=byte_tokenizer.backend_tokenizer, bos_token=EOS
+    )
+    config = llama_config(tokenizer)
+    config.max_position_embeddings = 1 << 20
+    config.eos_token_id = None
+    torch.manual_seed(0)
+    return save_model(LlamaForCausalLM(config), tokenizer, tmp_path_factory.mktemp("endless"))
+
+
 WINDOW = 40
 """The sliding window of the ``windowed_dir`` models, well below their 256 positions."""
 

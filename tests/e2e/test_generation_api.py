@@ -19,11 +19,12 @@ pytestmark = pytest.mark.e2e
 
 GPT2 = "tiny-gpt2"
 LLAMA = "tiny-llama"
+ENDLESS = "tiny-endless"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, gpt2_dir: Path,
-           llama_dir: Path) -> Iterator[ServerProcess]:
+           llama_dir: Path, endless_dir: Path) -> Iterator[ServerProcess]:
     config = f"""
 [[models]]
 id = "{GPT2}"
@@ -37,6 +38,11 @@ max_waiting = 4
 id = "{LLAMA}"
 runtime = "causal-lm"
 source = "{llama_dir}"
+
+[[models]]
+id = "{ENDLESS}"
+runtime = "causal-lm"
+source = "{endless_dir}"
 
 [[models]]
 id = "echo"
@@ -119,35 +125,40 @@ def test_seed_reproducible_sampling(client: openai.OpenAI) -> None:
 
 
 def test_stop_string(client: openai.OpenAI) -> None:
-    free = client.completions.create(model=GPT2, prompt="The", max_tokens=20, temperature=0)
-    text = free.choices[0].text
-    if len(text) < 4:
-        pytest.skip("the random model ended at once; no stop string to cut at")
+    # The endless model cannot end early, so its free run always has text to cut at.
+    def complete(**stop: Any) -> Any:
+        return client.completions.create(model=ENDLESS, prompt="The", max_tokens=20,
+                                         temperature=0, **stop).choices[0]
+
+    text = complete().text
+    assert len(text) >= 4, f"20 tokens decoded to {text!r}"
     stop = text[2:4]
-    cut = client.completions.create(model=GPT2, prompt="The", max_tokens=20, temperature=0,
-                                    stop=[stop])
-    assert cut.choices[0].text == text[: text.index(stop)]
-    assert cut.choices[0].finish_reason == "stop"
+    cut = complete(stop=[stop])
+    assert cut.text == text[: text.index(stop)]
+    assert cut.finish_reason == "stop"
 
 
 def test_disconnect_frees_the_slot(server: ServerProcess) -> None:
-    body = {"model": GPT2, "prompt": "The", "max_tokens": 200, "temperature": 1.0, "seed": 1,
-            "stream": True}
+    body = {"model": ENDLESS, "prompt": "The", "max_tokens": 1_000_000, "temperature": 1.0,
+            "seed": 1, "stream": True}
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             async with http.stream("POST", "/v1/completions", json=body) as response:
                 async for _ in response.aiter_bytes():
                     break  # read one chunk, then hang up
-            for _ in range(500):
-                page = (await http.get("/metrics")).text
-                if metric(page, "tidegate_generation_running", GPT2) == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert metric(page, "tidegate_generation_running", GPT2) == 0
+            try:
+                async with asyncio.timeout(10):
+                    while True:
+                        page = (await http.get("/metrics")).text
+                        if metric(page, "tidegate_generation_running", ENDLESS) == 0:
+                            break
+                        await asyncio.sleep(0.01)
+            except TimeoutError:
+                raise AssertionError("the stream's sequence outlived its client by 10s") from None
             finished = [line for line in page.splitlines()
                         if line.startswith("tidegate_generation_finished_total")
-                        and 'reason="abort"' in line and GPT2 in line]
+                        and 'reason="abort"' in line and ENDLESS in line]
             assert finished and float(finished[0].split()[-1]) >= 1
 
     asyncio.run(scenario())

@@ -22,10 +22,18 @@ class StepLog:
         self.reports.append(report)
         self._changed.set()
 
-    async def until(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            self._changed.clear()
-            await self._changed.wait()
+    async def until(self, predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+        """Wait, step by step, until ``predicate`` holds; fail after ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not predicate():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            last = self.reports[-1] if self.reports else None
+            raise AssertionError(
+                f"condition not met after {timeout_s}s ({len(self.reports)} steps; last: {last})"
+            ) from None
 
     async def steps(self, count: int) -> None:
         await self.until(lambda: len(self.reports) >= count)

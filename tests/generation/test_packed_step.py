@@ -40,7 +40,7 @@ class Driver:
         for prompt in joining.values():
             packed.extend(prompt)
         ids = torch.tensor([packed])
-        logits = self.attention.run(inputs.step, lambda: self.model(
+        logits = self.attention.run(inputs.scratch, lambda: self.model(
             input_ids=ids, position_ids=inputs.position_ids, logits_to_keep=inputs.logits_index,
             use_cache=True, cache=inputs.cache).logits[0])
         self.batch.commit()

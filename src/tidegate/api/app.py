@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -17,7 +16,6 @@ from starlette.types import Receive, Scope, Send
 from tidegate.api import admin, generation
 from tidegate.api.common import (
     AppState,
-    ClientDisconnected,
     Handler,
     app_state,
     endpoint,
@@ -25,13 +23,13 @@ from tidegate.api.common import (
     read_json_body,
 )
 from tidegate.api.errors import http_error_handler
+from tidegate.api.guard import run_guarded
 from tidegate.api.schemas import (
     EmbeddingRequest,
     encode_embedding_response,
     parse_embedding_request,
 )
 from tidegate.config import Config
-from tidegate.errors import RequestTimeout
 from tidegate.metrics import Metrics
 from tidegate.models.manager import ModelManager, RuntimeFactory
 from tidegate.models.served import EmbeddingResult
@@ -39,65 +37,6 @@ from tidegate.runtimes import create_runtime
 
 __all__ = ["AppState", "create_app"]
 
-T = TypeVar("T")
-
-
-# Most requests finish within a few milliseconds; only those still waiting after this long get a
-# task that watches for the client going away and for the request timeout. Creating that task
-# (and a timeout) for every request measured ~10% of the echo runtime's throughput.
-_WATCH_AFTER_S = 0.005
-
-
-class _RequestGuard:
-    """Cancels the request's task when its client disconnects or its timeout passes."""
-
-    __slots__ = ("_deadline", "_handle", "_receive", "_task", "_watcher", "outcome", "timeout_s")
-
-    def __init__(self, receive: Receive, timeout_s: float) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        self._task = task
-        self._receive = receive
-        self._watcher: asyncio.Task[None] | None = None
-        self._deadline = loop.time() + timeout_s
-        self.timeout_s = timeout_s
-        self.outcome: Literal["disconnected", "timeout"] | None = None
-        self._handle = loop.call_later(min(_WATCH_AFTER_S, timeout_s), self._start)
-
-    def _start(self) -> None:
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                while (await self._receive())["type"] != "http.disconnect":
-                    pass
-            self.outcome = "disconnected"
-        except TimeoutError:
-            self.outcome = "timeout"
-        self._task.cancel()
-
-    def close(self) -> None:
-        self._handle.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
-
-
-async def run_guarded(request: Request, work: Awaitable[T], *, model: str, timeout_s: float) -> T:
-    """Await ``work``, cancelling it (which withdraws its queued inputs) if the client
-    disconnects (:class:`ClientDisconnected`) or ``timeout_s`` passes (:class:`RequestTimeout`)."""
-    guard = _RequestGuard(request.receive, timeout_s)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if guard.outcome is None or guard._task.uncancel() > 0:
-            raise
-        if guard.outcome == "timeout":
-            raise RequestTimeout(model=model, timeout_s=timeout_s) from None
-        raise ClientDisconnected() from None
-    finally:
-        guard.close()
 
 
 async def _embed(manager: ModelManager, parsed: EmbeddingRequest) -> tuple[str, EmbeddingResult]:

@@ -1,7 +1,10 @@
 """``POST /v1/completions`` and ``POST /v1/chat/completions``, OpenAI's format, streaming or not.
 
 A local causal LM is served by its continuous-batching engine; a remote model's request is
-relayed to its upstream (streams chunk by chunk, never buffered whole).
+relayed to its upstream (streams chunk by chunk, never buffered whole). A non-streamed answer
+is bounded by ``request_timeout_s`` and cancelled when its client hangs up
+(:func:`tidegate.api.guard.run_guarded`); a stream races its client in
+:class:`tidegate.api.sse.EventStreamResponse`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from starlette.responses import Response
 
 from tidegate.api.common import app_state, endpoint, json_response, read_json_body
 from tidegate.api.errors import error_response
+from tidegate.api.guard import run_guarded
 from tidegate.api.schemas import parse_json_object
 from tidegate.api.sse import DONE, EventStreamResponse, sse_event
 from tidegate.errors import InvalidRequest, RequestTimeout, TidegateError
 from tidegate.generation.params import SamplingParams
 from tidegate.generation.stream import GenerationResult, GenerationStream
+from tidegate.models.manager import ModelManager
 from tidegate.models.served import RemoteModel, TextGenerationModel
 from tidegate.upstream.client import UpstreamStream
 
@@ -273,23 +278,37 @@ async def _serve_remote(request: GenerationRequest, model: RemoteModel,
     return json_response(data)
 
 
+async def _serve(manager: ModelManager, request: GenerationRequest, *,
+                 lease_timeout_s: float | None) -> Response | EventStreamResponse:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            async with asyncio.timeout(lease_timeout_s):
+                model = await stack.enter_async_context(manager.lease(request.model))
+        except TimeoutError:
+            assert lease_timeout_s is not None
+            raise RequestTimeout(model=request.model, timeout_s=lease_timeout_s) from None
+        generator = model.generator()  # 400 for an embedding model
+        if isinstance(generator, RemoteModel):
+            return await _serve_remote(request, generator, stack)
+        return await _serve_local(request, generator, stack)
+    raise AssertionError("unreachable")
+
+
 async def _generate(request: Request, endpoint: Endpoint) -> Response | EventStreamResponse:
     state = app_state(request)
     server = state.config.server
     parsed = parse_generation_request(
         await read_json_body(request, server.max_body_bytes), endpoint
     )
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            async with asyncio.timeout(server.request_timeout_s):
-                model = await stack.enter_async_context(state.manager.lease(parsed.model))
-        except TimeoutError:
-            raise RequestTimeout(model=parsed.model, timeout_s=server.request_timeout_s) from None
-        generator = model.generator()  # 400 for an embedding model
-        if isinstance(generator, RemoteModel):
-            return await _serve_remote(parsed, generator, stack)
-        return await _serve_local(parsed, generator, stack)
-    raise AssertionError("unreachable")
+    timeout_s = server.request_timeout_s
+    if parsed.stream:
+        # Only getting the model is timed: the stream then races the client itself, and a
+        # reader that falls behind is dropped after stream_timeout_s.
+        return await _serve(state.manager, parsed, lease_timeout_s=timeout_s)
+    # The whole answer is timed, and a client that hangs up cancels it: leaving the stream's
+    # (or the upstream exchange's) ``async with`` frees the sequence at the next step.
+    return await run_guarded(request, _serve(state.manager, parsed, lease_timeout_s=None),
+                             model=parsed.model, timeout_s=timeout_s)
 
 
 @endpoint

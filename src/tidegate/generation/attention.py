@@ -1,4 +1,4 @@
-"""Attention over a packed step (see :mod:`tidegate.generation.kvbatch`), as a transformers
+"""Attention over a packed step (see :mod:`tidegate.generation.kvlayout`), as a transformers
 attention function.
 
 transformers models call their attention through ``ALL_ATTENTION_FUNCTIONS``, keyed by the
@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
-from tidegate.generation.kvbatch import PackedStep
+from tidegate.generation.kvlayout import StepScratch
 
 __all__ = ["ATTENTION_NAME", "PackedAttention", "TransformedCache", "attend_packed"]
 
@@ -45,7 +45,10 @@ _UNSUPPORTED = frozenset({"s_aux", "sinks", "position_bias"})
 
 
 class _Active(threading.local):
-    step: PackedStep | None = None
+    """The scratch of the forward running in this thread: transformers calls
+    :func:`attend_packed` with the model's arguments only."""
+
+    scratch: StepScratch | None = None
 
 
 _active = _Active()
@@ -72,22 +75,23 @@ class PackedAttention:
         self._model_name = type(model).__name__
         self._configs = _all_configs(model.config)
 
-    def run(self, step: PackedStep, forward: Callable[[], _T]) -> _T:
-        """Run the model's ``forward`` with its attention over ``step``."""
+    def run(self, scratch: StepScratch, forward: Callable[[], _T]) -> _T:
+        """Run the model's ``forward`` with its attention over the step ``scratch`` holds
+        (:attr:`tidegate.generation.kvlayout.PackedInputs.scratch`)."""
         configs = self._configs
         previous = [self._swap(config, ATTENTION_NAME) for config in configs]
-        _active.step = step
+        _active.scratch = scratch
         try:
             result = forward()
         finally:
-            _active.step = None
+            _active.scratch = None
             for config, name in zip(configs, previous, strict=True):
                 self._swap(config, name)
-        if step.updates == 0 or step.attended != step.updates:
+        if scratch.updates == 0 or scratch.attended != scratch.updates:
             raise RuntimeError(
                 f"{self._model_name} does not attend through transformers' attention interface "
-                f"once per cache update ({step.updates} cache updates, {step.attended} packed "
-                "attention calls), which continuous batching needs"
+                f"once per cache update ({scratch.updates} cache updates, {scratch.attended} "
+                "packed attention calls), which continuous batching needs"
             )
         return result
 
@@ -133,17 +137,19 @@ def attend_packed(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The attention of one layer over the active packed step; ``[1, tokens, heads, dim]``."""
-    step = _active.step
-    if step is None or step.layer is None:
+    scratch = _active.scratch
+    if scratch is None or scratch.step is None or scratch.layer is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside a tidegate step")
+    step = scratch.step
     if not _UNSUPPORTED.isdisjoint(kwargs):
         for name in sorted(_UNSUPPORTED.intersection(kwargs)):
             if kwargs[name] is not None:
                 raise NotImplementedError(f"attention with {name!r} is not supported")
     if dropout:
         raise NotImplementedError("attention dropout (training) is not supported")
+    states = scratch.states
     if not step.materialized and (
-        step.states is None or key is not step.states[0] or value is not step.states[1]
+        states is None or key is not states[0] or value is not states[1]
     ):
         raise TransformedCache(
             f"{type(module).__name__} transforms the cached keys and values before attending "
@@ -154,7 +160,7 @@ def attend_packed(
     if window is not None and step.end - step.start > window:  # the widest row, prompts too
         raise RuntimeError(f"a sequence is longer than the sliding window ({window} tokens)")
     softcap: float | None = kwargs.get("softcap")
-    step.attended += 1
+    scratch.attended += 1
     _, heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
@@ -173,11 +179,11 @@ def attend_packed(
                 for states in (key, value)
             )
         else:
-            keys, values = step.layer.decode_view(step)
-        if step.decode_mask is not None and step.decode_bias is None:
+            keys, values = scratch.layer.decode_view(step)
+        if step.decode_mask is not None and scratch.decode_bias is None:
             # An additive mask is a little faster than a boolean one in SDPA on CPU.
-            step.decode_bias = torch.zeros(step.decode_mask.shape, dtype=query.dtype
-                                           ).masked_fill_(~step.decode_mask, float("-inf"))
+            scratch.decode_bias = torch.zeros(step.decode_mask.shape, dtype=query.dtype
+                                              ).masked_fill_(~step.decode_mask, float("-inf"))
         # [rows, heads, dim] -> [rows, kv_heads, groups, dim]: a kv head's query heads attend
         # to it as if they were its query positions (the padding mask is the same for all).
         # The query is a transposed view of [1, tokens, heads, dim], so this copies nothing.
@@ -185,7 +191,7 @@ def attend_packed(
         if step.spans:
             queries = queries[:, :rows]
         queries = queries.reshape(rows, kv_heads, groups, dim)
-        decoded = _attend(queries, keys, values, mask=step.decode_bias, scaling=scaling,
+        decoded = _attend(queries, keys, values, mask=scratch.decode_bias, scaling=scaling,
                           softcap=softcap)
         decoded = decoded.reshape(1, rows, heads, -1)
         if not step.spans:

@@ -2,7 +2,7 @@
 
 :meth:`StepWorker.step` runs in the engine's single worker thread. The engine decides what a
 step does (a :class:`StepPlan`: who leaves, who is prefilled); the worker drops the leavers'
-rows and runs **one forward** over a packed row of tokens (:mod:`tidegate.generation.kvbatch`):
+rows and runs **one forward** over a packed row of tokens (:mod:`tidegate.generation.kvlayout`):
 the last token of every sequence in the batch, which decodes one token each, followed by the
 newcomers' prompts, which are prefilled and join the batch, decoding from the next step on.
 Every step gives each sequence in it one new token.
@@ -87,10 +87,6 @@ class StepWorker:
         """Newcomers join the running rows' forward; else they get a forward of their own."""
         self._rows: dict[int, _Row] = {}
 
-    @property
-    def batch_ids(self) -> tuple[int, ...]:
-        return self._batch.ids
-
     def reset(self) -> None:
         """Forget every sequence (after a failed step, or at shutdown)."""
         self._batch.clear()
@@ -160,7 +156,7 @@ class StepWorker:
             self._cache_kwarg: inputs.cache,
         }
         try:
-            output = self._attention.run(inputs.step, lambda: self._model(**arguments))
+            output = self._attention.run(inputs.scratch, lambda: self._model(**arguments))
         except BaseException:
             self._batch.abort()
             raise
