@@ -21,6 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from tidegate.batching.adaptive import AdaptiveBatchSize
 from tidegate.batching.policy import Decision, DispatchReason, decide
+from tidegate.batching.stats import BatchMetrics
 from tidegate.config import BatchingConfig
 from tidegate.errors import (
     ModelUnavailable,
@@ -29,7 +30,6 @@ from tidegate.errors import (
     RuntimeFailure,
     TidegateError,
 )
-from tidegate.metrics import BatchMetrics
 from tidegate.runtimes.base import Prepared
 
 __all__ = ["Batcher", "BatcherStatistics"]

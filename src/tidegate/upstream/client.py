@@ -17,7 +17,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -32,11 +31,10 @@ from tidegate.errors import (
     UpstreamUnavailable,
 )
 from tidegate.upstream.config import UpstreamConfig
-from tidegate.upstream.health import HealthMonitor, HealthStatistics
+from tidegate.upstream.health import HealthMonitor
 from tidegate.upstream.pool import (
     TRANSPORT_ERRORS,
     Exchange,
-    PoolStatistics,
     ReplicaPool,
     describe_error,
 )
@@ -50,6 +48,7 @@ from tidegate.upstream.routing import (
     decide_retry,
     pick_replica,
 )
+from tidegate.upstream.stats import UpstreamStatistics
 
 __all__ = [
     "UpstreamBadGateway",
@@ -188,18 +187,6 @@ class UpstreamStream:
 
 
 # -- the client --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamStatistics:
-    requests: int
-    retries: int
-    retries_refused_by_budget: int
-    retry_budget_tokens: float
-    failures: dict[str, int]
-    """Failed attempts by :class:`~tidegate.upstream.routing.Failure` value."""
-    replicas: tuple[PoolStatistics, ...]
-    health: HealthStatistics
 
 
 class UpstreamClient:
