@@ -268,7 +268,7 @@ def upstream_config(*replicas: str, **sections: Any) -> UpstreamConfig:
     """An UpstreamConfig for tests: active checks off and short timeouts unless overridden,
     e.g. ``upstream_config(url, pool={"max_connections": 1}, retry={"max_retries": 0})``."""
     table: dict[str, Any] = {
-        "replicas": list(replicas),
+        "upstreams": list(replicas),
         "timeouts": {"connect_s": 2.0, "read_s": 5.0, "pool_s": 2.0},
         "health": {"path": None},
     }

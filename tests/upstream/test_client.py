@@ -208,7 +208,7 @@ def test_client_errors_are_relayed_and_credential_errors_are_tidegates() -> None
 def test_the_api_key_and_upstream_model_name_are_sent() -> None:
     with FaultyUpstream() as upstream:
         async def scenario() -> None:
-            config = upstream_config(upstream.url, model="meta-llama/Llama-3.1-8B")
+            config = upstream_config(upstream.url, upstream_model="meta-llama/Llama-3.1-8B")
             async with UpstreamClient(config, model="llama", api_key="sk-test") as client:
                 await client.request_json(CHAT, chat())
             assert upstream.last_headers["authorization"] == "Bearer sk-test"
@@ -315,7 +315,7 @@ def test_describe_reports_each_replica() -> None:
     with FaultyUpstream() as upstream:
         async def scenario() -> None:
             dead = refused_url()
-            config = upstream_config(dead, upstream.url, model="served-name",
+            config = upstream_config(dead, upstream.url, upstream_model="served-name",
                                      health={"eject_after_failures": 1})
             async with UpstreamClient(config, model="m") as client:
                 await client.embed_batch(["x"])

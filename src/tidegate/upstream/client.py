@@ -193,7 +193,8 @@ class UpstreamClient:
     """Serve one tidegate model from remote OpenAI-compatible replicas.
 
     ``api_key`` is resolved by the caller (``config.api_key(os.environ)``) and sent as a Bearer
-    token. ``model`` is tidegate's model id; the replicas are told ``config.model`` (or it).
+    token. ``model`` is tidegate's model id; the replicas are told ``config.upstream_model``
+    (or it).
     Use as ``async with UpstreamClient(...) as client`` or call ``start()`` / ``aclose()``.
     """
 
@@ -203,16 +204,16 @@ class UpstreamClient:
     ) -> None:
         self.config = config
         self.model = model
-        self.upstream_model = config.model or model
+        self.upstream_model = config.upstream_model or model
         headers = {"user-agent": USER_AGENT}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._pools = [
             ReplicaPool(url, pool=config.pool, timeouts=config.timeouts, headers=headers,
                         clock=clock)
-            for url in config.replicas
+            for url in config.upstreams
         ]
-        self.health = HealthMonitor(config.replicas, config.health, headers=headers, clock=clock)
+        self.health = HealthMonitor(config.upstreams, config.health, headers=headers, clock=clock)
         self._budget = RetryBudget(ratio=config.retry.budget_ratio,
                                    burst=config.retry.budget_burst)
         self._rotation = 0
