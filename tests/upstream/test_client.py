@@ -64,9 +64,13 @@ def test_requests_go_to_the_replica_with_fewest_outstanding() -> None:
         run(scenario)
 
 
-async def until_done(tasks: list[asyncio.Task[list[list[float]]]], count: int) -> None:
+async def until_done(tasks: list[asyncio.Task[list[list[float]]]], count: int,
+                     timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
     while sum(t.done() for t in tasks) < count:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        left = deadline - asyncio.get_running_loop().time()
+        assert left > 0, f"{sum(t.done() for t in tasks)} of {count} tasks done after {timeout_s}s"
+        await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
 
 def test_connect_errors_are_retried_on_another_replica() -> None:
