@@ -9,7 +9,7 @@ ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := true
 
-.PHONY: serve test lint typecheck unit bench clean
+.PHONY: serve test lint typecheck layers unit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,14 +32,18 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
+# The import layering and the absence of import cycles (contracts in pyproject.toml).
+layers: $(VENV)/.installed-dev
+	$(BIN)/lint-imports
+
 unit: $(VENV)/.installed-dev
 	$(BIN)/pytest $(ARGS)
 
-test: lint typecheck unit
+test: lint typecheck layers unit
 
 # Benchmarks need wrk (Debian: apt-get install wrk). Results go to BENCHMARKS.md.
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.run_all
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .import_linter_cache .grimp_cache

@@ -267,7 +267,9 @@ def _machine_section(env: Environment) -> list[str]:
 
 
 def _commands_section(results: Results, invocation: str) -> list[str]:
-    lines = ["## Commands", "", "```", invocation, "```", ""]
+    lines = ["## Commands", "",
+             "Paths are relative to the repository; `$TMP` is the run's temporary directory.",
+             "", "```", invocation, "```", ""]
     seen: set[tuple[str, ...]] = set()
     for run in results.loads:
         if run.server.command in seen:

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -245,6 +247,18 @@ def _settings(args: argparse.Namespace) -> RunSettings:
     )
 
 
+def portable(text: str) -> str:
+    """``text`` without this machine's paths: the run's temporary directory as ``$TMP``,
+    executables by name, other files relative to the repository."""
+    text = re.sub(re.escape(tempfile.gettempdir()) + r"/tidegate-bench-[^/\s\"'`]+", "$TMP", text)
+    wrk = shutil.which("wrk")
+    if wrk:
+        text = text.replace(wrk, "wrk")
+    for prefix in (os.path.dirname(sys.executable), str(REPO_ROOT)):
+        text = text.replace(prefix + os.sep, "")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -277,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      " (policy simulation with tidegate's own eviction and prediction code)."
                      "\n\n" + replay + "\n")
     if args.write:
-        args.output.write_text(markdown, "utf-8")
+        args.output.write_text(portable(markdown), "utf-8")
         print(f"wrote {args.output}")
     return 0
 

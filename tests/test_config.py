@@ -1,10 +1,20 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from tidegate.config import DEFAULT_MODEL_ID, BatchingConfig, Config, ModelConfig, load_config
+from tidegate.config import (
+    DEFAULT_MODEL_ID,
+    LOCAL_BATCHING,
+    REMOTE_BATCHING,
+    AuthConfig,
+    BatchingConfig,
+    Config,
+    ModelConfig,
+    load_config,
+)
 from tidegate.errors import ConfigError
 
 
@@ -71,17 +81,150 @@ def test_cache_eviction_policy_is_read(tmp_path: Path) -> None:
         ("[[models]]\nid = 'a'\n[[models]]\nid = 'a'\n", "twice"),
         ("[[models]]\nruntime = 'echo'\n", "id"),
         ("not toml at all [", "not valid TOML"),
-        ("[cache]\neviction = 'lifo'\n", "cache.eviction must be one of 'lru', 'lfu'"),
-        ("[cache]\nfrequency_half_life_s = 0\n", "cache.frequency_half_life_s must be > 0"),
+        ("[cache]\neviction = 'lifo'\n", "cache.eviction: must be one of 'lru', 'lfu'"),
+        ("[cache]\nfrequency_half_life_s = 0\n", "cache.frequency_half_life_s: must be > 0"),
         ("[cache]\nfrequency_half_life_s = 'long'\n",
-         "cache.frequency_half_life_s must be a number"),
+         "cache.frequency_half_life_s: must be a number"),
         ("[[models]]\nid = 'a'\nruntime = 'echo'\nintra_op_threads = 2\n",
-         "intra_op_threads applies only to embedding"),
+         r"models\[0\]\.intra_op_threads: applies only to embedding"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         load_config(write(tmp_path, text))
+
+
+ECHO = "[[models]]\nid = 'm{i}'\nruntime = 'echo'\n"
+REMOTE = "[[models]]\nid = 'r'\nruntime = 'remote'\nupstreams = ['http://a:1']\n"
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        ("[models.batching]\nmax_batch_size = 0\n",
+         "models[2].batching.max_batch_size: must be >= 1, got 0"),
+        ("[models.batching]\nmax_wait_ms = -1\n",
+         "models[2].batching.max_wait_ms: must be >= 0, got -1"),
+        ("[models.batching]\nmax_batch = 3\n",
+         "models[2].batching.max_batch: unknown key (known: max_batch_size, max_batch_tokens, "
+         "max_concurrent_batches, max_queue_items, max_wait_ms, overload_status, target_p99_ms)"),
+        ("[models.generation]\nmax_num_seqs = 0\n",
+         "models[2].generation.max_num_seqs: must be >= 1, got 0"),
+        ("priority = 'high'\n", "models[2].priority: must be an integer, got 'high'"),
+        ("upstreams = ['http://a:1']\n",
+         "models[2].upstreams: applies only to remote models, not echo"),
+    ],
+)
+def test_errors_in_a_model_name_its_index_and_key(tmp_path: Path, models: str,
+                                                  message: str) -> None:
+    text = ECHO.format(i=0) + ECHO.format(i=1) + ECHO.format(i=2) + models
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("upstream", "message"),
+    [
+        ("[models.upstream.pool]\nmax_connections = 0\n",
+         "models[1].upstream.pool.max_connections: must be >= 1, got 0"),
+        ("[models.upstream.health]\npath = 'health'\n",
+         "models[1].upstream.health.path: must start with '/', got 'health'"),
+        ("[models.upstream]\nupstreams = ['http://b:2']\n",
+         "models[1].upstream.upstreams: unknown key (known: health, pool, retry, timeouts; "
+         "upstreams, upstream_model, api_key_env go in models[1] itself)"),
+        ("api_key = 'sk-1'\n", "models[1].api_key: is not accepted"),
+        ("upstream_model = ''\n", "models[1].upstream_model: must be a non-empty string"),
+    ],
+)
+def test_errors_in_an_upstream_name_its_model_index_and_key(
+    tmp_path: Path, upstream: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, ECHO.format(i=0) + REMOTE + upstream))
+    assert str(caught.value).startswith(message)
+
+
+def test_upstream_keys_have_one_spelling(tmp_path: Path) -> None:
+    text = REMOTE + "upstream_model = 'served'\napi_key_env = 'KEY'\n" \
+        "[models.upstream.retry]\nmax_retries = 1\n"
+    (model,) = load_config(write(tmp_path, text)).models
+    assert model.upstream is not None
+    assert model.upstream.upstreams == ("http://a:1",)
+    assert model.upstream.upstream_model == "served"
+    assert model.upstream.api_key_env == "KEY"
+    assert model.upstream.retry.max_retries == 1
+    bad = REMOTE.replace("upstreams = ['http://a:1']\n", "")
+    with pytest.raises(ConfigError, match=re.escape("models[0].upstreams: is required")):
+        load_config(write(tmp_path, bad))
+
+
+def test_cross_model_errors_name_the_model_by_index(tmp_path: Path) -> None:
+    twice = ECHO.format(i=0) + ECHO.format(i=0)
+    with pytest.raises(ConfigError, match=re.escape("models[1].id: 'm0' is configured twice")):
+        load_config(write(tmp_path, twice))
+    unknown = ECHO.format(i=0) + "depends_on = ['nope']\n"
+    with pytest.raises(ConfigError, match=re.escape("models[0].depends_on: unknown model 'nope'")):
+        load_config(write(tmp_path, unknown))
+
+
+def test_admin_token_is_read_from_auth(tmp_path: Path) -> None:
+    assert load_config(None).auth == AuthConfig(admin_token=None)
+    config = load_config(write(tmp_path, "[auth]\nadmin_token = 's3cret'\n"))
+    assert config.auth.admin_token == "s3cret"
+    with pytest.raises(ConfigError, match=re.escape("auth.admin_token: must be a non-empty")):
+        load_config(write(tmp_path, "[auth]\nadmin_token = ''\n"))
+    with pytest.raises(ConfigError, match=re.escape("auth.tokens: unknown key")):
+        load_config(write(tmp_path, "[auth]\ntokens = []\n"))
+
+
+def test_admin_token_in_cache_says_where_it_moved(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "[cache]\nadmin_token = 's3cret'\n"))
+    assert str(caught.value) == (
+        "cache.admin_token: has moved to [auth] admin_token; move the line there"
+    )
+
+
+def test_batching_defaults_resolve_by_runtime_in_one_place() -> None:
+    unset = BatchingConfig()
+    local, remote = unset.resolved(remote=False), unset.resolved(remote=True)
+    assert (local.max_wait_ms, local.max_concurrent_batches) == (
+        LOCAL_BATCHING.max_wait_ms, LOCAL_BATCHING.max_concurrent_batches)
+    assert (remote.max_wait_ms, remote.max_concurrent_batches) == (
+        REMOTE_BATCHING.max_wait_ms, REMOTE_BATCHING.max_concurrent_batches)
+    assert (unset.wait_s, unset.concurrency) == (local.wait_s, local.concurrency)
+    given = BatchingConfig(max_wait_ms=7.0, max_concurrent_batches=3).resolved(remote=True)
+    assert (given.max_wait_ms, given.max_concurrent_batches) == (7.0, 3)
+
+
+def readme_toml_blocks() -> list[str]:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"```toml\n(.*?)```", readme, flags=re.DOTALL)
+
+
+def test_the_readme_config_blocks_load(tmp_path: Path) -> None:
+    blocks = readme_toml_blocks()
+    assert len(blocks) >= 2
+    for block in blocks:
+        load_config(write(tmp_path, block))
+    full = load_config(write(tmp_path, blocks[0]))
+    assert full.auth.admin_token == "change-me"
+    defaults = Config()
+    # The README's first block shows the defaults, except where it says otherwise.
+    for section in ("server", "cache"):
+        for key, value in vars_of(getattr(full, section)).items():
+            default = vars_of(getattr(defaults, section))[key]
+            if value != default:
+                assert key in SHOWN_NOT_DEFAULT, f"README [{section}] {key} = {value!r}, " \
+                    f"but the default is {default!r}"
+
+
+SHOWN_NOT_DEFAULT = {"cache_dir", "max_memory_bytes", "max_loaded_models"}
+
+
+def vars_of(section: object) -> dict[str, object]:
+    return {name: getattr(section, name) for name in section.__slots__}  # type: ignore[attr-defined]
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ from tidegate import errors
 
 def test_public_api_is_curated() -> None:
     assert sorted(tidegate.__all__) == sorted([
-        "AuthenticationRequired", "BatchingConfig", "CacheConfig", "Config", "ConfigError",
-        "InvalidRequest", "ModelConfig", "PermissionDenied",
+        "AuthConfig", "AuthenticationRequired", "BatchingConfig", "CacheConfig", "Config",
+        "ConfigError", "InvalidRequest", "ModelConfig", "PermissionDenied",
         "ModelNotFound", "ModelUnavailable", "Overloaded", "PayloadTooLarge", "RequestError",
         "RequestTimeout", "RuntimeFailure", "ServerConfig", "TidegateError",
         "UnsupportedMediaType", "__version__", "load_config",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tidegate._version import __version__
 from tidegate.config import (
+    AuthConfig,
     BatchingConfig,
     CacheConfig,
     Config,
@@ -28,6 +29,7 @@ from tidegate.errors import (
 )
 
 __all__ = [
+    "AuthConfig",
     "AuthenticationRequired",
     "BatchingConfig",
     "CacheConfig",

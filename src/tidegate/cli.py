@@ -8,9 +8,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import get_args
 
 from tidegate import __version__
-from tidegate.config import load_config
+from tidegate.config import LogLevel, ServerConfig, load_config
 from tidegate.errors import ConfigError
 
 __all__ = ["main"]
@@ -24,11 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", help="path to tidegate.toml (default: ./tidegate.toml if present)"
     )
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default 8000)")
+    defaults = ServerConfig()
+    serve.add_argument("--host", help=f"address to bind (default {defaults.host})")
+    serve.add_argument("--port", type=int, help=f"port to bind (default {defaults.port})")
     serve.add_argument(
-        "--log-level", choices=["critical", "error", "warning", "info", "debug"],
-        help="log verbosity (default info)",
+        "--log-level", choices=get_args(LogLevel),
+        help=f"log verbosity (default {defaults.log_level})",
     )
     return parser
 

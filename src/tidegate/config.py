@@ -2,7 +2,14 @@
 
 Config objects are frozen, keyword-only value objects that validate themselves. The only code
 that reads files is :func:`load_config`, called by the CLI at the edge; library code takes the
-objects. Unknown keys and bad values raise :class:`~tidegate.errors.ConfigError` naming them.
+objects. Unknown keys and bad values raise :class:`~tidegate.errors.ConfigError` naming them by
+their full place in the file (``models[2].batching.max_batch_size: must be >= 1, got 0``); each
+dataclass names its own fields and :func:`~tidegate.configutil.build_dataclass` adds the place.
+Every default is written once: in its field, or, for the batching settings that differ between
+local and remote models, in :data:`LOCAL_BATCHING` and :data:`REMOTE_BATCHING`.
+
+One module although above 400 lines: the sections' dataclasses and the one function that reads
+the file change together whenever a key is added, moved or renamed.
 """
 
 from __future__ import annotations
@@ -20,19 +27,26 @@ from tidegate.configutil import (
     check_choice,
     check_integer,
     check_number,
+    place,
     require_table,
 )
 from tidegate.errors import ConfigError
 from tidegate.kinds import RuntimeKind
+from tidegate.upstream.config import SECTIONS as UPSTREAM_SECTIONS
 from tidegate.upstream.config import UpstreamConfig
 
 __all__ = [
     "DEFAULT_MODEL_ID",
+    "LOCAL_BATCHING",
+    "REMOTE_BATCHING",
+    "AuthConfig",
     "BatchingConfig",
+    "BatchingDefaults",
     "CacheConfig",
     "Config",
     "EvictionMode",
     "GenerationConfig",
+    "LogLevel",
     "ModelConfig",
     "RuntimeKind",
     "ServerConfig",
@@ -56,6 +70,21 @@ def default_cache_dir() -> Path:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class BatchingDefaults:
+    """The batching settings whose default depends on where the model computes."""
+
+    max_wait_ms: float
+    max_concurrent_batches: int
+
+
+LOCAL_BATCHING = BatchingDefaults(max_wait_ms=2.0, max_concurrent_batches=1)
+"""A CPU runtime already uses every core for one batch, so one batch computes at a time."""
+REMOTE_BATCHING = BatchingDefaults(max_wait_ms=0.5, max_concurrent_batches=8)
+"""The upstream batches too; one call at a time would make every request wait for the round
+trip ahead of it."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class BatchingConfig:
     """How one model's requests are coalesced into batches (see README, "Batching").
 
@@ -69,7 +98,7 @@ class BatchingConfig:
     """Most tokens (sum over inputs) in one forward pass."""
     max_wait_ms: float | None = None
     """How long the oldest queued input may wait for more to join while a batch is computing.
-    ``None``: 2 ms for local models, 0.5 ms for remote ones."""
+    ``None``: :data:`LOCAL_BATCHING` or :data:`REMOTE_BATCHING`'s, by the model's runtime."""
     max_queue_items: int = 4096
     """Inputs queued beyond this are refused with 429 (or ``overload_status``)."""
     target_p99_ms: float | None = None
@@ -77,9 +106,8 @@ class BatchingConfig:
     overload_status: Literal[429, 503] = 429
     """HTTP status for a full queue."""
     max_concurrent_batches: int | None = None
-    """Batches computing at once. ``None``: 1 for local models (a CPU runtime already uses every
-    core for one batch), 8 for remote ones (the upstream batches too; one call at a time would
-    make every request wait for the round trip ahead of it)."""
+    """Batches computing at once. ``None``: :data:`LOCAL_BATCHING` or :data:`REMOTE_BATCHING`'s,
+    by the model's runtime."""
 
     def __post_init__(self) -> None:
         check_integer("max_batch_size", self.max_batch_size)
@@ -95,20 +123,26 @@ class BatchingConfig:
 
     def resolved(self, *, remote: bool) -> BatchingConfig:
         """This config with the runtime-dependent defaults filled in."""
+        defaults = REMOTE_BATCHING if remote else LOCAL_BATCHING
         return dataclasses.replace(
             self,
-            max_wait_ms=(0.5 if remote else 2.0) if self.max_wait_ms is None else self.max_wait_ms,
-            max_concurrent_batches=(8 if remote else 1) if self.max_concurrent_batches is None
-            else self.max_concurrent_batches,
+            max_wait_ms=defaults.max_wait_ms if self.max_wait_ms is None else self.max_wait_ms,
+            max_concurrent_batches=defaults.max_concurrent_batches
+            if self.max_concurrent_batches is None else self.max_concurrent_batches,
         )
 
     @property
     def wait_s(self) -> float:
-        return (self.max_wait_ms if self.max_wait_ms is not None else 2.0) / 1000
+        """``max_wait_ms`` in seconds; an unresolved config counts as a local model's."""
+        wait_ms = LOCAL_BATCHING.max_wait_ms if self.max_wait_ms is None else self.max_wait_ms
+        return wait_ms / 1000
 
     @property
     def concurrency(self) -> int:
-        return self.max_concurrent_batches or 1
+        """``max_concurrent_batches``; an unresolved config counts as a local model's."""
+        if self.max_concurrent_batches is None:
+            return LOCAL_BATCHING.max_concurrent_batches
+        return self.max_concurrent_batches
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -131,15 +165,15 @@ class GenerationConfig:
     """Context length; ``None`` means the model config's own."""
 
     def __post_init__(self) -> None:
-        check_integer("generation.max_num_seqs", self.max_num_seqs)
-        check_integer("generation.max_prefill_tokens", self.max_prefill_tokens)
-        check_integer("generation.max_waiting", self.max_waiting)
-        check_integer("generation.stream_buffer", self.stream_buffer)
-        check_number("generation.stream_timeout_s", self.stream_timeout_s)
-        check_choice("generation.overload_status", self.overload_status, (429, 503))
-        check_choice("generation.dtype", self.dtype, ("float32", "bfloat16"))
+        check_integer("max_num_seqs", self.max_num_seqs)
+        check_integer("max_prefill_tokens", self.max_prefill_tokens)
+        check_integer("max_waiting", self.max_waiting)
+        check_integer("stream_buffer", self.stream_buffer)
+        check_number("stream_timeout_s", self.stream_timeout_s)
+        check_choice("overload_status", self.overload_status, (429, 503))
+        check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         if self.max_context_tokens is not None:
-            check_integer("generation.max_context_tokens", self.max_context_tokens)
+            check_integer("max_context_tokens", self.max_context_tokens)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -176,41 +210,45 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id.strip():
-            raise ConfigError(f"models.id must be a non-empty string, got {self.id!r}")
-        where = f"models[{self.id}]"
-        check_choice(f"{where}.runtime", self.runtime, tuple(k.value for k in RuntimeKind))
+            raise ConfigError(f"must be a non-empty string, got {self.id!r}", key="id")
+        check_choice("runtime", self.runtime, tuple(k.value for k in RuntimeKind))
         object.__setattr__(self, "runtime", RuntimeKind(self.runtime))
         if self.source is not None and not isinstance(self.source, str):
-            raise ConfigError(f"{where}.source must be a string")
+            raise ConfigError(f"must be a string, got {self.source!r}", key="source")
         if self.runtime == "causal-lm" and not self.source:
-            raise ConfigError(f"{where}.source must be a local model directory for causal-lm")
+            raise ConfigError("must be a local model directory for causal-lm", key="source")
         if self.runtime == "python" and (not self.source or ":" not in self.source):
-            raise ConfigError(f"{where}.source must be 'module:ClassName' for a python model")
+            raise ConfigError("must be 'module:ClassName' for a python model", key="source")
         if isinstance(self.depends_on, list):
             object.__setattr__(self, "depends_on", tuple(self.depends_on))
         if not all(isinstance(d, str) for d in self.depends_on):
-            raise ConfigError(f"{where}.depends_on must be a list of model ids")
+            raise ConfigError("must be a list of model ids", key="depends_on")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
-            raise ConfigError(f"{where}.priority must be an integer")
-        check_choice(f"{where}.preload", self.preload, get_args(PreloadMode))
+            raise ConfigError(f"must be an integer, got {self.priority!r}", key="priority")
+        check_choice("preload", self.preload, get_args(PreloadMode))
         if isinstance(self.keep_alive_s, bool) or not isinstance(self.keep_alive_s, int | float) \
                 or (self.keep_alive_s < 0 and self.keep_alive_s != -1):
-            raise ConfigError(f"{where}.keep_alive_s must be >= 0 or -1, got {self.keep_alive_s!r}")
+            raise ConfigError(f"must be >= 0 or -1, got {self.keep_alive_s!r}",
+                              key="keep_alive_s")
         if self.memory_bytes is not None:
-            check_integer(f"{where}.memory_bytes", self.memory_bytes, minimum=0)
+            check_integer("memory_bytes", self.memory_bytes, minimum=0)
         if not isinstance(self.options, Mapping):
-            raise ConfigError(f"{where}.options must be a table")
-        if (self.runtime == "remote") != (self.upstream is not None):
-            raise ConfigError(f"{where}: 'upstreams' is required for, and only for, remote models")
+            raise ConfigError("must be a table", key="options")
+        if self.runtime == "remote" and self.upstream is None:
+            raise ConfigError("is required for a remote model: its replicas' base URLs",
+                              key="upstreams")
+        if self.runtime != "remote" and self.upstream is not None:
+            raise ConfigError(f"applies only to remote models, not {self.runtime}",
+                              key="upstreams")
         if self.max_input_tokens is not None:
-            check_integer(f"models[{self.id}].max_input_tokens", self.max_input_tokens)
+            check_integer("max_input_tokens", self.max_input_tokens)
         if self.intra_op_threads is not None:
-            check_integer(f"models[{self.id}].intra_op_threads", self.intra_op_threads)
+            check_integer("intra_op_threads", self.intra_op_threads)
             if self.runtime != "embedding":
                 raise ConfigError(
-                    f"{where}.intra_op_threads applies only to embedding (ONNX Runtime) models; "
-                    "causal-lm models use torch's process-wide thread pool (set "
-                    "OMP_NUM_THREADS before starting tidegate)"
+                    "applies only to embedding (ONNX Runtime) models; causal-lm models use "
+                    "torch's process-wide thread pool (set OMP_NUM_THREADS before starting "
+                    "tidegate)", key="intra_op_threads",
                 )
 
 
@@ -231,16 +269,16 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
-            raise ConfigError(f"server.host must be a non-empty string, got {self.host!r}")
-        check_integer("server.port", self.port, minimum=0)
+            raise ConfigError(f"must be a non-empty string, got {self.host!r}", key="host")
+        check_integer("port", self.port, minimum=0)
         if self.port > 65535:
-            raise ConfigError(f"server.port must be <= 65535, got {self.port}")
-        check_choice("server.log_level", self.log_level, get_args(LogLevel))
-        check_integer("server.max_body_bytes", self.max_body_bytes)
-        check_integer("server.max_inputs_per_request", self.max_inputs_per_request)
-        check_number("server.request_timeout_s", self.request_timeout_s)
+            raise ConfigError(f"must be <= 65535, got {self.port}", key="port")
+        check_choice("log_level", self.log_level, get_args(LogLevel))
+        check_integer("max_body_bytes", self.max_body_bytes)
+        check_integer("max_inputs_per_request", self.max_inputs_per_request)
+        check_number("request_timeout_s", self.request_timeout_s)
         if not isinstance(self.access_log, bool):
-            raise ConfigError(f"server.access_log must be true or false, got {self.access_log!r}")
+            raise ConfigError(f"must be true or false, got {self.access_log!r}", key="access_log")
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
@@ -255,8 +293,6 @@ class CacheConfig:
     max_loaded_models: int | None = None
     max_concurrent_loads: int = 2
     load_timeout_s: float = 300.0
-    admin_token: str | None = None
-    """If set, /admin routes need ``Authorization: Bearer <token>``; otherwise loopback only."""
     predictive_threshold: float = 0.3
     """A ``predictive`` model is preloaded when P(next | current) is at least this."""
     eviction: EvictionMode = "lru"
@@ -271,18 +307,29 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.max_memory_bytes is not None:
-            check_integer("cache.max_memory_bytes", self.max_memory_bytes)
+            check_integer("max_memory_bytes", self.max_memory_bytes)
         if self.max_loaded_models is not None:
-            check_integer("cache.max_loaded_models", self.max_loaded_models)
-        check_integer("cache.max_concurrent_loads", self.max_concurrent_loads)
-        check_number("cache.load_timeout_s", self.load_timeout_s)
+            check_integer("max_loaded_models", self.max_loaded_models)
+        check_integer("max_concurrent_loads", self.max_concurrent_loads)
+        check_number("load_timeout_s", self.load_timeout_s)
+        check_number("predictive_threshold", self.predictive_threshold)
+        check_choice("eviction", self.eviction, get_args(EvictionMode))
+        check_number("frequency_half_life_s", self.frequency_half_life_s)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuthConfig:
+    """Who may call what (``[auth]``)."""
+
+    admin_token: str | None = None
+    """If set, /admin routes need ``Authorization: Bearer <token>``; otherwise loopback only."""
+
+    def __post_init__(self) -> None:
         if self.admin_token is not None and (
             not isinstance(self.admin_token, str) or not self.admin_token
         ):
-            raise ConfigError("cache.admin_token must be a non-empty string")
-        check_number("cache.predictive_threshold", self.predictive_threshold)
-        check_choice("cache.eviction", self.eviction, get_args(EvictionMode))
-        check_number("cache.frequency_half_life_s", self.frequency_half_life_s)
+            raise ConfigError(f"must be a non-empty string, got {self.admin_token!r}",
+                              key="admin_token")
 
 
 def _default_models() -> tuple[ModelConfig, ...]:
@@ -295,23 +342,27 @@ class Config:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
 
     def __post_init__(self) -> None:
         if not self.models:
-            raise ConfigError("at least one [[models]] entry is required")
-        seen: set[str] = set()
-        for model in self.models:
-            if model.id in seen:
-                raise ConfigError(f"model id '{model.id}' is configured twice")
-            seen.add(model.id)
-        for model in self.models:
+            raise ConfigError("at least one [[models]] entry is required", key="models")
+        first: dict[str, int] = {}
+        for index, model in enumerate(self.models):
+            if model.id in first:
+                raise ConfigError(
+                    f"{model.id!r} is configured twice (also models[{first[model.id]}])",
+                    key=f"models[{index}].id",
+                )
+            first[model.id] = index
+        for index, model in enumerate(self.models):
             for dep in model.depends_on:
-                if dep not in seen:
-                    raise ConfigError(f"model '{model.id}' depends on unknown model '{dep}'")
+                if dep not in first:
+                    raise ConfigError(f"unknown model {dep!r}", key=f"models[{index}].depends_on")
         cycle = _find_cycle({m.id: m.depends_on for m in self.models})
         if cycle:
-            raise ConfigError(f"dependency cycle: {' -> '.join(cycle)}")
+            raise ConfigError(f"dependency cycle: {' -> '.join(cycle)}", key="models")
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
@@ -340,27 +391,45 @@ def _find_cycle(graph: Mapping[str, Sequence[str]]) -> list[str] | None:
     return None
 
 
+_UPSTREAM_KEYS = ("upstreams", "upstream_model", "api_key_env", "api_key")
+"""A remote model's upstream keys that sit in its own table (its sections are under
+``[models.upstream]``)."""
+
+
 def _build_model(data: object, index: int) -> ModelConfig:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"models[{index}] must be a table")
-    values = dict(data)
-    upstream = dict(require_table(values.pop("upstream", {}), f"models[{index}].upstream"))
-    for key, target in (("upstreams", "replicas"), ("upstream_model", "model"),
-                        ("api_key_env", "api_key_env"), ("api_key", "api_key")):
-        if key in values:
-            upstream[target] = values.pop(key)
-    if upstream:
-        values["upstream"] = UpstreamConfig.from_mapping(upstream, where=f"models[{index}]")
+    where = f"models[{index}]"
+    values = dict(require_table(data, where))
+    sections = dict(require_table(values.pop("upstream", {}), f"{where}.upstream"))
+    misplaced = sorted(set(sections) - set(UPSTREAM_SECTIONS))
+    if misplaced:
+        raise ConfigError(f"unknown key (known: {', '.join(sorted(UPSTREAM_SECTIONS))}; "
+                          f"{', '.join(k for k in _UPSTREAM_KEYS if k != 'api_key')} go in "
+                          f"{where} itself)", key=f"{where}.upstream.{misplaced[0]}")
+    upstream = {key: values.pop(key) for key in _UPSTREAM_KEYS if key in values}
+    if upstream or sections:
+        if "upstreams" not in upstream:
+            raise ConfigError("is required with any other upstream setting",
+                              key=place(where, "upstreams"))
+        values["upstream"] = UpstreamConfig.from_mapping(
+            {**upstream, **sections}, where=where, sections_at=f"{where}.upstream"
+        )
     if "batching" in values:
         values["batching"] = build_dataclass(
-            BatchingConfig, values["batching"], f"models[{index}].batching"
+            BatchingConfig, values["batching"], f"{where}.batching"
         )
     if "generation" in values:
         values["generation"] = build_dataclass(
-            GenerationConfig, values["generation"], f"models[{index}].generation"
+            GenerationConfig, values["generation"], f"{where}.generation"
         )
-    model: ModelConfig = build_dataclass(ModelConfig, values, f"models[{index}]")
+    model: ModelConfig = build_dataclass(ModelConfig, values, where)
     return model
+
+
+def _check_moved_keys(raw: Mapping[str, Any]) -> None:
+    cache = raw.get("cache")
+    if isinstance(cache, Mapping) and "admin_token" in cache:
+        raise ConfigError("has moved to [auth] admin_token; move the line there",
+                          key="cache.admin_token")
 
 
 def load_config(path: str | Path | None = None, **server_overrides: Any) -> Config:
@@ -373,17 +442,22 @@ def load_config(path: str | Path | None = None, **server_overrides: Any) -> Conf
             raise ConfigError(f"config file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    unknown = sorted(set(raw) - {"server", "cache", "models"})
+    unknown = sorted(set(raw) - {"server", "cache", "auth", "models"})
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) in config: {', '.join(unknown)}")
-    server_table = dict(raw.get("server", {}))
+        raise ConfigError("unknown top-level key (known: auth, cache, models, server)",
+                          key=unknown[0])
+    _check_moved_keys(raw)
+    server_table = dict(require_table(raw.get("server", {}), "server"))
     server_table.update({k: v for k, v in server_overrides.items() if v is not None})
-    server: ServerConfig = build_dataclass(ServerConfig, server_table, "[server]")
-    cache: CacheConfig = build_dataclass(CacheConfig, raw.get("cache", {}), "[cache]")
+    sections: dict[str, Any] = {
+        "server": build_dataclass(ServerConfig, server_table, "server"),
+        "cache": build_dataclass(CacheConfig, raw.get("cache", {}), "cache"),
+        "auth": build_dataclass(AuthConfig, raw.get("auth", {}), "auth"),
+    }
     models_raw = raw.get("models")
     if models_raw is None:
-        return Config(server=server, cache=cache)
+        return Config(**sections)
     if not isinstance(models_raw, list):
-        raise ConfigError("models must be an array of tables ([[models]])")
+        raise ConfigError("must be an array of tables ([[models]])", key="models")
     models = tuple(_build_model(m, i) for i, m in enumerate(models_raw))
-    return Config(server=server, cache=cache, models=models)
+    return Config(**sections, models=models)

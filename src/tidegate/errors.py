@@ -52,7 +52,23 @@ class TidegateError(Exception):
 
 
 class ConfigError(TidegateError):
-    """The configuration is invalid; the message names the offending key or value."""
+    """The configuration is invalid. ``key`` is the offending key's full place in the file, when
+    there is one, and the message starts with it:
+    ``models[2].batching.max_batch_size: must be >= 1, got 0``."""
+
+    def __init__(self, problem: str, *, key: str | None = None) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.problem = problem
+        self.key = key
+
+    def within(self, where: str) -> ConfigError:
+        """This error with its key placed under the table ``where`` (``models[2].batching``)."""
+        if not where:
+            return self
+        if not self.key:
+            return ConfigError(self.problem, key=where)
+        joiner = "" if self.key.startswith("[") else "."
+        return ConfigError(self.problem, key=f"{where}{joiner}{self.key}")
 
 
 class RequestError(TidegateError):

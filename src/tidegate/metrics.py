@@ -1,18 +1,22 @@
 """Every Prometheus instrument, declared once.
 
 The hot path (per request, per batch) records into plain Python counters and bucket arrays that
-live with each model (:class:`BatchMetrics`); a collector turns them into Prometheus samples only
-when ``/metrics`` is scraped. prometheus_client's own instruments take a lock per update, which
+live with each component (:class:`~tidegate.batching.stats.BatchMetrics`,
+:class:`~tidegate.generation.stats.GenerationMetrics`, an upstream pool's wait histogram); a
+collector turns them, or typed statistics snapshots, into Prometheus samples only when
+``/metrics`` is scraped. prometheus_client's own instruments take a lock per update, which
 measured ~10% of the echo runtime's request cost. Everything runs on the event loop thread, so
 the plain counters need no lock. Each app owns its registry (not the global one), so several
 apps can live in one process, as in tests.
+
+This module collects; the components it reads never import it (the histogram is in the leaf
+:mod:`tidegate.histogram`; the layering is checked by ``make layers``).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import exposition as _exposition
@@ -23,61 +27,19 @@ from prometheus_client.core import (
     Metric,
 )
 
-if TYPE_CHECKING:
-    from tidegate.generation.stats import EngineStatistics, GenerationMetrics
-    from tidegate.upstream.client import UpstreamClient
+from tidegate.batching.stats import BatchMetrics
+from tidegate.generation.stats import EngineStatistics, GenerationMetrics
+from tidegate.histogram import Histogram, HistogramSnapshot
+from tidegate.upstream.stats import UpstreamStatistics
 
-__all__ = ["BatchMetrics", "CacheMetrics", "Histogram", "Metrics"]
-
-SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-DISPATCH_REASONS = ("full", "tokens", "timeout", "idle")
+__all__ = ["CacheMetrics", "Metrics", "UpstreamSource"]
 
 
-class Histogram:
-    """A lock-free histogram for single-threaded (event loop) use."""
+class UpstreamSource(Protocol):
+    """What the exporter reads of an upstream client
+    (:class:`~tidegate.upstream.client.UpstreamClient`)."""
 
-    __slots__ = ("buckets", "counts", "sum")
-
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # the last slot is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.buckets, value)] += 1
-        self.sum += value
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        total = 0
-        out = []
-        for bound, count in zip((*map(str, map(float, self.buckets)), "+Inf"), self.counts,
-                                strict=True):
-            total += count
-            out.append((bound, float(total)))
-        return out
-
-
-class BatchMetrics:
-    """One model's batching instruments. Outlives a batcher, so counters survive a reload."""
-
-    __slots__ = ("batch_items", "batch_tokens", "compute", "dispatch", "queue_depth",
-                 "queue_wait", "rejected", "withdrawn")
-
-    def __init__(self) -> None:
-        self.batch_items = Histogram(SIZE_BUCKETS)
-        self.batch_tokens = Histogram(TOKEN_BUCKETS)
-        self.queue_wait = Histogram(TIME_BUCKETS)
-        self.compute = Histogram(TIME_BUCKETS)
-        self.dispatch = dict.fromkeys(DISPATCH_REASONS, 0)
-        self.rejected = 0
-        self.withdrawn = 0
-        self.queue_depth: Callable[[], int] = lambda: 0
+    def statistics(self) -> UpstreamStatistics: ...
 
 
 class ModelSample(Protocol):
@@ -164,17 +126,18 @@ class _BatchCollector:
         self._models = models
 
     def collect(self) -> Iterator[Metric]:
-        histograms = {
-            "batch_items": ("tidegate_batch_size_items", "Inputs per dispatched batch"),
-            "batch_tokens": ("tidegate_batch_size_tokens", "Tokens per dispatched batch"),
-            "queue_wait": ("tidegate_queue_wait_seconds", "Time an input waited in the queue"),
-            "compute": ("tidegate_batch_compute_seconds", "Time to compute one batch"),
-        }
-        for attr, (name, doc) in histograms.items():
+        histograms: tuple[tuple[str, str, Callable[[BatchMetrics], Histogram]], ...] = (
+            ("tidegate_batch_size_items", "Inputs per dispatched batch", lambda m: m.batch_items),
+            ("tidegate_batch_size_tokens", "Tokens per dispatched batch",
+             lambda m: m.batch_tokens),
+            ("tidegate_queue_wait_seconds", "Time an input waited in the queue",
+             lambda m: m.queue_wait),
+            ("tidegate_batch_compute_seconds", "Time to compute one batch", lambda m: m.compute),
+        )
+        for name, doc, read in histograms:
             family = HistogramMetricFamily(name, doc, labels=["model"])
             for model, metrics in self._models.items():
-                hist: Histogram = getattr(metrics, attr)
-                family.add_metric([model], hist.cumulative(), hist.sum)
+                _add_histogram(family, [model], read(metrics))
             yield family
         dispatch = CounterMetricFamily(
             "tidegate_batch_dispatch", "Batches dispatched, by reason", labels=["model", "reason"]
@@ -204,6 +167,11 @@ def _histogram(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
     return HistogramMetricFamily(name, doc, labels=labels)
 
 
+def _add_histogram(family: HistogramMetricFamily, labels: list[str],
+                   histogram: Histogram | HistogramSnapshot) -> None:
+    family.add_metric(labels, histogram.cumulative(), histogram.sum)
+
+
 class _GenerationCollector:
     def __init__(self, metrics: dict[str, GenerationMetrics],
                  engines: dict[str, Callable[[], EngineStatistics]]) -> None:
@@ -211,19 +179,20 @@ class _GenerationCollector:
         self._engines = engines
 
     def collect(self) -> Iterator[Metric]:
-        histograms = {
-            "time_to_first_token": ("tidegate_generation_ttft_seconds",
-                                    "Submit to first token, queueing and prefill included"),
-            "inter_token_latency": ("tidegate_generation_inter_token_seconds",
-                                    "Time between consecutive tokens of a sequence"),
-            "step_seconds": ("tidegate_generation_step_seconds", "One engine step"),
-            "batch_size": ("tidegate_generation_decode_batch_size", "Sequences per decode step"),
-        }
-        for attr, (name, doc) in histograms.items():
+        histograms: tuple[tuple[str, str, Callable[[GenerationMetrics], Histogram]], ...] = (
+            ("tidegate_generation_ttft_seconds",
+             "Submit to first token, queueing and prefill included",
+             lambda m: m.time_to_first_token),
+            ("tidegate_generation_inter_token_seconds",
+             "Time between consecutive tokens of a sequence", lambda m: m.inter_token_latency),
+            ("tidegate_generation_step_seconds", "One engine step", lambda m: m.step_seconds),
+            ("tidegate_generation_decode_batch_size", "Sequences per decode step",
+             lambda m: m.batch_size),
+        )
+        for name, doc, read in histograms:
             family = _histogram(name, doc, ["model"])
             for model, metrics in self._metrics.items():
-                hist: Histogram = getattr(metrics, attr)
-                family.add_metric([model], hist.cumulative(), hist.sum)
+                _add_histogram(family, [model], read(metrics))
             yield family
         tokens = CounterMetricFamily("tidegate_generation_tokens", "Tokens processed",
                                      labels=["model", "kind"])
@@ -254,28 +223,23 @@ class _GenerationCollector:
 
 
 class _UpstreamCollector:
-    def __init__(self, clients: dict[str, UpstreamClient]) -> None:
+    def __init__(self, clients: dict[str, UpstreamSource]) -> None:
         self._clients = clients
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "replica"]
-        families = {
-            "opened": CounterMetricFamily("tidegate_upstream_connections_opened",
-                                          "Connections opened to a replica", labels=labels),
-            "closed": CounterMetricFamily("tidegate_upstream_connections_closed",
-                                          "Connections closed", labels=labels),
-            "reused": CounterMetricFamily("tidegate_upstream_connections_reused",
-                                          "Requests sent on a kept-alive connection",
-                                          labels=labels),
-            "requests": CounterMetricFamily("tidegate_upstream_requests",
-                                            "Requests handed a connection", labels=labels),
-            "retired_by_age": CounterMetricFamily("tidegate_upstream_connections_retired",
-                                                  "Connections retired at max age",
-                                                  labels=labels),
-            "pool_timeouts": CounterMetricFamily("tidegate_upstream_pool_timeouts",
-                                                 "Requests that found no free connection",
-                                                 labels=labels),
-        }
+        opened = CounterMetricFamily("tidegate_upstream_connections_opened",
+                                     "Connections opened to a replica", labels=labels)
+        closed = CounterMetricFamily("tidegate_upstream_connections_closed",
+                                     "Connections closed", labels=labels)
+        reused = CounterMetricFamily("tidegate_upstream_connections_reused",
+                                     "Requests sent on a kept-alive connection", labels=labels)
+        requests = CounterMetricFamily("tidegate_upstream_requests",
+                                       "Requests handed a connection", labels=labels)
+        retired = CounterMetricFamily("tidegate_upstream_connections_retired",
+                                      "Connections retired at max age", labels=labels)
+        timeouts = CounterMetricFamily("tidegate_upstream_pool_timeouts",
+                                       "Requests that found no free connection", labels=labels)
         reuse = GaugeMetricFamily("tidegate_upstream_connection_reuse_ratio",
                                   "reused / requests", labels=labels)
         in_use = GaugeMetricFamily("tidegate_upstream_in_use",
@@ -285,17 +249,20 @@ class _UpstreamCollector:
         wait = _histogram("tidegate_upstream_pool_wait_seconds",
                           "Time waiting for a pooled connection", labels)
         for model, client in self._clients.items():
-            health = {r["url"]: r["status"] for r in client.describe()["replicas"]}
-            for pool in client.pools:
-                stats = pool.statistics()
-                key = [model, stats.url]
-                for attr, family in families.items():
-                    family.add_metric(key, getattr(stats, attr))
-                reuse.add_metric(key, stats.reuse_rate)
-                in_use.add_metric(key, stats.in_flight)
-                healthy.add_metric(key, 1.0 if health.get(stats.url) == "healthy" else 0.0)
-                wait.add_metric(key, pool.pool_wait.cumulative(), pool.pool_wait.sum)
-        yield from families.values()
+            stats = client.statistics()
+            for pool, routable in zip(stats.replicas, stats.health.healthy, strict=True):
+                key = [model, pool.url]
+                opened.add_metric(key, pool.opened)
+                closed.add_metric(key, pool.closed)
+                reused.add_metric(key, pool.reused)
+                requests.add_metric(key, pool.requests)
+                retired.add_metric(key, pool.retired_by_age)
+                timeouts.add_metric(key, pool.pool_timeouts)
+                reuse.add_metric(key, pool.reuse_rate)
+                in_use.add_metric(key, pool.in_flight)
+                healthy.add_metric(key, 1.0 if routable else 0.0)
+                _add_histogram(wait, key, pool.pool_wait)
+        yield from (opened, closed, reused, requests, retired, timeouts)
         yield from (reuse, in_use, healthy, wait)
 
 
@@ -310,7 +277,7 @@ class Metrics:
         self.cache = CacheMetrics()
         self._generation: dict[str, GenerationMetrics] = {}
         self._engines: dict[str, Callable[[], EngineStatistics]] = {}
-        self._upstreams: dict[str, UpstreamClient] = {}
+        self._upstreams: dict[str, UpstreamSource] = {}
         self.registry.register(_BatchCollector(self._batching))
         self.registry.register(_CacheCollector(self.cache))
         self.registry.register(_GenerationCollector(self._generation, self._engines))
@@ -322,14 +289,12 @@ class Metrics:
 
     def for_generation(self, model: str) -> GenerationMetrics:
         """The (persistent) generation instruments of ``model``."""
-        from tidegate.generation.stats import GenerationMetrics
-
         return self._generation.setdefault(model, GenerationMetrics())
 
     def track_engine(self, model: str, statistics: Callable[[], EngineStatistics]) -> None:
         self._engines[model] = statistics
 
-    def track_upstream(self, model: str, client: UpstreamClient) -> None:
+    def track_upstream(self, model: str, client: UpstreamSource) -> None:
         self._upstreams[model] = client
 
     def untrack(self, model: str) -> None:

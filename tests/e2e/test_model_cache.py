@@ -193,7 +193,7 @@ def dependency_server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
     tmp = tmp_path_factory.mktemp("deps")
     log = tmp / "events.log"
     config = f"""
-[cache]
+[auth]
 admin_token = "s3cret"
 
 [[models]]

@@ -268,7 +268,7 @@ def upstream_config(*replicas: str, **sections: Any) -> UpstreamConfig:
     """An UpstreamConfig for tests: active checks off and short timeouts unless overridden,
     e.g. ``upstream_config(url, pool={"max_connections": 1}, retry={"max_retries": 0})``."""
     table: dict[str, Any] = {
-        "replicas": list(replicas),
+        "upstreams": list(replicas),
         "timeouts": {"connect_s": 2.0, "read_s": 5.0, "pool_s": 2.0},
         "health": {"path": None},
     }
@@ -280,14 +280,19 @@ def upstream_config(*replicas: str, **sections: Any) -> UpstreamConfig:
     return UpstreamConfig.from_mapping(table)
 
 
-async def until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait for a condition that another thread (the fake upstream) or the kernel makes true.
+async def until(predicate: Callable[[], bool], timeout_s: float = 10.0, *,
+                what: str = "") -> None:
+    """Wait for a condition that another thread (the fake upstream) or the kernel makes true;
+    fail with ``what`` (or the predicate's source) after ``timeout_s``.
 
     It polls with a short sleep rather than ``sleep(0)``: spinning would starve the server
     thread of the GIL."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.005)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() >= deadline:
+            described = what or getattr(predicate, "__qualname__", repr(predicate))
+            raise AssertionError(f"still false after {timeout_s:g}s: {described}")
+        await asyncio.sleep(0.005)
 
 
 class FakeClock:

@@ -64,9 +64,13 @@ def test_requests_go_to_the_replica_with_fewest_outstanding() -> None:
         run(scenario)
 
 
-async def until_done(tasks: list[asyncio.Task[list[list[float]]]], count: int) -> None:
+async def until_done(tasks: list[asyncio.Task[list[list[float]]]], count: int,
+                     timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
     while sum(t.done() for t in tasks) < count:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        left = deadline - asyncio.get_running_loop().time()
+        assert left > 0, f"{sum(t.done() for t in tasks)} of {count} tasks done after {timeout_s}s"
+        await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
 
 def test_connect_errors_are_retried_on_another_replica() -> None:
@@ -208,7 +212,7 @@ def test_client_errors_are_relayed_and_credential_errors_are_tidegates() -> None
 def test_the_api_key_and_upstream_model_name_are_sent() -> None:
     with FaultyUpstream() as upstream:
         async def scenario() -> None:
-            config = upstream_config(upstream.url, model="meta-llama/Llama-3.1-8B")
+            config = upstream_config(upstream.url, upstream_model="meta-llama/Llama-3.1-8B")
             async with UpstreamClient(config, model="llama", api_key="sk-test") as client:
                 await client.request_json(CHAT, chat())
             assert upstream.last_headers["authorization"] == "Bearer sk-test"
@@ -315,7 +319,7 @@ def test_describe_reports_each_replica() -> None:
     with FaultyUpstream() as upstream:
         async def scenario() -> None:
             dead = refused_url()
-            config = upstream_config(dead, upstream.url, model="served-name",
+            config = upstream_config(dead, upstream.url, upstream_model="served-name",
                                      health={"eject_after_failures": 1})
             async with UpstreamClient(config, model="m") as client:
                 await client.embed_batch(["x"])

@@ -108,7 +108,8 @@ def test_the_checker_task_runs_periodically_and_stops_on_aclose() -> None:
             client = UpstreamClient(config, model="m")
             await client.start()
             try:
-                await until(lambda: client.health.statistics().rounds >= 3)
+                await until(lambda: client.health.statistics().rounds >= 3,
+                            what="3 rounds of checks")
             finally:
                 await client.aclose()
             rounds = client.health.statistics().rounds
@@ -128,7 +129,8 @@ def test_an_unreachable_replica_fails_its_checks() -> None:
                 "path": "/health", "interval_s": 3600, "unhealthy_after": 1,
             })
             async with UpstreamClient(config, model="m") as client:
-                await until(lambda: client.health.statistics().rounds >= 1)
+                await until(lambda: client.health.statistics().rounds >= 1,
+                            what="a round of checks")
                 assert client.health.healthy() == [False, True]
                 error = client.describe()["replicas"][0]["last_error"]
                 assert "ClientConnectorError: Cannot connect to host" in error

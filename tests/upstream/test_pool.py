@@ -48,7 +48,7 @@ def test_sequential_requests_reuse_one_connection() -> None:
                 assert (s.opened, s.requests, s.reused, s.closed) == (1, 5, 4, 0)
                 assert s.reuse_rate == pytest.approx(0.8)
                 assert (s.in_flight, s.connections_active, s.connections_idle) == (0, 0, 1)
-                assert s.pool_wait_count == 5
+                assert s.pool_wait.count == 5
             assert pool.statistics().closed == 1
 
         run(scenario)
@@ -167,8 +167,8 @@ def test_pool_wait_is_measured() -> None:
                 await exchange.aclose()
                 await second
                 s = pool.statistics()
-                assert s.pool_wait_count == 2
-                assert s.pool_wait_sum_s > 0
+                assert s.pool_wait.count == 2
+                assert s.pool_wait.sum > 0
                 assert (s.opened, s.reused) == (1, 1)
 
         run(scenario)

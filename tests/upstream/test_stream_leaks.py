@@ -74,7 +74,8 @@ def test_a_thousand_cancelled_streams_leak_nothing() -> None:
                 assert pool.closed == STREAMS
                 assert pool.connections_idle == 0
                 # Both ends (the fake upstream is in this process) release their sockets.
-                await until(lambda: open_fds() <= baseline, timeout_s=10)
+                await until(lambda: open_fds() <= baseline, timeout_s=10,
+                            what=f"open descriptors back to {baseline}")
                 assert upstream.hits["/v1/chat/completions"] == STREAMS
 
         asyncio.run(scenario())

@@ -34,7 +34,7 @@ def authorize(request: Request, token: str | None) -> None:
         loopback = False
     if not loopback:
         raise PermissionDenied(
-            "Admin routes are served only to loopback clients unless cache.admin_token is set.",
+            "Admin routes are served only to loopback clients unless [auth] admin_token is set.",
             code="forbidden",
         )
 
@@ -42,12 +42,12 @@ def authorize(request: Request, token: str | None) -> None:
 @endpoint
 async def admin_load(request: Request) -> Response:
     state = app_state(request)
-    authorize(request, state.config.cache.admin_token)
+    authorize(request, state.config.auth.admin_token)
     return json_response(await state.manager.load(request.path_params["model_id"]))
 
 
 @endpoint
 async def admin_unload(request: Request) -> Response:
     state = app_state(request)
-    authorize(request, state.config.cache.admin_token)
+    authorize(request, state.config.auth.admin_token)
     return json_response(await state.manager.unload(request.path_params["model_id"]))

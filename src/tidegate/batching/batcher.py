@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 from tidegate.batching.adaptive import AdaptiveBatchSize
 from tidegate.batching.compute import BatchResults, Compute
 from tidegate.batching.policy import Decision, DispatchReason, decide
+from tidegate.batching.stats import BatchMetrics
 from tidegate.config import BatchingConfig
 from tidegate.errors import (
     ModelUnavailable,
@@ -30,7 +31,6 @@ from tidegate.errors import (
     RuntimeFailure,
     TidegateError,
 )
-from tidegate.metrics import BatchMetrics
 from tidegate.runtimes.base import Prepared
 
 __all__ = ["Batcher", "BatcherStatistics"]

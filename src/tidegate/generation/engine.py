@@ -296,7 +296,6 @@ class GenerationEngine:
     def _apply(self, plan: StepPlan, outcome: StepOutcome, started: float) -> None:
         now = self._clock()
         m = self._metrics
-        m.steps += 1
         self._steps_done += 1
         m.step_seconds.observe(now - started)
         if outcome.decoded:

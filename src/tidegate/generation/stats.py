@@ -1,35 +1,27 @@
 """The generation engine's instruments: plain counters and histograms, and their snapshot.
 
-Like :class:`tidegate.metrics.BatchMetrics`, :class:`GenerationMetrics` is written only from the
-event loop thread, needs no lock, and outlives an engine so counters survive a reload. An
-exporter reads it (or :class:`EngineStatistics`, a frozen copy) when ``/metrics`` is scraped.
+Like :class:`tidegate.batching.stats.BatchMetrics`, :class:`GenerationMetrics` is written only
+from the event loop thread, needs no lock, and outlives an engine so counters survive a reload.
+:mod:`tidegate.metrics` reads it (and :class:`EngineStatistics`, a frozen snapshot) when
+``/metrics`` is scraped; this module imports nothing from the exporter.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tidegate.metrics import SIZE_BUCKETS, TIME_BUCKETS, TOKEN_BUCKETS, Histogram
+# HistogramSnapshot is re-exported: the engine builds its statistics from it.
+from tidegate.histogram import (
+    SIZE_BUCKETS,
+    TIME_BUCKETS,
+    TOKEN_BUCKETS,
+    Histogram,
+    HistogramSnapshot,
+)
 
 __all__ = ["EngineStatistics", "GenerationMetrics", "HistogramSnapshot"]
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
-
-
-@dataclass(frozen=True, slots=True)
-class HistogramSnapshot:
-    buckets: tuple[float, ...]
-    counts: tuple[int, ...]
-    """Per bucket (not cumulative); the last one is +Inf."""
-    sum: float
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    @classmethod
-    def of(cls, histogram: Histogram) -> HistogramSnapshot:
-        return cls(tuple(histogram.buckets), tuple(histogram.counts), histogram.sum)
 
 
 class GenerationMetrics:
@@ -37,7 +29,7 @@ class GenerationMetrics:
 
     __slots__ = ("aborted_slow_readers", "batch_size", "finished", "generated_tokens",
                  "inter_token_latency", "prefill_tokens_per_step", "prompt_tokens",
-                 "rejected", "step_seconds", "steps", "time_to_first_token")
+                 "rejected", "step_seconds", "time_to_first_token")
 
     def __init__(self) -> None:
         self.time_to_first_token = Histogram(TIME_BUCKETS)
@@ -47,7 +39,6 @@ class GenerationMetrics:
         self.batch_size = Histogram(SIZE_BUCKETS)
         """Sequences decoded per step."""
         self.prefill_tokens_per_step = Histogram(TOKEN_BUCKETS)
-        self.steps = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.finished = dict.fromkeys(FINISH_REASONS, 0)

@@ -1,12 +1,12 @@
 """Remote OpenAI-compatible replicas: pooled connections, health checks, replica selection.
 
-:class:`UpstreamClient` is the entry point; the rest is exported for configuration, statistics
-and error mapping.
+The client is :class:`tidegate.upstream.client.UpstreamClient`. This package exports only what
+needs no HTTP client: the configuration (which :mod:`tidegate.config` reads) and the statistics
+snapshots (which :mod:`tidegate.metrics` reads), so importing either does not import aiohttp.
 """
 
 from __future__ import annotations
 
-from tidegate.upstream.client import UpstreamClient, UpstreamStatistics, UpstreamStream
 from tidegate.upstream.config import (
     HealthConfig,
     PoolConfig,
@@ -14,8 +14,7 @@ from tidegate.upstream.config import (
     UpstreamConfig,
     UpstreamTimeouts,
 )
-from tidegate.upstream.health import HealthStatistics
-from tidegate.upstream.pool import PoolStatistics
+from tidegate.upstream.stats import HealthStatistics, PoolStatistics, UpstreamStatistics
 
 __all__ = [
     "HealthConfig",
@@ -23,9 +22,7 @@ __all__ = [
     "PoolConfig",
     "PoolStatistics",
     "RetryConfig",
-    "UpstreamClient",
     "UpstreamConfig",
     "UpstreamStatistics",
-    "UpstreamStream",
     "UpstreamTimeouts",
 ]

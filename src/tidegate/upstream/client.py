@@ -17,7 +17,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -32,11 +31,10 @@ from tidegate.errors import (
     UpstreamUnavailable,
 )
 from tidegate.upstream.config import UpstreamConfig
-from tidegate.upstream.health import HealthMonitor, HealthStatistics
+from tidegate.upstream.health import HealthMonitor
 from tidegate.upstream.pool import (
     TRANSPORT_ERRORS,
     Exchange,
-    PoolStatistics,
     ReplicaPool,
     describe_error,
 )
@@ -50,6 +48,7 @@ from tidegate.upstream.routing import (
     decide_retry,
     pick_replica,
 )
+from tidegate.upstream.stats import UpstreamStatistics
 
 __all__ = [
     "UpstreamBadGateway",
@@ -190,23 +189,12 @@ class UpstreamStream:
 # -- the client --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamStatistics:
-    requests: int
-    retries: int
-    retries_refused_by_budget: int
-    retry_budget_tokens: float
-    failures: dict[str, int]
-    """Failed attempts by :class:`~tidegate.upstream.routing.Failure` value."""
-    replicas: tuple[PoolStatistics, ...]
-    health: HealthStatistics
-
-
 class UpstreamClient:
     """Serve one tidegate model from remote OpenAI-compatible replicas.
 
     ``api_key`` is resolved by the caller (``config.api_key(os.environ)``) and sent as a Bearer
-    token. ``model`` is tidegate's model id; the replicas are told ``config.model`` (or it).
+    token. ``model`` is tidegate's model id; the replicas are told ``config.upstream_model``
+    (or it).
     Use as ``async with UpstreamClient(...) as client`` or call ``start()`` / ``aclose()``.
     """
 
@@ -216,16 +204,16 @@ class UpstreamClient:
     ) -> None:
         self.config = config
         self.model = model
-        self.upstream_model = config.model or model
+        self.upstream_model = config.upstream_model or model
         headers = {"user-agent": USER_AGENT}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._pools = [
             ReplicaPool(url, pool=config.pool, timeouts=config.timeouts, headers=headers,
                         clock=clock)
-            for url in config.replicas
+            for url in config.upstreams
         ]
-        self.health = HealthMonitor(config.replicas, config.health, headers=headers, clock=clock)
+        self.health = HealthMonitor(config.upstreams, config.health, headers=headers, clock=clock)
         self._budget = RetryBudget(ratio=config.retry.budget_ratio,
                                    burst=config.retry.budget_burst)
         self._rotation = 0

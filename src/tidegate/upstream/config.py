@@ -1,8 +1,10 @@
 """Configuration of a model served by remote OpenAI-compatible replicas.
 
-Frozen, keyword-only, self-validating value objects, like :mod:`tidegate.config`. The API key is
-never part of the configuration: ``api_key_env`` names the environment variable that holds it,
-and :meth:`UpstreamConfig.api_key` reads it at the edge, from the mapping it is given.
+Frozen, keyword-only, self-validating value objects, like :mod:`tidegate.config`; field names
+are the TOML keys. The API key is never part of the configuration: ``api_key_env`` names the
+environment variable that holds it, and :meth:`UpstreamConfig.api_key` reads it at the edge,
+from the mapping it is given. This module imports no HTTP client, so the configuration loads
+without one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from tidegate.configutil import build_dataclass, check_integer, check_number, require_table
+from tidegate.configutil import (
+    build_dataclass,
+    check_integer,
+    check_number,
+    place,
+    require_table,
+)
 from tidegate.errors import ConfigError
 
 __all__ = [
@@ -40,7 +48,7 @@ class UpstreamTimeouts:
 
     def __post_init__(self) -> None:
         for name in ("connect_s", "read_s", "pool_s"):
-            check_number(f"upstream.timeouts.{name}", getattr(self, name))
+            check_number(name, getattr(self, name))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,10 +65,10 @@ class PoolConfig:
     new replica processes behind a DNS name or load balancer; ``None`` keeps connections."""
 
     def __post_init__(self) -> None:
-        check_integer("upstream.pool.max_connections", self.max_connections, minimum=1)
-        check_number("upstream.pool.keepalive_expiry_s", self.keepalive_expiry_s, allow_zero=True)
+        check_integer("max_connections", self.max_connections, minimum=1)
+        check_number("keepalive_expiry_s", self.keepalive_expiry_s, allow_zero=True)
         if self.max_connection_age_s is not None:
-            check_number("upstream.pool.max_connection_age_s", self.max_connection_age_s)
+            check_number("max_connection_age_s", self.max_connection_age_s)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,13 +93,13 @@ class HealthConfig:
     def __post_init__(self) -> None:
         if self.path is not None and (not isinstance(self.path, str) or
                                       not self.path.startswith("/")):
-            raise ConfigError(f"upstream.health.path must start with '/', got {self.path!r}")
-        check_number("upstream.health.interval_s", self.interval_s)
-        check_number("upstream.health.timeout_s", self.timeout_s)
-        check_integer("upstream.health.unhealthy_after", self.unhealthy_after, minimum=1)
-        check_integer("upstream.health.healthy_after", self.healthy_after, minimum=1)
-        check_integer("upstream.health.eject_after_failures", self.eject_after_failures, minimum=0)
-        check_number("upstream.health.ejection_s", self.ejection_s)
+            raise ConfigError(f"must start with '/', got {self.path!r}", key="path")
+        check_number("interval_s", self.interval_s)
+        check_number("timeout_s", self.timeout_s)
+        check_integer("unhealthy_after", self.unhealthy_after, minimum=1)
+        check_integer("healthy_after", self.healthy_after, minimum=1)
+        check_integer("eject_after_failures", self.eject_after_failures, minimum=0)
+        check_number("ejection_s", self.ejection_s)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -108,30 +116,28 @@ class RetryConfig:
     budget_burst: float = 10.0
 
     def __post_init__(self) -> None:
-        check_integer("upstream.retry.max_retries", self.max_retries, minimum=0)
-        check_number("upstream.retry.budget_ratio", self.budget_ratio, allow_zero=True)
-        check_number("upstream.retry.budget_burst", self.budget_burst, allow_zero=True)
+        check_integer("max_retries", self.max_retries, minimum=0)
+        check_number("budget_ratio", self.budget_ratio, allow_zero=True)
+        check_number("budget_burst", self.budget_burst, allow_zero=True)
 
 
-def _normalized_replica(url: object) -> str:
+def _normalized_replica(url: object, key: str) -> str:
     if not isinstance(url, str):
-        raise ConfigError(f"upstream.replicas entries must be URL strings, got {url!r}")
+        raise ConfigError(f"must be a URL string, got {url!r}", key=key)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"upstream replica {url!r} must be an http:// or https:// URL with a host"
-        )
+        raise ConfigError(f"{url!r} must be an http:// or https:// URL with a host", key=key)
     if parts.username is not None or parts.password is not None:
         raise ConfigError(
-            f"upstream replica {url!r} has credentials in its URL; put the key in an "
-            "environment variable and name it in upstream.api_key_env"
+            f"{url!r} has credentials in its URL; put the key in an environment variable and "
+            "name it in api_key_env", key=key,
         )
     if parts.query or parts.fragment:
-        raise ConfigError(f"upstream replica {url!r} must not have a query or fragment")
+        raise ConfigError(f"{url!r} must not have a query or fragment", key=key)
     try:
         parts.port  # noqa: B018 - validates the port number
     except ValueError as exc:
-        raise ConfigError(f"upstream replica {url!r} has an invalid port") from exc
+        raise ConfigError(f"{url!r} has an invalid port", key=key) from exc
     return url.rstrip("/")
 
 
@@ -139,9 +145,10 @@ def _normalized_replica(url: object) -> str:
 class UpstreamConfig:
     """One model served by one or more remote OpenAI-compatible replicas."""
 
-    replicas: tuple[str, ...]
-    """Base URLs, e.g. ``http://10.0.0.5:8000``; request paths (``/v1/...``) are appended."""
-    model: str | None = None
+    upstreams: tuple[str, ...]
+    """The replicas' base URLs, e.g. ``http://10.0.0.5:8000``; request paths (``/v1/...``) are
+    appended."""
+    upstream_model: str | None = None
     """The model name the replicas know; ``None`` means tidegate's model id."""
     api_key_env: str | None = None
     """The environment variable holding the replicas' API key (sent as a Bearer token)."""
@@ -151,23 +158,27 @@ class UpstreamConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.replicas, str) or not isinstance(self.replicas, tuple | list):
-            raise ConfigError(f"upstream.replicas must be a list of URLs, got {self.replicas!r}")
-        if not self.replicas:
-            raise ConfigError("upstream.replicas must name at least one replica URL")
-        normalized = tuple(_normalized_replica(url) for url in self.replicas)
+        if isinstance(self.upstreams, str) or not isinstance(self.upstreams, tuple | list):
+            raise ConfigError(f"must be a list of URLs, got {self.upstreams!r}", key="upstreams")
+        if not self.upstreams:
+            raise ConfigError("must name at least one replica URL", key="upstreams")
+        normalized = tuple(_normalized_replica(url, f"upstreams[{i}]")
+                           for i, url in enumerate(self.upstreams))
         duplicates = sorted({url for url in normalized if normalized.count(url) > 1})
         if duplicates:
-            raise ConfigError(f"upstream replica listed twice: {', '.join(duplicates)}")
-        object.__setattr__(self, "replicas", normalized)
-        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
-            raise ConfigError(f"upstream.model must be a non-empty string, got {self.model!r}")
+            raise ConfigError(f"replica listed twice: {', '.join(duplicates)}", key="upstreams")
+        object.__setattr__(self, "upstreams", normalized)
+        if self.upstream_model is not None and (
+            not isinstance(self.upstream_model, str) or not self.upstream_model.strip()
+        ):
+            raise ConfigError(f"must be a non-empty string, got {self.upstream_model!r}",
+                              key="upstream_model")
         if self.api_key_env is not None and (
             not isinstance(self.api_key_env, str) or not _ENV_NAME.fullmatch(self.api_key_env)
         ):
             raise ConfigError(
-                "upstream.api_key_env must name an environment variable (e.g. "
-                "'VLLM_API_KEY'), not hold the key itself"
+                "must name an environment variable (e.g. 'VLLM_API_KEY'), not hold the key "
+                "itself", key="api_key_env",
             )
 
     def api_key(self, environ: Mapping[str, str]) -> str | None:
@@ -180,30 +191,39 @@ class UpstreamConfig:
         key = environ.get(self.api_key_env, "")
         if not key:
             raise ConfigError(
-                f"environment variable {self.api_key_env} (upstream.api_key_env) is not set; "
+                f"environment variable {self.api_key_env} (api_key_env) is not set; "
                 "export the upstream's API key in it"
             )
         return key
 
     @classmethod
-    def from_mapping(cls, data: object, *, where: str = "upstream") -> UpstreamConfig:
-        """Build from a TOML table, refusing unknown keys (and a literal ``api_key``)."""
+    def from_mapping(cls, data: object, *, where: str = "",
+                     sections_at: str | None = None) -> UpstreamConfig:
+        """Build from a TOML table, refusing unknown keys (and a literal ``api_key``).
+
+        ``where`` is the table's place in the file, for messages; ``sections_at`` is where the
+        section tables (``timeouts``, ``pool``, ``health``, ``retry``) sit, when elsewhere (a
+        model's sections are under ``models[i].upstream``).
+        """
         table = require_table(data, where)
+        sections_at = where if sections_at is None else sections_at
         if "api_key" in table:
             raise ConfigError(
-                f"{where}.api_key is not accepted: API keys do not belong in config files. "
-                f"Export the key in an environment variable and set {where}.api_key_env to its "
-                "name."
+                "is not accepted: API keys do not belong in config files. Export the key in an "
+                f"environment variable and set {place(where, 'api_key_env')} to its name.",
+                key=place(where, "api_key"),
             )
         values = dict(table)
-        nested: dict[str, type[Any]] = {
-            "timeouts": UpstreamTimeouts, "pool": PoolConfig,
-            "health": HealthConfig, "retry": RetryConfig,
-        }
-        for key, kind in nested.items():
+        for key, kind in SECTIONS.items():
             if key in values:
-                values[key] = build_dataclass(kind, values[key], f"{where}.{key}")
-        if isinstance(values.get("replicas"), list):
-            values["replicas"] = tuple(values["replicas"])
+                values[key] = build_dataclass(kind, values[key], place(sections_at, key))
+        if isinstance(values.get("upstreams"), list):
+            values["upstreams"] = tuple(values["upstreams"])
         config: UpstreamConfig = build_dataclass(cls, values, where)
         return config
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "timeouts": UpstreamTimeouts, "pool": PoolConfig, "health": HealthConfig, "retry": RetryConfig,
+}
+"""The section tables of an upstream, by key."""

@@ -12,13 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
 
 from tidegate.upstream.config import HealthConfig
 from tidegate.upstream.pool import TRANSPORT_ERRORS, describe_error
+from tidegate.upstream.stats import HealthStatistics
 
 __all__ = ["HealthMonitor", "HealthStatistics", "ReplicaHealth"]
 
@@ -105,14 +105,6 @@ class ReplicaHealth:
             "consecutive_failures": self.failures,
             "last_error": self.last_error,
         }
-
-
-@dataclass(frozen=True, slots=True)
-class HealthStatistics:
-    rounds: int
-    """Completed rounds of active checks."""
-    healthy: tuple[bool, ...]
-    ejections: tuple[int, ...]
 
 
 class HealthMonitor:

@@ -27,15 +27,15 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import yarl
 from multidict import CIMultiDictProxy
 
-from tidegate.metrics import TIME_BUCKETS, Histogram
+from tidegate.histogram import TIME_BUCKETS, Histogram
 from tidegate.upstream.config import PoolConfig, UpstreamTimeouts
+from tidegate.upstream.stats import PoolStatistics
 
 if TYPE_CHECKING:
     from aiohttp.client_proto import ResponseHandler
@@ -149,27 +149,6 @@ class _AgingConnector(aiohttp.TCPConnector):
         return len(self._born)
 
 
-@dataclass(frozen=True, slots=True)
-class PoolStatistics:
-    url: str
-    in_flight: int
-    """Requests sent (or waiting for a connection) whose responses are not closed yet
-    (routing's "outstanding")."""
-    connections_active: int
-    """Connections serving a request (or connecting) now."""
-    connections_idle: int
-    opened: int
-    closed: int
-    requests: int
-    """Requests handed a connection (first uses plus reuses)."""
-    reused: int
-    reuse_rate: float
-    retired_by_age: int
-    pool_timeouts: int
-    pool_wait_count: int
-    pool_wait_sum_s: float
-
-
 class Exchange:
     """One request on one replica whose response headers have arrived and whose body has not
     been read. :meth:`aclose` (idempotent) releases the connection and the pool slot; closing
@@ -237,7 +216,7 @@ class ReplicaPool:
         self._connector: _AgingConnector | None = None
         self._session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
-        self.pool_wait = Histogram(TIME_BUCKETS)
+        self._pool_wait = Histogram(TIME_BUCKETS)
         self._in_flight = 0
         self._holding = 0
         self._closed = False
@@ -267,7 +246,7 @@ class ReplicaPool:
     async def _acquire_slot(self, slots: asyncio.Semaphore) -> None:
         if not slots.locked():
             await slots.acquire()  # free: returns without suspending
-            self.pool_wait.observe(0.0)
+            self._pool_wait.observe(0.0)
             return
         started = self._clock()
         try:
@@ -278,7 +257,7 @@ class ReplicaPool:
             raise PoolTimeout(
                 f"no free connection to {self.url} within {self._timeouts.pool_s:g}s"
             ) from None
-        self.pool_wait.observe(self._clock() - started)
+        self._pool_wait.observe(self._clock() - started)
 
     def _url_for(self, path: str) -> yarl.URL:
         # Appended, not joined: a replica URL may carry a path prefix (https://host/openai).
@@ -342,8 +321,7 @@ class ReplicaPool:
             reuse_rate=counters.reused / counters.requests if counters.requests else 0.0,
             retired_by_age=counters.retired_by_age,
             pool_timeouts=counters.pool_timeouts,
-            pool_wait_count=self.pool_wait.count,
-            pool_wait_sum_s=self.pool_wait.sum,
+            pool_wait=self._pool_wait.snapshot(),
         )
 
     async def aclose(self) -> None:
