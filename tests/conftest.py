@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tidegate cache for the whole session, so MiniLM is exported to ONNX only once."""
+    """The tidegate cache for the whole session, so MiniLM is exported and converted once."""
     return tmp_path_factory.mktemp("tidegate-cache")
 
 
@@ -28,9 +28,10 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def minilm(model_dir: Path, cache_dir: Path) -> Iterator[object]:
-    from tidegate.runtimes.embedding import OnnxEmbeddingRuntime
+    from tidegate.engines import Backend
+    from tidegate.runtimes.embedding import TextEmbeddingRuntime
 
-    runtime = OnnxEmbeddingRuntime(model_dir, cache_dir)
+    runtime = TextEmbeddingRuntime(model_dir, cache_dir, backend=Backend.ONNXRUNTIME)
     yield runtime
     runtime.close()
 

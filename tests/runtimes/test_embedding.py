@@ -1,4 +1,4 @@
-"""The ONNX MiniLM runtime against sentence-transformers fp32 computed in the test."""
+"""The ONNX Runtime MiniLM engine against sentence-transformers fp32 computed in the test."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tidegate.runtimes.embedding import OnnxEmbeddingRuntime, model_token_limit
+from tidegate.engines import Backend
+from tidegate.runtimes.embedding import TextEmbeddingRuntime, model_token_limit
 from tidegate.runtimes.onnx_export import ensure_onnx, model_fingerprint
 
 TEXTS = [
@@ -51,7 +52,9 @@ def test_token_counts_include_special_tokens_and_truncation(minilm: Any, model_d
 
 
 def test_configured_limit_below_the_models(model_dir: Path, cache_dir: Path) -> None:
-    runtime = OnnxEmbeddingRuntime(model_dir, cache_dir, max_input_tokens=16)
+    runtime = TextEmbeddingRuntime(
+        model_dir, cache_dir, backend=Backend.ONNXRUNTIME, max_input_tokens=16
+    )
     assert [p.tokens for p in runtime.prepare(["word " * 100])] == [16]
 
 
@@ -61,7 +64,7 @@ def test_corrupt_or_missing_cache_is_rebuilt(
 ) -> None:
     own_cache = tmp_path / "cache"
     entry = own_cache / "onnx" / model_fingerprint(model_dir)
-    shutil.copytree(minilm.graph_path.parent, entry)
+    shutil.copytree(minilm.encoder.graph_path.parent, entry)
     graph = entry / "model.onnx"
     if damage == "truncate":
         with graph.open("r+b") as fh:
@@ -74,12 +77,12 @@ def test_corrupt_or_missing_cache_is_rebuilt(
         graph.unlink()
     else:
         (entry / "meta.json").write_text("{not json")
-    runtime = OnnxEmbeddingRuntime(model_dir, own_cache)
-    assert graph.stat().st_size == minilm.graph_path.stat().st_size
+    runtime = TextEmbeddingRuntime(model_dir, own_cache, backend=Backend.ONNXRUNTIME)
+    assert graph.stat().st_size == minilm.encoder.graph_path.stat().st_size
     assert np.allclose(embed(runtime, TEXTS[:2]), embed(minilm, TEXTS[:2]), atol=1e-6)
 
 
 def test_valid_cache_is_reused(model_dir: Path, cache_dir: Path, minilm: Any) -> None:
-    before = minilm.graph_path.stat().st_mtime_ns
-    assert ensure_onnx(model_dir, cache_dir) == minilm.graph_path
-    assert minilm.graph_path.stat().st_mtime_ns == before
+    before = minilm.encoder.graph_path.stat().st_mtime_ns
+    assert ensure_onnx(model_dir, cache_dir) == minilm.encoder.graph_path
+    assert minilm.encoder.graph_path.stat().st_mtime_ns == before

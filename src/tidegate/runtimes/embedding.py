@@ -1,21 +1,30 @@
-"""Sentence embeddings with ONNX Runtime (fp32) and the model's own fast tokenizer."""
+"""Sentence embeddings: the model's own fast tokenizer in front of an engine (``encoders``)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from tidegate.engines import Backend, Precision, cpu_supports_bf16
 from tidegate.runtimes.base import Prepared
-from tidegate.runtimes.onnx_export import ensure_onnx
+from tidegate.runtimes.encoders import Encoder, IntArray
+from tidegate.runtimes.precision_guard import choose_engine, probe_texts
 
-__all__ = ["OnnxEmbeddingRuntime", "bundled_model_dir", "model_token_limit"]
+__all__ = [
+    "DEFAULT_MIN_COSINE",
+    "TextEmbeddingRuntime",
+    "bundled_model_dir",
+    "model_token_limit",
+]
+
+DEFAULT_MIN_COSINE = 0.9999
+"""Reduced precision must keep every probe vector within this cosine of fp32."""
 
 log = logging.getLogger("tidegate.runtimes.embedding")
 
@@ -46,9 +55,11 @@ def model_token_limit(model_dir: Path) -> int:
     return positions if isinstance(positions, int) and positions > 0 else 512
 
 
-class OnnxEmbeddingRuntime:
-    """Tokenize with ``tokenizers``, run the exported pooled+normalized graph with ONNX Runtime.
+class TextEmbeddingRuntime:
+    """Tokenize with ``tokenizers``, run the exported pooled+normalized graph on an engine.
 
+    The engine is OpenVINO (bf16 where the CPU computes it natively and the load-time probe
+    agrees, see ``precision_guard``) or ONNX Runtime fp32, per ``backend`` and ``precision``.
     ``usage`` token counts are the tokens the model actually saw: special tokens included,
     after truncation to ``max_input_tokens``.
     """
@@ -60,10 +71,14 @@ class OnnxEmbeddingRuntime:
         model_dir: Path,
         cache_dir: Path,
         *,
+        model_id: str = "",
+        backend: Backend = Backend.AUTO,
+        precision: Precision = Precision.AUTO,
+        min_cosine: float = DEFAULT_MIN_COSINE,
         max_input_tokens: int | None = None,
         intra_op_threads: int | None = None,
+        bf16_supported: Callable[[], bool] = cpu_supports_bf16,
     ) -> None:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         tokenizer_file = model_dir / "tokenizer.json"
@@ -77,23 +92,19 @@ class OnnxEmbeddingRuntime:
         pad_id = self._tokenizer.token_to_id("[PAD]")
         self._pad_id = pad_id if pad_id is not None else 0
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads or len(os.sched_getaffinity(0))
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning worker threads burn the cores the event loop needs between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        graph = ensure_onnx(model_dir, cache_dir)
-        try:
-            session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # a graph that verified but does not load: rebuild once
-            log.warning("ONNX Runtime could not load %s (%s); re-exporting", graph, exc)
-            graph = ensure_onnx(model_dir, cache_dir, force=True)
-            session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        self._session = session
-        self.dimensions = int(session.get_outputs()[0].shape[1] or self._probe_dimensions())
-        self.memory_bytes = graph.stat().st_size
-        self.graph_path = graph
+        probe = self.prepare(probe_texts(self.max_input_tokens))
+        choice = choose_engine(
+            model_id or model_dir.name, model_dir, cache_dir, backend=backend,
+            precision=precision, threads=intra_op_threads, threshold=min_cosine,
+            probe=self._pad([p.payload for p in probe]), bf16_supported=bf16_supported,
+        )
+        self.encoder: Encoder = choice.encoder
+        self.backend = choice.encoder.backend
+        self.precision = choice.encoder.precision
+        self.probe_min_cosine = choice.probe_min_cosine
+        self.precision_fell_back = choice.fell_back
+        self.dimensions = choice.encoder.dimensions or self._probe_dimensions()
+        self.memory_bytes = choice.encoder.memory_bytes
 
     def _probe_dimensions(self) -> int:
         return int(self.run_batch([self._tokenizer.encode("probe").ids]).shape[1])
@@ -105,16 +116,17 @@ class OnnxEmbeddingRuntime:
             encodings = self._tokenizer.encode_batch(list(texts))
         return [Prepared(len(e.ids), e.ids) for e in encodings]
 
-    def run_batch(self, payloads: Sequence[Any]) -> npt.NDArray[np.float32]:
+    def _pad(self, payloads: Sequence[Any]) -> tuple[IntArray, IntArray]:
         longest = max(len(ids) for ids in payloads)
         input_ids = np.full((len(payloads), longest), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(payloads), longest), dtype=np.int64)
         for row, ids in enumerate(payloads):
             input_ids[row, : len(ids)] = ids
             mask[row, : len(ids)] = 1
-        outputs = self._session.run(None, {"input_ids": input_ids, "attention_mask": mask})
-        result: npt.NDArray[np.float32] = outputs[0]
-        return result
+        return input_ids, mask
+
+    def run_batch(self, payloads: Sequence[Any]) -> npt.NDArray[np.float32]:
+        return self.encoder.infer(*self._pad(payloads))
 
     def close(self) -> None:
-        self._session = None
+        self.encoder.close()

@@ -24,7 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["EXPORT_FORMAT", "PoolingMode", "ensure_onnx", "model_fingerprint", "read_pooling"]
+__all__ = [
+    "EXPORT_FORMAT",
+    "PoolingMode",
+    "ensure_onnx",
+    "file_lock",
+    "model_fingerprint",
+    "read_pooling",
+    "sha256_file",
+]
 
 log = logging.getLogger("tidegate.runtimes.export")
 
@@ -35,7 +43,8 @@ PoolingMode = Literal["mean", "cls"]
 _HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -49,7 +58,7 @@ def model_fingerprint(model_dir: Path) -> str:
     for path in sorted(model_dir.rglob("*")):
         if path.is_file() and path.suffix in _HASHED_SUFFIXES:
             digest.update(str(path.relative_to(model_dir)).encode())
-            digest.update(_sha256_file(path).encode())
+            digest.update(sha256_file(path).encode())
     return digest.hexdigest()[:20]
 
 
@@ -67,7 +76,8 @@ def read_pooling(model_dir: Path) -> PoolingMode:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes, held on ``path`` (created if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -85,7 +95,7 @@ def _is_valid(entry: Path) -> bool:
         return False
     if not graph.is_file() or graph.stat().st_size != meta.get("onnx_bytes"):
         return False
-    return bool(_sha256_file(graph) == meta.get("onnx_sha256"))
+    return bool(sha256_file(graph) == meta.get("onnx_sha256"))
 
 
 def ensure_onnx(model_dir: Path, cache_dir: Path, *, force: bool = False) -> Path:
@@ -94,7 +104,7 @@ def ensure_onnx(model_dir: Path, cache_dir: Path, *, force: bool = False) -> Pat
     graph = entry / "model.onnx"
     if not force and _is_valid(entry):
         return graph
-    with _file_lock(entry.with_suffix(".lock")):
+    with file_lock(entry.with_suffix(".lock")):
         if not force and _is_valid(entry):  # another process exported while we waited
             return graph
         if graph.exists() or (entry / "meta.json").exists():
@@ -159,7 +169,7 @@ def _export(model_dir: Path, entry: Path) -> None:
         "pooling": pooling,
         "torch": torch.__version__,
         "onnx_bytes": tmp_graph.stat().st_size,
-        "onnx_sha256": _sha256_file(tmp_graph),
+        "onnx_sha256": sha256_file(tmp_graph),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (entry / "meta.json").unlink(missing_ok=True)

@@ -1,0 +1,144 @@
+"""The engines under an embedding model: each runs the pooled, L2-normalized graph on a padded
+batch of token ids. OpenVINO is the default on x86 (bf16 where the CPU computes it natively);
+ONNX Runtime fp32 is the alternative. Both read the same exported graph (``onnx_export``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from tidegate.engines import Backend, Precision
+from tidegate.runtimes.onnx_export import ensure_onnx
+from tidegate.runtimes.openvino_export import compiled_cache_dir, ensure_openvino_ir
+
+__all__ = ["Encoder", "OnnxEncoder", "OpenVinoEncoder", "open_encoder"]
+
+log = logging.getLogger("tidegate.runtimes.embedding")
+
+IntArray = npt.NDArray[np.int64]
+
+
+class Encoder(Protocol):
+    """A compiled embedding graph: ids and mask (batch x length, int64) -> unit vectors."""
+
+    backend: Backend
+    precision: Precision
+    memory_bytes: int
+    dimensions: int
+
+    def infer(self, input_ids: IntArray, attention_mask: IntArray) -> npt.NDArray[np.float32]: ...
+
+    def close(self) -> None: ...
+
+
+def _threads(requested: int | None) -> int:
+    return requested or len(os.sched_getaffinity(0))
+
+
+class OnnxEncoder:
+    """ONNX Runtime, fp32, on the CPU execution provider."""
+
+    backend = Backend.ONNXRUNTIME
+    precision = Precision.FP32
+
+    def __init__(self, model_dir: Path, cache_dir: Path, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = _threads(threads)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning worker threads burn the cores the event loop needs between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        graph = ensure_onnx(model_dir, cache_dir)
+        try:
+            session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # a graph that verified but does not load: rebuild once
+            log.warning("ONNX Runtime could not load %s (%s); re-exporting", graph, exc)
+            graph = ensure_onnx(model_dir, cache_dir, force=True)
+            session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self._session: Any = session
+        self.graph_path = graph
+        self.memory_bytes = graph.stat().st_size
+        self.dimensions = int(session.get_outputs()[0].shape[1] or 0)
+
+    def infer(self, input_ids: IntArray, attention_mask: IntArray) -> npt.NDArray[np.float32]:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        outputs = self._session.run(None, feeds)
+        result: npt.NDArray[np.float32] = outputs[0]
+        return result
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OpenVinoEncoder:
+    """OpenVINO on the CPU, compiled for latency (one stream over ``threads`` cores).
+
+    Each thread that calls :meth:`infer` gets its own infer request, so concurrent batches
+    (``max_concurrent_batches`` > 1) never share one.
+    """
+
+    backend = Backend.OPENVINO
+
+    def __init__(
+        self, model_dir: Path, cache_dir: Path, *, precision: Precision,
+        threads: int | None = None,
+    ) -> None:
+        import openvino as ov
+
+        if precision not in (Precision.FP32, Precision.BF16):
+            raise ValueError(f"OpenVinoEncoder needs a resolved precision, got {precision}")
+        self.precision: Precision = precision
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(compiled_cache_dir(cache_dir))})
+        settings = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": _threads(threads),
+            "INFERENCE_PRECISION_HINT": "bf16" if precision is Precision.BF16 else "f32",
+        }
+        ir = ensure_openvino_ir(model_dir, cache_dir)
+        try:
+            compiled = core.compile_model(str(ir), "CPU", settings)
+        except Exception as exc:  # an IR that verified but does not compile: rebuild once
+            log.warning("OpenVINO could not compile %s (%s); converting again", ir, exc)
+            ir = ensure_openvino_ir(model_dir, cache_dir, force=True)
+            compiled = core.compile_model(str(ir), "CPU", settings)
+        self._compiled: Any = compiled
+        self._local = threading.local()
+        self.ir_path = ir
+        self.memory_bytes = ir.with_suffix(".bin").stat().st_size
+        self.dimensions = int(compiled.outputs[0].get_partial_shape()[1].get_length())
+
+    def infer(self, input_ids: IntArray, attention_mask: IntArray) -> npt.NDArray[np.float32]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        # share_inputs: no copy in; the output is copied out (the request reuses its buffer).
+        outputs = request.infer(
+            {"input_ids": input_ids, "attention_mask": attention_mask}, share_inputs=True
+        )
+        result: npt.NDArray[np.float32] = outputs[0]
+        return result
+
+    def close(self) -> None:
+        self._compiled = None
+        self._local = threading.local()
+
+
+def open_encoder(
+    backend: Backend, precision: Precision, model_dir: Path, cache_dir: Path,
+    *, threads: int | None = None,
+) -> Encoder:
+    """Compile ``model_dir``'s graph on a resolved backend (not AUTO) in a resolved precision."""
+    if backend is Backend.OPENVINO:
+        return OpenVinoEncoder(model_dir, cache_dir, precision=precision, threads=threads)
+    if backend is Backend.ONNXRUNTIME and precision is Precision.FP32:
+        return OnnxEncoder(model_dir, cache_dir, threads=threads)
+    raise ValueError(f"no embedding engine for backend {backend} in {precision}")
