@@ -1,9 +1,10 @@
 """Raw in-process throughput of all-MiniLM-L6-v2: the ceiling an HTTP server can approach.
 
-Two runtimes see the same sentences in the same batches:
+The runtimes see the same sentences in the same batches:
 
 * ``pytorch-fp32``: sentence-transformers ``encode(normalize_embeddings=True)``, 2 torch threads;
-* ``onnx-fp32``: tidegate's :class:`~tidegate.runtimes.embedding.OnnxEmbeddingRuntime`,
+* ``onnx-fp32``, ``openvino-fp32``, ``openvino-bf16``: tidegate's
+  :class:`~tidegate.runtimes.embedding.TextEmbeddingRuntime` on that backend and precision,
   timing ``prepare`` (tokenization) plus ``run_batch``, as the server does per batch.
 
 Run alone with ``python -m bench.ceiling``.
@@ -22,7 +23,8 @@ from typing import Literal
 
 from bench.workload import make_sentences
 from tidegate.config import default_cache_dir
-from tidegate.runtimes.embedding import OnnxEmbeddingRuntime, bundled_model_dir
+from tidegate.engines import Backend, Precision
+from tidegate.runtimes.embedding import TextEmbeddingRuntime, bundled_model_dir
 
 __all__ = [
     "RUNTIMES",
@@ -30,11 +32,18 @@ __all__ = [
     "CeilingSettings",
     "RuntimeName",
     "format_table",
+    "measure",
     "run_ceiling",
+    "tidegate_encoder",
 ]
 
-RuntimeName = Literal["pytorch-fp32", "onnx-fp32"]
-RUNTIMES: tuple[RuntimeName, ...] = ("pytorch-fp32", "onnx-fp32")
+RuntimeName = Literal["pytorch-fp32", "onnx-fp32", "openvino-fp32", "openvino-bf16"]
+RUNTIMES: tuple[RuntimeName, ...] = ("pytorch-fp32", "onnx-fp32", "openvino-fp32", "openvino-bf16")
+_ENGINES: dict[RuntimeName, tuple[Backend, Precision]] = {
+    "onnx-fp32": (Backend.ONNXRUNTIME, Precision.FP32),
+    "openvino-fp32": (Backend.OPENVINO, Precision.FP32),
+    "openvino-bf16": (Backend.OPENVINO, Precision.BF16),
+}
 Encoder = Callable[[list[str]], object]
 
 _TORCH_THREADS = 2
@@ -96,8 +105,10 @@ def _torch_encoder() -> Iterator[Encoder]:
 
 
 @contextlib.contextmanager
-def _onnx_encoder() -> Iterator[Encoder]:
-    runtime = OnnxEmbeddingRuntime(bundled_model_dir(), default_cache_dir())
+def _runtime_encoder(backend: Backend, precision: Precision) -> Iterator[Encoder]:
+    runtime = TextEmbeddingRuntime(
+        bundled_model_dir(), default_cache_dir(), backend=backend, precision=precision
+    )
 
     def encode(texts: list[str]) -> object:
         prepared = runtime.prepare(texts)
@@ -109,8 +120,11 @@ def _onnx_encoder() -> Iterator[Encoder]:
         runtime.close()
 
 
-def _encoder(name: RuntimeName) -> contextlib.AbstractContextManager[Encoder]:
-    return _torch_encoder() if name == "pytorch-fp32" else _onnx_encoder()
+def tidegate_encoder(name: RuntimeName) -> contextlib.AbstractContextManager[Encoder]:
+    """A text encoder for ``name``: tokenization plus forward, as the server runs a batch."""
+    if name == "pytorch-fp32":
+        return _torch_encoder()
+    return _runtime_encoder(*_ENGINES[name])
 
 
 def _batches(sentences: Sequence[str], batch_size: int) -> list[list[str]]:
@@ -163,7 +177,7 @@ def run_ceiling(
     sentences = make_sentences(max(settings.batch_sizes) * _BATCHES_PER_SIZE)
     results = []
     for name in runtimes:
-        with _encoder(name) as encode:
+        with tidegate_encoder(name) as encode:
             for batch_size in settings.batch_sizes:
                 results.append(measure(name, encode, sentences, batch_size, settings))
     return results

@@ -70,6 +70,8 @@ class ServerProcess:
     command: tuple[str, ...]
     log_path: Path
     config_text: str | None = None
+    ready_s: float = 0.0
+    """Seconds from starting the process to its first ready answer."""
 
     @property
     def embeddings_url(self) -> str:
@@ -194,6 +196,7 @@ def managed_server(
 ) -> Iterator[ServerProcess]:
     """Run ``command`` (which must serve on ``port``) until the block exits."""
     base_url = f"http://{HOST}:{port}"
+    started = time.perf_counter()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -203,7 +206,7 @@ def managed_server(
         _wait_ready(process, base_url + ready_path, log_path, ready_timeout_s)
         yield ServerProcess(
             base_url=base_url, command=tuple(command), log_path=log_path,
-            config_text=config_text,
+            config_text=config_text, ready_s=time.perf_counter() - started,
         )
     finally:
         _stop(process)
