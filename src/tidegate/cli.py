@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from typing import get_args
 
 from tidegate import __version__
-from tidegate.config import LogLevel, ServerConfig, load_config
+from tidegate.config import LogLevel, ServerConfig, check_precisions, load_config
+from tidegate.engines import cpu_supports_bf16
 from tidegate.errors import ConfigError
 
 __all__ = ["main"]
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(
             config_path, host=args.host, port=args.port, log_level=args.log_level
         )
+        check_precisions(config, bf16_supported=cpu_supports_bf16())
     except ConfigError as exc:
         print(f"tidegate: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -31,13 +31,16 @@ from tidegate.configutil import (
     require_table,
 )
 from tidegate.errors import ConfigError
+from tidegate.engines import DEFAULT_MIN_COSINE, Backend, Precision
 from tidegate.kinds import RuntimeKind
 from tidegate.upstream.config import SECTIONS as UPSTREAM_SECTIONS
 from tidegate.upstream.config import UpstreamConfig
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_MODEL_ID",
     "LOCAL_BATCHING",
+    "PRECISIONS",
     "REMOTE_BATCHING",
     "AuthConfig",
     "BatchingConfig",
@@ -50,6 +53,7 @@ __all__ = [
     "ModelConfig",
     "RuntimeKind",
     "ServerConfig",
+    "check_precisions",
     "default_cache_dir",
     "load_config",
 ]
@@ -58,6 +62,29 @@ DEFAULT_MODEL_ID = "all-minilm-l6-v2"
 PreloadMode = Literal["eager", "lazy", "predictive"]
 EvictionMode = Literal["lru", "lfu"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+BACKENDS: Mapping[RuntimeKind, tuple[Backend, ...]] = {
+    RuntimeKind.EMBEDDING: (Backend.AUTO, Backend.OPENVINO, Backend.ONNXRUNTIME),
+    RuntimeKind.CAUSAL_LM: (Backend.AUTO, Backend.TORCH),
+}
+"""The ``backend`` values each runtime accepts; the others take only ``auto``."""
+PRECISIONS: Mapping[RuntimeKind, tuple[Precision, ...]] = {
+    RuntimeKind.EMBEDDING: (Precision.AUTO, Precision.FP32, Precision.BF16),
+}
+"""The ``precision`` values each runtime accepts (causal LMs: ``[models.generation] dtype``)."""
+
+
+def check_precisions(config: Config, *, bf16_supported: bool) -> None:
+    """Refuse at start-up an explicit ``precision = "bf16"`` that this CPU cannot compute."""
+    if bf16_supported:
+        return
+    for index, model in enumerate(config.models):
+        if model.precision is Precision.BF16:
+            raise ConfigError(
+                "'bf16' needs a CPU with bf16 instructions (AVX512-BF16 or AMX) and this one "
+                "has none; use 'auto' or 'fp32'", key=f"models[{index}].precision",
+            )
 
 
 def default_cache_dir() -> Path:
@@ -189,6 +216,13 @@ class ModelConfig:
     """Truncate inputs to this many tokens; ``None`` means the model's own limit."""
     intra_op_threads: int | None = None
     """Threads one forward pass may use; ``None`` means every core."""
+    backend: Backend = Backend.AUTO
+    """The engine (see :data:`BACKENDS` for each runtime's choices): embedding models run on
+    OpenVINO (``auto`` on x86) or ONNX Runtime; causal LMs on torch."""
+    precision: Precision = Precision.AUTO
+    """``auto``: bf16 where the backend and CPU compute it natively, else fp32."""
+    min_cosine: float = DEFAULT_MIN_COSINE
+    """Reduced precision is kept only if every load-time probe vector stays this close to fp32."""
     depends_on: tuple[str, ...] = ()
     """Models loaded before this one and kept loaded while it is."""
     priority: int = 0
@@ -240,16 +274,35 @@ class ModelConfig:
         if self.runtime != "remote" and self.upstream is not None:
             raise ConfigError(f"applies only to remote models, not {self.runtime}",
                               key="upstreams")
+        self._check_engine()
         if self.max_input_tokens is not None:
             check_integer("max_input_tokens", self.max_input_tokens)
         if self.intra_op_threads is not None:
             check_integer("intra_op_threads", self.intra_op_threads)
             if self.runtime != "embedding":
                 raise ConfigError(
-                    "applies only to embedding (ONNX Runtime) models; causal-lm models use "
+                    "applies only to embedding models; causal-lm models use "
                     "torch's process-wide thread pool (set OMP_NUM_THREADS before starting "
                     "tidegate)", key="intra_op_threads",
                 )
+
+
+    def _check_engine(self) -> None:
+        backends = BACKENDS.get(self.runtime, (Backend.AUTO,))
+        check_choice("backend", self.backend, tuple(b.value for b in backends))
+        object.__setattr__(self, "backend", Backend(self.backend))
+        precisions = PRECISIONS.get(self.runtime, (Precision.AUTO,))
+        check_choice("precision", self.precision, tuple(p.value for p in precisions))
+        object.__setattr__(self, "precision", Precision(self.precision))
+        if self.precision is Precision.BF16 and self.backend is Backend.ONNXRUNTIME:
+            raise ConfigError(
+                "'bf16' needs backend 'openvino' (or 'auto'); onnxruntime computes in fp32",
+                key="precision",
+            )
+        if isinstance(self.min_cosine, bool) or not isinstance(self.min_cosine, int | float) \
+                or not 0 < self.min_cosine <= 1:
+            raise ConfigError(f"must be a number in (0, 1], got {self.min_cosine!r}",
+                              key="min_cosine")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -6,7 +6,10 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-__all__ = ["Backend", "Precision", "cpu_supports_bf16"]
+__all__ = ["DEFAULT_MIN_COSINE", "Backend", "Precision", "cpu_supports_bf16"]
+
+DEFAULT_MIN_COSINE = 0.9999
+"""Reduced precision must keep every load-time probe vector within this cosine of fp32."""
 
 
 class Backend(StrEnum):

@@ -35,14 +35,18 @@ Loader = Callable[[ModelConfig, Path, Mapping[str, ModelHandle]], AnyRuntime]
 """``(model config, cache directory, loaded dependencies) -> runtime``; blocking."""
 
 
-def _load_onnx(model: ModelConfig, cache_dir: Path, _: Mapping[str, ModelHandle]) -> AnyRuntime:
-    from tidegate.runtimes.embedding import OnnxEmbeddingRuntime, bundled_model_dir
+def _load_embedding(
+    model: ModelConfig, cache_dir: Path, _: Mapping[str, ModelHandle]
+) -> AnyRuntime:
+    from tidegate.runtimes.embedding import TextEmbeddingRuntime, bundled_model_dir
 
     model_dir = Path(model.source).expanduser() if model.source else bundled_model_dir()
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model source {model_dir} is not a directory")
-    return OnnxEmbeddingRuntime(
-        model_dir, cache_dir, max_input_tokens=model.max_input_tokens,
+    return TextEmbeddingRuntime(
+        model_dir, cache_dir, model_id=model.id, backend=model.backend,
+        precision=model.precision, min_cosine=model.min_cosine,
+        max_input_tokens=model.max_input_tokens,
         intra_op_threads=model.intra_op_threads,
     )
 
@@ -78,7 +82,7 @@ def _load_causal_lm(model: ModelConfig, _: Path, __: Mapping[str, ModelHandle]) 
 
 
 LOADERS: Mapping[RuntimeKind, Loader] = {
-    RuntimeKind.EMBEDDING: _load_onnx,
+    RuntimeKind.EMBEDDING: _load_embedding,
     RuntimeKind.ECHO: _load_echo,
     RuntimeKind.PYTHON: _load_python,
     RuntimeKind.REMOTE: _load_remote,

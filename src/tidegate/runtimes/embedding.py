@@ -11,21 +11,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tidegate.engines import Backend, Precision, cpu_supports_bf16
+from tidegate.engines import DEFAULT_MIN_COSINE, Backend, Precision, cpu_supports_bf16
 from tidegate.runtimes.base import Prepared
 from tidegate.runtimes.encoders import Encoder, IntArray
 from tidegate.runtimes.precision_guard import choose_engine, probe_texts
 
 __all__ = [
-    "DEFAULT_MIN_COSINE",
     "TextEmbeddingRuntime",
     "bundled_model_dir",
     "model_token_limit",
 ]
-
-DEFAULT_MIN_COSINE = 0.9999
-"""Reduced precision must keep every probe vector within this cosine of fp32."""
-
 log = logging.getLogger("tidegate.runtimes.embedding")
 
 
