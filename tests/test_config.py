@@ -13,8 +13,10 @@ from tidegate.config import (
     BatchingConfig,
     Config,
     ModelConfig,
+    check_precisions,
     load_config,
 )
+from tidegate.engines import Backend, Precision
 from tidegate.errors import ConfigError
 
 
@@ -248,3 +250,48 @@ def test_cli_reports_config_errors_and_exits_2(
     path = write(tmp_path, "[server]\nbogus = 1\n")
     assert main(["serve", "--config", str(path)]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("backend = 'tensorrt'\n",
+         "models[0].backend: must be one of 'auto', 'openvino', 'onnxruntime', got 'tensorrt'"),
+        ("precision = 'fp16'\n",
+         "models[0].precision: must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
+        ("backend = 'onnxruntime'\nprecision = 'bf16'\n",
+         "models[0].precision: 'bf16' needs backend 'openvino' (or 'auto'); onnxruntime "
+         "computes in fp32"),
+        ("min_cosine = 1.5\n", "models[0].min_cosine: must be a number in (0, 1], got 1.5"),
+        ("runtime = 'echo'\nbackend = 'openvino'\n",
+         "models[0].backend: must be one of 'auto', got 'openvino'"),
+        ("runtime = 'causal-lm'\nsource = '/m'\nbackend = 'onnxruntime'\n",
+         "models[0].backend: must be one of 'auto', 'torch', got 'onnxruntime'"),
+    ],
+)
+def test_bad_backend_or_precision_names_the_key_and_the_choices(
+    tmp_path: Path, model: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "[[models]]\nid = 'm'\n" + model))
+    assert str(caught.value) == message
+
+
+def test_backend_and_precision_are_read(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[[models]]\nid = 'm'\nbackend = 'openvino'\n"
+                                         "precision = 'bf16'\nmin_cosine = 0.999\n"))
+    model = config.models[0]
+    assert (model.backend, model.precision, model.min_cosine) == (
+        Backend.OPENVINO, Precision.BF16, 0.999)
+    default = load_config(None).models[0]
+    assert (default.backend, default.precision, default.min_cosine) == (
+        Backend.AUTO, Precision.AUTO, 0.9999)
+
+
+def test_bf16_on_a_cpu_without_it_is_a_start_up_error(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[[models]]\nid = 'a'\n[[models]]\nid = 'b'\n"
+                                         "precision = 'bf16'\n"))
+    check_precisions(config, bf16_supported=True)
+    with pytest.raises(ConfigError, match=r"^models\[1\]\.precision: 'bf16' needs a CPU"):
+        check_precisions(config, bf16_supported=False)
+    check_precisions(load_config(None), bf16_supported=False)  # auto is fine anywhere

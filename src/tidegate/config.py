@@ -30,8 +30,8 @@ from tidegate.configutil import (
     place,
     require_table,
 )
-from tidegate.errors import ConfigError
 from tidegate.engines import DEFAULT_MIN_COSINE, Backend, Precision
+from tidegate.errors import ConfigError
 from tidegate.kinds import RuntimeKind
 from tidegate.upstream.config import SECTIONS as UPSTREAM_SECTIONS
 from tidegate.upstream.config import UpstreamConfig

@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from tests.serverproc import ServerProcess, run_server
+from tidegate.engines import cpu_supports_bf16
 
 pytestmark = pytest.mark.e2e
 
@@ -118,6 +119,15 @@ def test_models_list_and_retrieve(client: openai.OpenAI, http: httpx.Client) -> 
     missing = http.get("/v1/models/nope")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_model_object_names_its_engine(http: httpx.Client) -> None:
+    card = http.get(f"/v1/models/{MODEL}").json()
+    # The default engine here: OpenVINO, bf16 where the CPU has it, kept by the probe.
+    expected = "bf16" if cpu_supports_bf16() else "fp32"
+    assert (card["backend"], card["precision"]) == ("openvino", expected)
+    assert 0.9999 <= card["probe_min_cosine"] <= 1.0
+    assert "backend" not in http.get("/v1/models/echo").json()
 
 
 def test_health(http: httpx.Client) -> None:

@@ -12,6 +12,7 @@ from tidegate.config import ModelConfig
 from tidegate.kinds import ModelKind
 from tidegate.models.policy import EntryView, decayed
 from tidegate.models.served import RemoteModel, ServedModel, TextGenerationModel
+from tidegate.runtimes.base import EngineInfo
 
 __all__ = ["Entry", "ModelSnapshot", "ModelState"]
 
@@ -136,6 +137,10 @@ def _served_details(served: ServedModel) -> dict[str, object]:
         "dimensions": served.dimensions,
         "max_input_tokens": served.max_input_tokens,
     }
+    engine = getattr(served.runtime, "engine_info", None)
+    if isinstance(engine, EngineInfo):
+        details.update(backend=engine.backend, precision=engine.precision,
+                       probe_min_cosine=round(engine.probe_min_cosine, 6))
     if isinstance(served, RemoteModel):
         details["upstream"] = served.upstream.describe()
     return details

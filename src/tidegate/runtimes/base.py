@@ -10,7 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BatchedRuntime", "EmbeddingRuntime", "Prepared"]
+__all__ = ["BatchedRuntime", "EmbeddingRuntime", "EngineInfo", "Prepared"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,17 @@ class Prepared:
 
     tokens: int
     payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """Which engine computes a local model, in which precision, and what the load-time
+    precision probe measured (``GET /v1/models`` shows it)."""
+
+    backend: str
+    precision: str
+    probe_min_cosine: float
+    """Reduced precision vs fp32 on the probe set; 1.0 when the model computes in fp32."""
 
 
 class EmbeddingRuntime(Protocol):

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tidegate.engines import DEFAULT_MIN_COSINE, Backend, Precision, cpu_supports_bf16
-from tidegate.runtimes.base import Prepared
+from tidegate.runtimes.base import EngineInfo, Prepared
 from tidegate.runtimes.encoders import Encoder, IntArray
 from tidegate.runtimes.precision_guard import choose_engine, probe_texts
 
@@ -98,6 +98,10 @@ class TextEmbeddingRuntime:
         self.precision = choice.encoder.precision
         self.probe_min_cosine = choice.probe_min_cosine
         self.precision_fell_back = choice.fell_back
+        self.engine_info = EngineInfo(
+            backend=self.backend.value, precision=self.precision.value,
+            probe_min_cosine=self.probe_min_cosine,
+        )
         self.dimensions = choice.encoder.dimensions or self._probe_dimensions()
         self.memory_bytes = choice.encoder.memory_bytes
 
