@@ -14,6 +14,7 @@ import numpy.typing as npt
 from tidegate.engines import DEFAULT_MIN_COSINE, Backend, Precision, cpu_supports_bf16
 from tidegate.runtimes.base import EngineInfo, Prepared
 from tidegate.runtimes.encoders import Encoder, IntArray
+from tidegate.runtimes.padding import plan_groups
 from tidegate.runtimes.precision_guard import choose_engine, probe_texts
 
 __all__ = [
@@ -125,7 +126,16 @@ class TextEmbeddingRuntime:
         return input_ids, mask
 
     def run_batch(self, payloads: Sequence[Any]) -> npt.NDArray[np.float32]:
-        return self.encoder.infer(*self._pad(payloads))
+        """One vector per payload, in order. Sequences of very different lengths run as
+        separate forward calls (``padding.plan_groups``), so short ones are not padded to the
+        longest; a batch of similar lengths stays one call."""
+        groups = plan_groups([len(ids) for ids in payloads])
+        if len(groups) == 1:
+            return self.encoder.infer(*self._pad(payloads))
+        vectors = np.empty((len(payloads), self.dimensions), dtype=np.float32)
+        for group in groups:
+            vectors[group] = self.encoder.infer(*self._pad([payloads[i] for i in group]))
+        return vectors
 
     def close(self) -> None:
         self.encoder.close()
