@@ -2,10 +2,14 @@
 
 Sections, in order (``--only`` picks some):
 
-* ``ceiling``: raw in-process sentences/s at batch 1, 16, 64 (PyTorch and ONNX);
+* ``ceiling``: raw in-process sentences/s at batch 1, 16, 64 (PyTorch, ONNX Runtime, OpenVINO
+  fp32 and bf16);
 * ``minilm``: tidegate serving MiniLM with default batching, at 1, 10 and 64 connections;
 * ``nobatch``: the same with ``max_batch_size = 1``, at 64 connections;
 * ``echo``: tidegate's echo runtime vs a bare Starlette echo, at 10 connections;
+* ``engines`` (about 3 minutes): each embedding engine (ONNX Runtime fp32, OpenVINO fp32 and
+  bf16) raw and over HTTP, on short sentences, a mixed RAG corpus and 32-input requests
+  (``bench.embeddings``);
 * ``trace``: model-cache policy replay (LRU, LFU, each with and without predictive
   preloading, and Belady) on Zipf and patterned traces (``bench.trace_replay``);
 * ``generation`` (about 1.5 minutes): streamed completions from a random-weight GPT-2 at 1, 4,
@@ -35,6 +39,14 @@ from pathlib import Path
 
 from bench.bare_echo import bare_echo_server
 from bench.ceiling import CeilingSettings, format_table, run_ceiling
+from bench.embeddings import (
+    EngineResults,
+    EngineSettings,
+    engine_checks,
+    engines_markdown,
+    format_engines,
+    run_engines,
+)
 from bench.gateway import GatewayResults, GatewaySettings, run_gateway
 from bench.gateway_report import format_gateway, gateway_checks, gateway_markdown
 from bench.generation import GenerationResults, GenerationSettings, run_generation
@@ -64,7 +76,7 @@ from bench.workload import embedding_bodies, make_sentences
 
 __all__ = ["main"]
 
-DEFAULT_SECTIONS = ("ceiling", "minilm", "nobatch", "echo", "trace", "generation")
+DEFAULT_SECTIONS = ("ceiling", "minilm", "nobatch", "echo", "engines", "trace", "generation")
 SECTIONS = (*DEFAULT_SECTIONS, "gateway")
 MODEL_ID = "all-minilm-l6-v2"
 ECHO_ID = "echo"
@@ -85,10 +97,12 @@ class AllResults:
     core: Results
     generation: GenerationResults | None = None
     gateway: GatewayResults | None = None
+    engines: EngineResults | None = None
 
-    def checks(self) -> tuple[list[Check], list[Check]]:
-        """The generation and gateway targets (SKIP for a section that was not run)."""
-        return generation_checks(self.generation), gateway_checks(self.gateway)
+    def checks(self) -> list[Check]:
+        """The engine, generation and gateway targets (SKIP for a section that was not run)."""
+        return [*engine_checks(self.engines), *generation_checks(self.generation),
+                *gateway_checks(self.gateway)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +194,13 @@ def run(settings: RunSettings) -> AllResults:
             if section in settings.sections:
                 print(f"== http: {section}", flush=True)
                 results.core.loads += runner(settings, workdir)
+        if "engines" in settings.sections:
+            print("== embedding engines", flush=True)
+            results.engines = run_engines(
+                EngineSettings(duration_s=settings.duration_s, warmup_s=settings.warmup_s,
+                               ceiling_seconds=settings.ceiling_seconds),
+                workdir.path,
+            )
         if "generation" in settings.sections:
             print("== generation (streamed completions)", flush=True)
             results.generation = run_generation(
@@ -196,12 +217,13 @@ def run(settings: RunSettings) -> AllResults:
 
 
 def _extra_markdown(results: AllResults) -> list[str]:
-    generation, gateway = results.checks()
     lines: list[str] = []
+    if results.engines is not None:
+        lines += engines_markdown(results.engines)
     if results.generation is not None:
-        lines += generation_markdown(results.generation, generation)
+        lines += generation_markdown(results.generation, generation_checks(results.generation))
     if results.gateway is not None:
-        lines += gateway_markdown(results.gateway, gateway)
+        lines += gateway_markdown(results.gateway, gateway_checks(results.gateway))
     return lines
 
 
@@ -272,14 +294,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if results.core.loads:
         print("== http summary")
         print(format_load_table(results.core.loads))
+    if results.engines is not None:
+        print("== embedding engines summary")
+        print(format_engines(results.engines))
     if results.generation is not None:
         print("== generation summary")
         print(format_generation(results.generation))
     if results.gateway is not None:
         print("== gateway summary")
         print(format_gateway(results.gateway))
-    generation, gateway = results.checks()
-    checks = [*compute_checks(results.core), *generation, *gateway]
+    checks = [*compute_checks(results.core), *results.checks()]
     print("== targets")
     print(format_checks(checks))
     markdown = render_markdown(env, results.core, checks, invocation, _extra_markdown(results))
