@@ -189,14 +189,6 @@ def best_at(results: Sequence[CeilingResult], batch_size: int) -> CeilingResult 
     return max(matching, key=lambda r: r.sentences_per_s, default=None)
 
 
-def find(
-    results: Sequence[CeilingResult], runtime: RuntimeName, batch_size: int
-) -> CeilingResult | None:
-    return next(
-        (r for r in results if r.runtime == runtime and r.batch_size == batch_size), None
-    )
-
-
 def format_table(results: Sequence[CeilingResult]) -> str:
     header = (
         f"{'runtime':<14} {'batch':>5} {'sentences/s':>12} {'ms/sentence':>12} "
