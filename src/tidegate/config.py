@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ __all__ = [
     "LOCAL_BATCHING",
     "PRECISIONS",
     "REMOTE_BATCHING",
+    "ApiKeyConfig",
     "AuthConfig",
     "BatchingConfig",
     "BatchingDefaults",
@@ -370,12 +372,64 @@ class CacheConfig:
         check_number("frequency_half_life_s", self.frequency_half_life_s)
 
 
+_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ApiKeyConfig:
+    """One API key (``[[auth.keys]]``), known only by the SHA-256 of its secret."""
+
+    id: str
+    """The name in logs and metrics (``tidegate_api_key_requests_total{key="team-a"}``)."""
+    hash: str
+    """``"sha256:<64 hex digits>"``: the SHA-256 of the key (``tidegate keys create``)."""
+    models: tuple[str, ...] | None = None
+    """The models this key may use; ``None``: every model."""
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    """Prompt + completion tokens, counted after each request from its usage."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id.strip() \
+                or not self.id.isprintable():
+            raise ConfigError(f"must be a non-empty printable string, got {self.id!r}", key="id")
+        # Never echo the value: a key pasted here by mistake must not reach the log.
+        if not isinstance(self.hash, str) or not _HASH.fullmatch(self.hash.lower()):
+            raise ConfigError(
+                "must be 'sha256:' followed by the 64 hex digits of the key's SHA-256 (never "
+                "the key itself; `tidegate keys create` prints the line)", key="hash",
+            )
+        object.__setattr__(self, "hash", self.hash.lower())
+        if self.models is not None:
+            if not isinstance(self.models, list | tuple) or not all(
+                isinstance(m, str) and m for m in self.models
+            ):
+                raise ConfigError("must be a list of model ids", key="models")
+            object.__setattr__(self, "models", tuple(self.models))
+        if self.requests_per_minute is not None:
+            check_integer("requests_per_minute", self.requests_per_minute)
+        if self.tokens_per_minute is not None:
+            check_integer("tokens_per_minute", self.tokens_per_minute)
+
+    @property
+    def digest(self) -> bytes:
+        """The SHA-256 of the key, as bytes."""
+        return bytes.fromhex(self.hash.removeprefix("sha256:"))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AuthConfig:
     """Who may call what (``[auth]``)."""
 
     admin_token: str | None = None
     """If set, /admin routes need ``Authorization: Bearer <token>``; otherwise loopback only."""
+    keys: tuple[ApiKeyConfig, ...] = ()
+    """``[[auth.keys]]``. With any key (here or in ``keys_file``), every ``/v1`` route needs
+    ``Authorization: Bearer <key>``."""
+    keys_file: str | None = None
+    """A TOML file of ``[[keys]]`` entries, read at start-up (relative: to the config file)."""
+    file_keys: tuple[ApiKeyConfig, ...] = ()
+    """The entries read from ``keys_file`` (:func:`load_config` fills it)."""
 
     def __post_init__(self) -> None:
         if self.admin_token is not None and (
@@ -383,6 +437,28 @@ class AuthConfig:
         ):
             raise ConfigError(f"must be a non-empty string, got {self.admin_token!r}",
                               key="admin_token")
+        if self.file_keys and self.keys_file is None:
+            raise ConfigError("file_keys come from keys_file, which is not set", key="keys_file")
+        ids: dict[str, str] = {}
+        hashes: dict[str, str] = {}
+        for where, key in self.places():
+            if key.id in ids:
+                raise ConfigError(f"{key.id!r} is configured twice (also {ids[key.id]})",
+                                  key=f"{where}.id")
+            if key.hash in hashes:
+                raise ConfigError(f"is the same key as {hashes[key.hash]}", key=f"{where}.hash")
+            ids[key.id] = hashes[key.hash] = where
+
+    @property
+    def api_keys(self) -> tuple[ApiKeyConfig, ...]:
+        """Every API key: ``[[auth.keys]]``, then ``keys_file``'s."""
+        return self.keys + self.file_keys
+
+    def places(self) -> list[tuple[str, ApiKeyConfig]]:
+        """Each key with its place, for messages (``auth.keys[0]``, ``keys.toml: keys[1]``)."""
+        return [(f"auth.keys[{i}]", k) for i, k in enumerate(self.keys)] + [
+            (f"{self.keys_file}: keys[{i}]", k) for i, k in enumerate(self.file_keys)
+        ]
 
 
 def _default_models() -> tuple[ModelConfig, ...]:
@@ -416,6 +492,10 @@ class Config:
         cycle = _find_cycle({m.id: m.depends_on for m in self.models})
         if cycle:
             raise ConfigError(f"dependency cycle: {' -> '.join(cycle)}", key="models")
+        for where, key in self.auth.places():
+            for model_id in key.models or ():
+                if model_id not in first:
+                    raise ConfigError(f"unknown model {model_id!r}", key=f"{where}.models")
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
@@ -485,6 +565,50 @@ def _check_moved_keys(raw: Mapping[str, Any]) -> None:
                           key="cache.admin_token")
 
 
+_AUTH_KEYS = ("admin_token", "keys", "keys_file")
+
+
+def _build_keys(entries: object, where: str) -> tuple[ApiKeyConfig, ...]:
+    if not isinstance(entries, list):
+        raise ConfigError("must be an array of tables", key=where)
+    return tuple(build_dataclass(ApiKeyConfig, entry, f"{where}[{i}]")
+                 for i, entry in enumerate(entries))
+
+
+def _build_auth(data: object, config_path: Path | None) -> AuthConfig:
+    values = dict(require_table(data, "auth"))
+    unknown = sorted(set(values) - set(_AUTH_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown key (known: {', '.join(_AUTH_KEYS)})", key=f"auth.{unknown[0]}")
+    values["keys"] = _build_keys(values.get("keys", []), "auth.keys")
+    keys_file = values.get("keys_file")
+    if keys_file is not None:
+        if not isinstance(keys_file, str) or not keys_file:
+            raise ConfigError(f"must be a path, got {keys_file!r}", key="auth.keys_file")
+        resolved = Path(keys_file)
+        if not resolved.is_absolute() and config_path is not None:
+            resolved = config_path.parent / resolved
+        values["keys_file"] = str(resolved)
+        try:
+            raw = tomllib.loads(resolved.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read {resolved}: {exc.strerror}",
+                              key="auth.keys_file") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{resolved} is not valid TOML: {exc}", key="auth.keys_file") from exc
+        unknown = sorted(set(raw) - {"keys"})
+        if unknown:
+            raise ConfigError("unknown top-level key (known: keys)",
+                              key=f"{resolved}: {unknown[0]}")
+        values["file_keys"] = _build_keys(raw.get("keys", []), f"{resolved}: keys")
+    try:
+        return AuthConfig(**values)
+    except ConfigError as exc:
+        if exc.key == "admin_token":  # the keys' own messages already carry their full place
+            raise exc.within("auth") from exc
+        raise
+
+
 def load_config(path: str | Path | None = None, **server_overrides: Any) -> Config:
     """Read ``tidegate.toml`` (if given) and apply CLI overrides (``None`` values are ignored)."""
     raw: dict[str, Any] = {}
@@ -505,7 +629,7 @@ def load_config(path: str | Path | None = None, **server_overrides: Any) -> Conf
     sections: dict[str, Any] = {
         "server": build_dataclass(ServerConfig, server_table, "server"),
         "cache": build_dataclass(CacheConfig, raw.get("cache", {}), "cache"),
-        "auth": build_dataclass(AuthConfig, raw.get("auth", {}), "auth"),
+        "auth": _build_auth(raw.get("auth", {}), None if path is None else Path(path)),
     }
     models_raw = raw.get("models")
     if models_raw is None:

@@ -8,11 +8,13 @@ that explain it, and ``api.errors`` maps each class to one HTTP status and OpenA
     ├── RequestError           the client's mistake (4xx)
     │   ├── InvalidRequest     400, names the parameter
     │   ├── AuthenticationRequired 401 (admin routes)
+    │   │   └── InvalidApiKey  401 invalid_api_key: /v1 without a valid API key
     │   ├── PermissionDenied   403 (admin routes)
     │   ├── ModelNotFound      404 model_not_found
     │   ├── PayloadTooLarge    413
     │   └── UnsupportedMediaType 415
     ├── Overloaded             429 (or 503) with Retry-After: the queue is full
+    ├── RateLimited            429 rate_limit_exceeded: an API key's per-minute limit
     ├── ModelUnavailable       503: the model is loading or failed to load
     ├── RequestTimeout         504: the request waited longer than its timeout
     ├── RuntimeFailure         500: the model raised while computing
@@ -28,12 +30,14 @@ from __future__ import annotations
 __all__ = [
     "AuthenticationRequired",
     "ConfigError",
+    "InvalidApiKey",
     "InvalidRequest",
     "ModelNotFound",
     "ModelUnavailable",
     "Overloaded",
     "PayloadTooLarge",
     "PermissionDenied",
+    "RateLimited",
     "RequestError",
     "RequestTimeout",
     "RuntimeFailure",
@@ -89,6 +93,14 @@ class AuthenticationRequired(RequestError):
     """An admin route was called without credentials while ``admin_token`` is set."""
 
 
+class InvalidApiKey(AuthenticationRequired):
+    """An inference route was called without an API key, or with one that is not configured.
+    The message never contains what was sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_api_key")
+
+
 class PermissionDenied(RequestError):
     """Wrong credentials, or an admin route called from a non-loopback client without a token."""
 
@@ -136,6 +148,23 @@ class Overloaded(TidegateError):
         self.limit = limit
         self.retry_after_s = retry_after_s
         self.status = status
+
+
+class RateLimited(TidegateError):
+    """An API key used up its ``requests_per_minute`` or ``tokens_per_minute``; retry after
+    ``retry_after_s``. ``headers`` are the ``x-ratelimit-*`` headers of the refusal."""
+
+    def __init__(self, *, key_id: str, limit: str, per_minute: int, retry_after_s: int,
+                 headers: dict[str, str]) -> None:
+        super().__init__(
+            f"Rate limit reached for API key '{key_id}' on {limit} per minute: limit "
+            f"{per_minute}. Retry after {retry_after_s}s."
+        )
+        self.key_id = key_id
+        self.limit = limit
+        self.per_minute = per_minute
+        self.retry_after_s = retry_after_s
+        self.headers = headers
 
 
 class ModelUnavailable(TidegateError):
