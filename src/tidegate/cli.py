@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
+import json
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from typing import get_args
 
 from tidegate import __version__
-from tidegate.config import LogLevel, ServerConfig, check_precisions, load_config
+from tidegate.auth.keyring import hash_key
+from tidegate.config import (
+    ApiKeyConfig,
+    Config,
+    LogLevel,
+    ServerConfig,
+    check_precisions,
+    load_config,
+)
 from tidegate.engines import cpu_supports_bf16
 from tidegate.errors import ConfigError
 
@@ -33,7 +44,53 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", choices=get_args(LogLevel),
         help=f"log verbosity (default {defaults.log_level})",
     )
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True)
+    create = keys.add_parser(
+        "create", help="print a new random API key (once) and the config lines to paste")
+    create.add_argument("--id", required=True, help="the key's name in logs and metrics")
+    create.add_argument("--models", help="comma-separated model ids it may use (default: all)")
+    create.add_argument("--rpm", type=int, help="requests_per_minute")
+    create.add_argument("--tpm", type=int, help="tokens_per_minute")
     return parser
+
+
+def _create_key(args: argparse.Namespace) -> int:
+    """Print a new key and its ``[[auth.keys]]`` entry; only the entry's hash is ever stored."""
+    secret = "tg-" + secrets.token_urlsafe(32)
+    models = None if args.models is None else tuple(
+        m.strip() for m in args.models.split(",") if m.strip())
+    try:
+        entry = ApiKeyConfig(id=args.id, hash=hash_key(secret), models=models,
+                             requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
+    except ConfigError as exc:
+        print(f"tidegate: {exc}", file=sys.stderr)
+        return 2
+    lines = ["[[auth.keys]]", f"id = {json.dumps(entry.id)}", f'hash = "{entry.hash}"']
+    if entry.models is not None:
+        lines.append(f"models = [{', '.join(json.dumps(m) for m in entry.models)}]")
+    if entry.requests_per_minute is not None:
+        lines.append(f"requests_per_minute = {entry.requests_per_minute}")
+    if entry.tokens_per_minute is not None:
+        lines.append(f"tokens_per_minute = {entry.tokens_per_minute}")
+    print(f"API key for {entry.id!r} (shown only now; tidegate keeps only its hash):\n\n"
+          f"    {secret}\n\n"
+          "Add to tidegate.toml (in a keys_file, write [[keys]] instead of [[auth.keys]]):\n\n"
+          + "\n".join(lines))
+    return 0
+
+
+def _warn_if_open(config: Config) -> None:
+    """Anyone who can reach a non-loopback address may use every model without keys."""
+    host = config.server.host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not config.auth.api_keys:
+        logging.getLogger("tidegate.server").warning(
+            "binding %s without API keys: anyone who can reach it may use every model; "
+            "add [[auth.keys]] (tidegate keys create --id NAME)", host)
 
 
 def _configure_logging(level: str) -> None:
@@ -46,6 +103,8 @@ def _configure_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "keys":
+        return _create_key(args)
     # Models are loaded from local directories only; never reach for a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -61,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tidegate: configuration error: {exc}", file=sys.stderr)
         return 2
     _configure_logging(config.server.log_level)
+    _warn_if_open(config)
     from tidegate.server import serve
 
     # uvicorn re-raises the signal after a graceful shutdown; that is a normal exit.

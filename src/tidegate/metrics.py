@@ -27,6 +27,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from tidegate.auth.stats import KeyRingStatistics
 from tidegate.batching.stats import BatchMetrics
 from tidegate.generation.stats import EngineStatistics, GenerationMetrics
 from tidegate.histogram import Histogram, HistogramSnapshot
@@ -266,6 +267,33 @@ class _UpstreamCollector:
         yield from (reuse, in_use, healthy, wait)
 
 
+class _KeyCollector:
+    """Per API key, labelled by its id (the key itself is never known here)."""
+
+    def __init__(self, source: Callable[[], KeyRingStatistics]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._source()
+        requests = CounterMetricFamily("tidegate_api_key_requests",
+                                       "Requests admitted, by API key", labels=["key"])
+        limited = CounterMetricFamily("tidegate_api_key_rate_limited",
+                                      "Requests refused with 429, by API key and limit",
+                                      labels=["key", "limit"])
+        tokens = CounterMetricFamily("tidegate_api_key_tokens",
+                                     "Tokens used (as usage reports them), by API key",
+                                     labels=["key", "kind"])
+        for key in stats.keys:
+            requests.add_metric([key.id], key.requests)
+            limited.add_metric([key.id, "requests"], key.rate_limited_requests)
+            limited.add_metric([key.id, "tokens"], key.rate_limited_tokens)
+            tokens.add_metric([key.id, "prompt"], key.prompt_tokens)
+            tokens.add_metric([key.id, "completion"], key.completion_tokens)
+        yield from (requests, limited, tokens)
+        yield _counter("tidegate_api_key_invalid", "Requests refused with 401 invalid_api_key",
+                       stats.invalid)
+
+
 class Metrics:
     """All of tidegate's instruments, in a registry of the app's own."""
 
@@ -301,6 +329,10 @@ class Metrics:
         """A model was unloaded: stop reading its live engine or upstream client."""
         self._engines.pop(model, None)
         self._upstreams.pop(model, None)
+
+    def track_keys(self, statistics: Callable[[], KeyRingStatistics]) -> None:
+        """Export the API keys' counters (only when keys are configured)."""
+        self.registry.register(_KeyCollector(statistics))
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

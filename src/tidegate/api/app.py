@@ -14,6 +14,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tidegate.api import admin, generation
+from tidegate.api.auth import admit, authenticate, check_model
 from tidegate.api.common import (
     AppState,
     Handler,
@@ -29,6 +30,8 @@ from tidegate.api.schemas import (
     encode_embedding_response,
     parse_embedding_request,
 )
+from tidegate.auth.keyring import KeyRing
+from tidegate.clock import MonotonicClock
 from tidegate.config import Config
 from tidegate.metrics import Metrics
 from tidegate.models.manager import ModelManager, RuntimeFactory
@@ -50,30 +53,43 @@ async def _embed(manager: ModelManager, parsed: EmbeddingRequest) -> tuple[str, 
 @endpoint
 async def create_embeddings(request: Request) -> Response:
     state = app_state(request)
+    key = None if state.keys is None else authenticate(request, state.keys)
     server = state.config.server
     body = await read_json_body(request, server.max_body_bytes)
     parsed = parse_embedding_request(body, max_inputs=server.max_inputs_per_request)
+    headers = None if key is None else admit(key, parsed.model)
     model_id, result = await run_guarded(
         request, _embed(state.manager, parsed), model=parsed.model,
         timeout_s=server.request_timeout_s,
     )
+    if key is not None:
+        key.record(result.prompt_tokens)
     content = encode_embedding_response(
         model=model_id,
         vectors=result.vectors,
         prompt_tokens=result.prompt_tokens,
         encoding_format=parsed.encoding_format,
     )
-    return Response(content, media_type="application/json")
+    return Response(content, media_type="application/json", headers=headers)
 
 
 @endpoint
 async def list_models(request: Request) -> Response:
-    return json_response({"object": "list", "data": app_state(request).manager.describe()})
+    state = app_state(request)
+    models = state.manager.describe()
+    if state.keys is not None:
+        key = authenticate(request, state.keys)
+        models = [model for model in models if key.allows(str(model["id"]))]
+    return json_response({"object": "list", "data": models})
 
 
 @endpoint
 async def retrieve_model(request: Request) -> Response:
-    return json_response(app_state(request).manager.describe_one(request.path_params["model_id"]))
+    state = app_state(request)
+    model_id = request.path_params["model_id"]
+    if state.keys is not None:
+        check_model(authenticate(request, state.keys), model_id)
+    return json_response(state.manager.describe_one(model_id))
 
 
 async def health_live(request: Request) -> Response:
@@ -121,6 +137,10 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
     """Build the app. Models start loading when the app starts (ASGI lifespan)."""
     app_metrics = Metrics()
     model_manager = ModelManager(config, app_metrics, runtime_factory=runtime_factory)
+    keys = None
+    if config.auth.api_keys:
+        keys = KeyRing(config.auth.api_keys, clock=MonotonicClock())
+        app_metrics.track_keys(keys.statistics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -152,5 +172,6 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
     }
     app = _TidegateApp(routes=routes, exception_handlers=handlers, lifespan=lifespan,
                        fast_routes=fast_routes)
-    app.state.tidegate = AppState(config=config, manager=model_manager, metrics=app_metrics)
+    app.state.tidegate = AppState(config=config, manager=model_manager, metrics=app_metrics,
+                                  keys=keys)
     return app

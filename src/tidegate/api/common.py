@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tidegate.api.errors import error_response, unexpected_error_response
+from tidegate.auth.keyring import KeyRing
 from tidegate.config import Config
 from tidegate.errors import (
     InvalidRequest,
@@ -39,6 +40,8 @@ class AppState:
     config: Config
     manager: ModelManager
     metrics: Metrics
+    keys: KeyRing | None = None
+    """The API keys; ``None`` when none is configured (the ``/v1`` routes are open)."""
 
 
 class ClientDisconnected(Exception):

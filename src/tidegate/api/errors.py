@@ -11,12 +11,14 @@ from starlette.responses import Response
 
 from tidegate.errors import (
     AuthenticationRequired,
+    InvalidApiKey,
     InvalidRequest,
     ModelNotFound,
     ModelUnavailable,
     Overloaded,
     PayloadTooLarge,
     PermissionDenied,
+    RateLimited,
     RequestError,
     RequestTimeout,
     RuntimeFailure,
@@ -34,6 +36,7 @@ log = logging.getLogger("tidegate.api")
 _STATUS: dict[type[TidegateError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
     AuthenticationRequired: (401, "authentication_error"),
+    InvalidApiKey: (401, "invalid_request_error"),  # OpenAI's type for invalid_api_key
     PermissionDenied: (403, "permission_error"),
     ModelNotFound: (404, "invalid_request_error"),
     PayloadTooLarge: (413, "invalid_request_error"),
@@ -63,9 +66,14 @@ def error_response(exc: TidegateError) -> Response:
         return _json(exc.status, body, {"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, UpstreamError):
         return _upstream_response(exc)
+    if isinstance(exc, RateLimited):  # OpenAI's type names the limit: "requests" or "tokens"
+        body = error_body(str(exc), type_=exc.limit, code="rate_limit_exceeded")
+        return _json(429, body, exc.headers)
     status, type_ = _STATUS.get(type(exc), (500, "server_error"))
     if isinstance(exc, RequestError):
-        return _json(status, error_body(exc.message, type_=type_, param=exc.param, code=exc.code))
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, InvalidApiKey) else None
+        body = error_body(exc.message, type_=type_, param=exc.param, code=exc.code)
+        return _json(status, body, headers)
     if isinstance(exc, ModelUnavailable):
         body = error_body(str(exc), type_=type_, param="model", code="model_unavailable")
         return _json(status, body, {"Retry-After": str(exc.retry_after_s)})

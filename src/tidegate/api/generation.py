@@ -21,11 +21,13 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tidegate.api.auth import admit, authenticate
 from tidegate.api.common import app_state, endpoint, json_response, read_json_body
 from tidegate.api.errors import error_response
 from tidegate.api.guard import run_guarded
 from tidegate.api.schemas import parse_json_object
 from tidegate.api.sse import DONE, EventStreamResponse, sse_event
+from tidegate.auth.keyring import ApiKey
 from tidegate.errors import InvalidRequest, RequestTimeout, TidegateError
 from tidegate.generation.params import SamplingParams
 from tidegate.generation.stream import GenerationResult, GenerationStream
@@ -212,7 +214,8 @@ _INLINE_TOKENIZE_CHARS = 2000
 
 
 async def _local_events(
-    stack: contextlib.AsyncExitStack[Any], stream: GenerationStream, encoder: _Encoder
+    stack: contextlib.AsyncExitStack[Any], stream: GenerationStream, encoder: _Encoder,
+    key: ApiKey | None,
 ) -> AsyncIterator[bytes]:
     """SSE chunks for one local sequence. Leaving early (the client went away) exits
     ``async with stream``, which cancels the sequence and frees its slot; ``stack`` holds the
@@ -228,13 +231,16 @@ async def _local_events(
             yield _error_event(exc)
             return
         assert stream.result is not None
+        if key is not None:
+            key.record(stream.result.prompt_tokens, stream.result.completion_tokens)
         for chunk in encoder.last(stream.result):
             yield chunk
         yield DONE
 
 
 async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
-                       stack: contextlib.AsyncExitStack[Any]) -> Response | EventStreamResponse:
+                       stack: contextlib.AsyncExitStack[Any], key: ApiKey | None,
+                       headers: dict[str, str] | None) -> Response | EventStreamResponse:
     engine = model.engine
     runtime = model.runtime
     if request.messages is not None:
@@ -248,38 +254,74 @@ async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
     stream = engine.submit(prompt_ids, request.params)
     encoder = _Encoder(request, model.id)
     if request.stream:
-        return EventStreamResponse(_local_events(stack.pop_all(), stream, encoder))
+        return EventStreamResponse(_local_events(stack.pop_all(), stream, encoder, key),
+                                   headers=headers)
     async with stream:
         result = await stream.collect()
-    return Response(encoder.whole(result), media_type="application/json")
+    if key is not None:
+        key.record(result.prompt_tokens, result.completion_tokens)
+    return Response(encoder.whole(result), media_type="application/json", headers=headers)
 
 
-async def _relay_events(stack: contextlib.AsyncExitStack[Any], upstream_stream: UpstreamStream
-                        ) -> AsyncIterator[bytes]:
+async def _relay_events(stack: contextlib.AsyncExitStack[Any], upstream_stream: UpstreamStream,
+                        key: ApiKey | None) -> AsyncIterator[bytes]:
     """The upstream's bytes as they arrive; leaving early closes the upstream stream, which
-    returns or discards its connection."""
+    returns or discards its connection. With an API key, the last ``usage`` the replica
+    reports (``stream_options.include_usage``) is counted against it."""
+    usage: dict[str, Any] | None = None
     async with stack, upstream_stream:
         async for chunk in upstream_stream:
+            if key is not None and b'"usage"' in chunk:
+                usage = _chunk_usage(chunk) or usage
             yield chunk
+    if key is not None and usage is not None:
+        _record_usage(key, usage)
+
+
+def _chunk_usage(chunk: bytes) -> dict[str, Any] | None:
+    """The ``usage`` object of the last SSE event in ``chunk`` that has one."""
+    found = None
+    for line in chunk.splitlines():
+        if line.startswith(b"data:") and b'"usage"' in line:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                data = orjson.loads(line[5:])
+                if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+                    found = data["usage"]
+    return found
+
+
+def _record_usage(key: ApiKey, usage: object) -> None:
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        key.record(prompt if isinstance(prompt, int) else 0,
+                   completion if isinstance(completion, int) else 0)
 
 
 async def _serve_remote(request: GenerationRequest, model: RemoteModel,
-                        stack: contextlib.AsyncExitStack[Any]) -> Response | EventStreamResponse:
+                        stack: contextlib.AsyncExitStack[Any], key: ApiKey | None,
+                        headers: dict[str, str] | None) -> Response | EventStreamResponse:
     client = model.upstream
     body = {**request.body, "model": client.upstream_model}
     path = "/v1/chat/completions" if request.endpoint == "chat" else "/v1/completions"
     if request.stream:
         upstream_stream = await client.open_stream(path, body)
-        return EventStreamResponse(_relay_events(stack.pop_all(), upstream_stream),
-                                   media_type=upstream_stream.media_type or "text/event-stream")
+        return EventStreamResponse(_relay_events(stack.pop_all(), upstream_stream, key),
+                                   media_type=upstream_stream.media_type or "text/event-stream",
+                                   headers=headers)
     data = await client.request_json(path, body)
     if isinstance(data, dict) and "model" in data:
         data["model"] = model.id  # clients asked for tidegate's name, not the replica's
-    return json_response(data)
+    if key is not None and isinstance(data, dict):
+        _record_usage(key, data.get("usage"))
+    response = json_response(data)
+    if headers:
+        response.headers.update(headers)
+    return response
 
 
 async def _serve(manager: ModelManager, request: GenerationRequest, *,
-                 lease_timeout_s: float | None) -> Response | EventStreamResponse:
+                 lease_timeout_s: float | None, key: ApiKey | None = None,
+                 headers: dict[str, str] | None = None) -> Response | EventStreamResponse:
     async with contextlib.AsyncExitStack() as stack:
         try:
             async with asyncio.timeout(lease_timeout_s):
@@ -289,26 +331,29 @@ async def _serve(manager: ModelManager, request: GenerationRequest, *,
             raise RequestTimeout(model=request.model, timeout_s=lease_timeout_s) from None
         generator = model.generator()  # 400 for an embedding model
         if isinstance(generator, RemoteModel):
-            return await _serve_remote(request, generator, stack)
-        return await _serve_local(request, generator, stack)
+            return await _serve_remote(request, generator, stack, key, headers)
+        return await _serve_local(request, generator, stack, key, headers)
     raise AssertionError("unreachable")
 
 
 async def _generate(request: Request, endpoint: Endpoint) -> Response | EventStreamResponse:
     state = app_state(request)
+    key = None if state.keys is None else authenticate(request, state.keys)
     server = state.config.server
     parsed = parse_generation_request(
         await read_json_body(request, server.max_body_bytes), endpoint
     )
+    headers = None if key is None else admit(key, parsed.model)
     timeout_s = server.request_timeout_s
     if parsed.stream:
         # Only getting the model is timed: the stream then races the client itself, and a
         # reader that falls behind is dropped after stream_timeout_s.
-        return await _serve(state.manager, parsed, lease_timeout_s=timeout_s)
+        return await _serve(state.manager, parsed, lease_timeout_s=timeout_s, key=key,
+                            headers=headers)
     # The whole answer is timed, and a client that hangs up cancels it: leaving the stream's
     # (or the upstream exchange's) ``async with`` frees the sequence at the next step.
-    return await run_guarded(request, _serve(state.manager, parsed, lease_timeout_s=None),
-                             model=parsed.model, timeout_s=timeout_s)
+    work = _serve(state.manager, parsed, lease_timeout_s=None, key=key, headers=headers)
+    return await run_guarded(request, work, model=parsed.model, timeout_s=timeout_s)
 
 
 @endpoint
