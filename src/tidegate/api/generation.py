@@ -269,10 +269,15 @@ async def _relay_events(stack: contextlib.AsyncExitStack[Any], upstream_stream: 
     returns or discards its connection. With an API key, the last ``usage`` the replica
     reports (``stream_options.include_usage``) is counted against it."""
     usage: dict[str, Any] | None = None
+    partial = b""  # an event's start, when a read ended inside it
     async with stack, upstream_stream:
         async for chunk in upstream_stream:
-            if key is not None and b'"usage"' in chunk:
-                usage = _chunk_usage(chunk) or usage
+            if key is not None:
+                complete, _, partial = (partial + chunk).rpartition(b"\n")
+                if b'"usage"' in complete:
+                    usage = _chunk_usage(complete) or usage
+                if len(partial) > 65536:  # no usage event is this long
+                    partial = b""
             yield chunk
     if key is not None and usage is not None:
         _record_usage(key, usage)
