@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tidegate.api.common import app_state, endpoint, json_response, read_json_body
+from tidegate.api.drain import Drain
 from tidegate.api.errors import error_response
 from tidegate.api.guard import run_guarded
 from tidegate.api.schemas import parse_json_object
@@ -234,7 +235,8 @@ async def _local_events(
 
 
 async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
-                       stack: contextlib.AsyncExitStack[Any]) -> Response | EventStreamResponse:
+                       stack: contextlib.AsyncExitStack[Any], drain: Drain
+                       ) -> Response | EventStreamResponse:
     engine = model.engine
     runtime = model.runtime
     if request.messages is not None:
@@ -248,7 +250,8 @@ async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
     stream = engine.submit(prompt_ids, request.params)
     encoder = _Encoder(request, model.id)
     if request.stream:
-        return EventStreamResponse(_local_events(stack.pop_all(), stream, encoder))
+        return EventStreamResponse(_local_events(stack.pop_all(), stream, encoder),
+                                   drain=drain)
     async with stream:
         result = await stream.collect()
     return Response(encoder.whole(result), media_type="application/json")
@@ -264,21 +267,23 @@ async def _relay_events(stack: contextlib.AsyncExitStack[Any], upstream_stream: 
 
 
 async def _serve_remote(request: GenerationRequest, model: RemoteModel,
-                        stack: contextlib.AsyncExitStack[Any]) -> Response | EventStreamResponse:
+                        stack: contextlib.AsyncExitStack[Any], drain: Drain
+                        ) -> Response | EventStreamResponse:
     client = model.upstream
     body = {**request.body, "model": client.upstream_model}
     path = "/v1/chat/completions" if request.endpoint == "chat" else "/v1/completions"
     if request.stream:
         upstream_stream = await client.open_stream(path, body)
         return EventStreamResponse(_relay_events(stack.pop_all(), upstream_stream),
-                                   media_type=upstream_stream.media_type or "text/event-stream")
+                                   media_type=upstream_stream.media_type or "text/event-stream",
+                                   drain=drain)
     data = await client.request_json(path, body)
     if isinstance(data, dict) and "model" in data:
         data["model"] = model.id  # clients asked for tidegate's name, not the replica's
     return json_response(data)
 
 
-async def _serve(manager: ModelManager, request: GenerationRequest, *,
+async def _serve(manager: ModelManager, request: GenerationRequest, drain: Drain, *,
                  lease_timeout_s: float | None) -> Response | EventStreamResponse:
     async with contextlib.AsyncExitStack() as stack:
         try:
@@ -289,8 +294,8 @@ async def _serve(manager: ModelManager, request: GenerationRequest, *,
             raise RequestTimeout(model=request.model, timeout_s=lease_timeout_s) from None
         generator = model.generator()  # 400 for an embedding model
         if isinstance(generator, RemoteModel):
-            return await _serve_remote(request, generator, stack)
-        return await _serve_local(request, generator, stack)
+            return await _serve_remote(request, generator, stack, drain)
+        return await _serve_local(request, generator, stack, drain)
     raise AssertionError("unreachable")
 
 
@@ -304,10 +309,11 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response | EventStr
     if parsed.stream:
         # Only getting the model is timed: the stream then races the client itself, and a
         # reader that falls behind is dropped after stream_timeout_s.
-        return await _serve(state.manager, parsed, lease_timeout_s=timeout_s)
+        return await _serve(state.manager, parsed, state.drain, lease_timeout_s=timeout_s)
     # The whole answer is timed, and a client that hangs up cancels it: leaving the stream's
     # (or the upstream exchange's) ``async with`` frees the sequence at the next step.
-    return await run_guarded(request, _serve(state.manager, parsed, lease_timeout_s=None),
+    return await run_guarded(request,
+                             _serve(state.manager, parsed, state.drain, lease_timeout_s=None),
                              model=parsed.model, timeout_s=timeout_s)
 
 
