@@ -218,3 +218,47 @@ source = "{endless_dir}"
         assert elapsed >= timeout_s - 0.1
         assert counts(server) == (0, 2)
         assert "cutting 2 requests still in flight (shutdown_timeout_s = 1.5)" in server.log()
+
+
+def test_a_second_signal_ends_the_grace_and_cuts_at_once(
+    tmp_path: Path, cache_dir: Path, endless_dir: Path
+) -> None:
+    grace_s, timeout_s = 60.0, 120.0
+    config = f"""
+[server]
+drain_grace_s = {grace_s}
+shutdown_timeout_s = {timeout_s}
+
+[[models]]
+id = "endless"
+runtime = "causal-lm"
+source = "{endless_dir}"
+"""
+    with run_server(tmp_path, config, cache_dir) as server:
+
+        async def scenario() -> tuple[float, tuple[int, list[bytes]]]:
+            body = {"model": "endless", "prompt": "The quick brown fox",
+                    "max_tokens": 1_000_000, "temperature": 0}
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http, \
+                    httpx.AsyncClient(base_url=server.url, timeout=10) as probe:
+                first = asyncio.Event()
+                stream = asyncio.create_task(read_stream(http, body, first))
+                await asyncio.wait_for(first.wait(), 60)
+                signalled_at = time.monotonic()
+                server.proc.send_signal(signal.SIGTERM)
+
+                async def unready() -> bool:
+                    return (await probe.get("/health/ready")).status_code == 503
+
+                await until(unready, "readiness is 503 after SIGTERM")
+                server.proc.send_signal(signal.SIGINT)
+                return signalled_at, await stream
+
+        signalled_at, (status, events) = asyncio.run(scenario())
+        assert outcome(status, events) == "cut"
+        elapsed = wait_exit(server, signalled_at, EXIT_MARGIN_S)
+        assert elapsed < grace_s
+        assert server.proc.returncode == 0, server.log()
+        assert counts(server) == (0, 1)
+        assert "SIGINT received again: ending the grace and cutting the 1 requests in flight now" \
+            in server.log()
