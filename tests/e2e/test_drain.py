@@ -20,6 +20,7 @@ import pytest
 
 from tests.e2e.test_embeddings_api import metric
 from tests.serverproc import ServerProcess, run_server
+from tests.upstream.faulty_upstream import FaultyUpstream
 
 pytestmark = pytest.mark.e2e
 
@@ -40,11 +41,12 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str,
 
 
 async def read_stream(http: httpx.AsyncClient, body: dict[str, object],
-                      first: asyncio.Event) -> tuple[int, list[bytes]]:
+                      first: asyncio.Event, path: str = "/v1/completions"
+                      ) -> tuple[int, list[bytes]]:
     """Stream a completion; ``first`` is set once its first event arrived. Returns the status
     and every ``data:`` payload."""
     events: list[bytes] = []
-    async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+    async with http.stream("POST", path, json={**body, "stream": True}) as response:
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 events.append(line[len("data: "):].encode())
@@ -52,15 +54,15 @@ async def read_stream(http: httpx.AsyncClient, body: dict[str, object],
     return response.status_code, events
 
 
-def outcome(status: int, events: list[bytes]) -> str:
-    """"finished" (a finish_reason, then [DONE]) or "cut" (the error event, then [DONE])."""
+def outcome(status: int, events: list[bytes], finish_reason: str | None = "length") -> str:
+    """"finished" (``finish_reason``, then [DONE]) or "cut" (the error event, then [DONE])."""
     assert status == 200
     assert events[-1] == b"[DONE]", events[-3:]
     last = orjson.loads(events[-2])
     if "error" in last:
         assert last["error"]["code"] == "shutting_down", last
         return "cut"
-    assert last["choices"][0]["finish_reason"] == "length", last
+    assert last["choices"][0].get("finish_reason") == finish_reason, last
     return "finished"
 
 
@@ -262,3 +264,54 @@ source = "{endless_dir}"
         assert counts(server) == (0, 1)
         assert "SIGINT received again: ending the grace and cutting the 1 requests in flight now" \
             in server.log()
+
+
+@pytest.mark.parametrize("upstream_answers", [True, False], ids=["drained", "cut"])
+def test_upstream_calls_in_flight_are_drained_or_cut(
+    tmp_path: Path, cache_dir: Path, upstream_answers: bool
+) -> None:
+    timeout_s = 2.0
+    with FaultyUpstream("held") as upstream:
+        config = f"""
+[server]
+drain_grace_s = 0
+shutdown_timeout_s = {timeout_s}
+
+[[models]]
+id = "relayed"
+runtime = "remote"
+upstreams = ["{upstream.url}"]
+[models.upstream.retry]
+max_retries = 0
+"""
+        upstream.hold()  # a stream after its first chunk, a plain answer before it
+        with run_server(tmp_path, config, cache_dir) as server:
+
+            async def scenario() -> tuple[float, tuple[int, list[bytes]], httpx.Response]:
+                body = {"model": "relayed", "messages": [{"role": "user", "content": "hi"}]}
+                async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+                    first = asyncio.Event()
+                    stream = asyncio.create_task(
+                        read_stream(http, body, first, "/v1/chat/completions"))
+                    whole = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+                    await asyncio.wait_for(first.wait(), 10)
+                    await upstream.wait_hits("/v1/chat/completions", 2)
+                    signalled_at = time.monotonic()
+                    server.proc.send_signal(signal.SIGTERM)
+                    if upstream_answers:
+                        upstream.release()
+                    return signalled_at, await stream, await whole
+
+            signalled_at, (status, events), whole = asyncio.run(scenario())
+            elapsed = wait_exit(server, signalled_at, timeout_s + EXIT_MARGIN_S)
+            assert server.proc.returncode == 0, server.log()
+            if upstream_answers:
+                assert outcome(status, events, finish_reason=None) == "finished"  # the fake's
+                assert whole.status_code == 200, whole.text
+                assert counts(server) == (2, 0)
+            else:
+                assert outcome(status, events) == "cut"
+                assert whole.status_code == 503, whole.text
+                assert whole.json()["error"]["code"] == "shutting_down"
+                assert elapsed >= timeout_s - 0.1
+                assert counts(server) == (0, 2)
