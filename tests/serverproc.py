@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+
+def with_no_drain_grace(config_toml: str) -> str:
+    """``config_toml`` with ``[server] drain_grace_s = 0`` unless it sets a grace itself: a test
+    server stops at once instead of holding its listener open for a load balancer."""
+    if "drain_grace_s" in config_toml:
+        return config_toml
+    if re.search(r"^\[server\]\s*$", config_toml, flags=re.MULTILINE):
+        return re.sub(r"^\[server\]\s*$", "[server]\ndrain_grace_s = 0", config_toml, count=1,
+                      flags=re.MULTILINE)
+    return "[server]\ndrain_grace_s = 0\n" + config_toml
 
 
 def free_port() -> int:
@@ -63,7 +75,7 @@ def run_server(
 ) -> Iterator[ServerProcess]:
     port = free_port()
     config = tmp_path / "tidegate.toml"
-    config.write_text(config_toml, encoding="utf-8")
+    config.write_text(with_no_drain_grace(config_toml), encoding="utf-8")
     log_path = tmp_path / "server.log"
     env = dict(os.environ, TIDEGATE_CACHE_DIR=str(cache_dir), HF_HUB_OFFLINE="1")
     with log_path.open("wb") as log:

@@ -59,6 +59,22 @@ overload_status = 503
     )
 
 
+def test_drain_settings_are_read_and_checked(tmp_path: Path) -> None:
+    default = load_config(None).server
+    assert (default.drain_grace_s, default.shutdown_timeout_s) == (5.0, 30.0)
+    server = load_config(write(tmp_path, "[server]\ndrain_grace_s = 0\nshutdown_timeout_s = 2.5\n"
+                               )).server
+    assert (server.drain_grace_s, server.shutdown_timeout_s) == (0, 2.5)
+    for text, message in [
+        ("drain_grace_s = -1", "server.drain_grace_s: must be >= 0, got -1"),
+        ("shutdown_timeout_s = 0", "server.shutdown_timeout_s: must be > 0, got 0"),
+        ("shutdown_timeout_s = 'soon'", "server.shutdown_timeout_s: must be a number, got 'soon'"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, f"[server]\n{text}\n"))
+        assert str(info.value) == message
+
+
 def test_cache_eviction_policy_is_read(tmp_path: Path) -> None:
     default = load_config(None).cache
     assert (default.eviction, default.frequency_half_life_s) == ("lru", 600.0)

@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _warn_if_open(config)
     from tidegate.server import serve
 
-    # uvicorn re-raises the signal after a graceful shutdown; that is a normal exit.
+    # The server drains on a signal and returns; one before it took over is a normal exit too.
     with contextlib.suppress(KeyboardInterrupt):
         serve(config)
     return 0

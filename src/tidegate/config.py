@@ -321,6 +321,12 @@ class ServerConfig:
     cache_dir: str | None = None
     """Where exported model graphs are kept; ``None`` means :func:`default_cache_dir`."""
     access_log: bool = False
+    drain_grace_s: float = 5.0
+    """After SIGTERM/SIGINT: seconds the listener stays open, answering 503 ``shutting_down``
+    (and readiness 503), so a load balancer stops routing here before connections are refused."""
+    shutdown_timeout_s: float = 30.0
+    """After SIGTERM/SIGINT: what is still running this long after the signal is cut (a stream
+    gets a final error event, any other request 503 ``shutting_down``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -332,6 +338,8 @@ class ServerConfig:
         check_integer("max_body_bytes", self.max_body_bytes)
         check_integer("max_inputs_per_request", self.max_inputs_per_request)
         check_number("request_timeout_s", self.request_timeout_s)
+        check_number("drain_grace_s", self.drain_grace_s, allow_zero=True)
+        check_number("shutdown_timeout_s", self.shutdown_timeout_s)
         if not isinstance(self.access_log, bool):
             raise ConfigError(f"must be true or false, got {self.access_log!r}", key="access_log")
 

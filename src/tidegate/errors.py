@@ -16,6 +16,7 @@ that explain it, and ``api.errors`` maps each class to one HTTP status and OpenA
     ├── Overloaded             429 (or 503) with Retry-After: the queue is full
     ├── RateLimited            429 rate_limit_exceeded: an API key's per-minute limit
     ├── ModelUnavailable       503: the model is loading or failed to load
+    ├── ShuttingDown           503 shutting_down: the server is draining (or cut the request)
     ├── RequestTimeout         504: the request waited longer than its timeout
     ├── RuntimeFailure         500: the model raised while computing
     └── UpstreamError          a remote replica failed (status on the instance)
@@ -41,6 +42,7 @@ __all__ = [
     "RequestError",
     "RequestTimeout",
     "RuntimeFailure",
+    "ShuttingDown",
     "TidegateError",
     "UnsupportedMediaType",
     "UpstreamBadGateway",
@@ -174,6 +176,22 @@ class ModelUnavailable(TidegateError):
         super().__init__(f"Model '{model}' is not available: {reason}")
         self.model = model
         self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(TidegateError):
+    """The server is shutting down: it takes no new requests, and cuts those still running when
+    ``shutdown_timeout_s`` (``cut_after_s``) passes. Retry on another replica."""
+
+    def __init__(self, *, cut_after_s: float | None = None, retry_after_s: int = 1) -> None:
+        if cut_after_s is None:
+            message = ("The server is shutting down and takes no new requests; "
+                       "retry on another replica.")
+        else:
+            message = (f"The server is shutting down and cut this request before it finished "
+                       f"(shutdown_timeout_s = {cut_after_s:g}); retry it on another replica.")
+        super().__init__(message)
+        self.cut_after_s = cut_after_s
         self.retry_after_s = retry_after_s
 
 

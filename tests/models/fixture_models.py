@@ -1,7 +1,8 @@
 """Real ``python``-runtime models for the model-cache tests: each really allocates its memory
 and appends a line to a log file per load/close. A load or an embed can be held (the e2e tests
-sleep ``load_seconds``/``embed_seconds``; the unit tests block on a named :func:`gate`, opened
-by the test, so that no test waits on real time)."""
+sleep ``load_seconds``/``embed_seconds``, or hold each embed until the test creates the file
+``embed_until``; the unit tests block on a named :func:`gate`, opened by the test, so that no
+test waits on real time)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,15 @@ def _pass(name: str | None) -> None:
         raise RuntimeError(f"gate {name} was not opened within {_GATE_LIMIT_S}s")
 
 
+def _wait_for_file(path: Path) -> None:
+    """Block (this is the model's worker thread) until another process creates ``path``."""
+    deadline = time.monotonic() + _GATE_LIMIT_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} was not created within {_GATE_LIMIT_S}s")
+        time.sleep(0.01)
+
+
 class Blob:
     """An embedder of ``dimensions`` dims that holds ``allocate_mb`` MiB of touched memory."""
 
@@ -61,6 +71,7 @@ class Blob:
         log: str | None = None,
         load_gate: str | None = None,
         embed_gate: str | None = None,
+        embed_until: str | None = None,
     ) -> None:
         self._name = name
         self._log = log
@@ -74,12 +85,15 @@ class Blob:
         self.dimensions = dimensions
         self._embed_seconds = embed_seconds
         self._embed_gate = embed_gate
+        self._embed_until = Path(embed_until) if embed_until else None
         _log(log, f"loaded {name}")
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         _log(self._log, f"embed-start {self._name}")
         time.sleep(self._embed_seconds)
         _pass(self._embed_gate)
+        if self._embed_until is not None:
+            _wait_for_file(self._embed_until)
         _log(self._log, f"embed-end {self._name}")
         return [[float(len(t))] + [0.0] * (self.dimensions - 1) for t in texts]
 

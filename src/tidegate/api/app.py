@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +24,8 @@ from tidegate.api.common import (
     json_response,
     read_json_body,
 )
-from tidegate.api.errors import http_error_handler
+from tidegate.api.drain import Drain
+from tidegate.api.errors import error_response, http_error_handler
 from tidegate.api.guard import run_guarded
 from tidegate.api.schemas import (
     EmbeddingRequest,
@@ -97,8 +99,11 @@ async def health_live(request: Request) -> Response:
 
 
 async def health_ready(request: Request) -> Response:
-    manager = app_state(request).manager
+    state = app_state(request)
+    manager = state.manager
     models = {model.id: model.status.value for model in manager.snapshots()}
+    if state.drain.draining:
+        return json_response({"status": "shutting_down", "models": models}, status=503)
     if manager.ready:
         return json_response({"status": "ready", "models": models})
     return json_response({"status": "not_ready", "models": models}, status=503)
@@ -116,14 +121,39 @@ class _TidegateApp(Starlette):
     middleware stack and router (about 20% of the echo runtime's per-request time). That is
     safe because their handlers are ``@endpoint``s: every exception already becomes an error
     response. Other methods and paths (405s, 404s included) take the regular route.
+
+    Every HTTP request passes the drain first: while the server runs, its task is registered as
+    in flight (a set add and discard); once draining, it is refused with 503 ``shutting_down``,
+    health probes and metrics excepted.
     """
 
-    def __init__(self, *, fast_routes: dict[tuple[str, str], Handler], **kwargs: Any) -> None:
+    def __init__(self, *, fast_routes: dict[tuple[str, str], Handler], drain: Drain,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._fast_routes = fast_routes
+        self._drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope.get("root_path"):
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        drain = self._drain
+        if drain.draining:
+            if scope["path"] in _WHILE_DRAINING:  # probes and scrapes, not counted as in flight
+                await self._dispatch(scope, receive, send)
+            else:
+                await _refuse(drain, scope, receive, send)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        drain.enter(task)
+        try:
+            await self._dispatch(scope, receive, send)
+        finally:
+            drain.leave(task)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not scope.get("root_path"):
             handler = self._fast_routes.get((scope["method"], scope["path"]))
             if handler is not None:
                 scope["app"] = self
@@ -133,9 +163,21 @@ class _TidegateApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+_WHILE_DRAINING = frozenset({"/health/live", "/health/ready", "/health", "/metrics"})
+"""Paths still served while draining: readiness must be seen to fail, liveness to hold."""
+
+
+async def _refuse(drain: Drain, scope: Scope, receive: Receive, send: Send) -> None:
+    """503 shutting_down, closing the connection so the client's next try goes elsewhere."""
+    response = error_response(drain.error(cut=False))
+    response.headers["Connection"] = "close"
+    await response(scope, receive, send)
+
+
 def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runtime) -> Starlette:
     """Build the app. Models start loading when the app starts (ASGI lifespan)."""
     app_metrics = Metrics()
+    drain = Drain(shutdown_timeout_s=config.server.shutdown_timeout_s)
     model_manager = ModelManager(config, app_metrics, runtime_factory=runtime_factory)
     keys = None
     if config.auth.api_keys:
@@ -171,7 +213,7 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
         ("POST", "/v1/chat/completions"): generation.chat_completions,
     }
     app = _TidegateApp(routes=routes, exception_handlers=handlers, lifespan=lifespan,
-                       fast_routes=fast_routes)
+                       fast_routes=fast_routes, drain=drain)
     app.state.tidegate = AppState(config=config, manager=model_manager, metrics=app_metrics,
-                                  keys=keys)
+                                  drain=drain, keys=keys)
     return app

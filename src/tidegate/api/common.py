@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tidegate.api.drain import Drain
 from tidegate.api.errors import error_response, unexpected_error_response
 from tidegate.auth.keyring import KeyRing
 from tidegate.config import Config
@@ -40,6 +42,8 @@ class AppState:
     config: Config
     manager: ModelManager
     metrics: Metrics
+    drain: Drain
+    """Requests in flight, and whether the server is shutting down."""
     keys: KeyRing | None = None
     """The API keys; ``None`` when none is configured (the ``/v1`` routes are open)."""
 
@@ -58,7 +62,8 @@ def app_state(request: Request) -> AppState:
 
 
 def endpoint(handler: Handler) -> Handler:
-    """Turn tidegate errors into OpenAI-shaped responses and bugs into logged 500s."""
+    """Turn tidegate errors into OpenAI-shaped responses, bugs into logged 500s, and a
+    cancellation by the drain into 503 ``shutting_down``."""
 
     @functools.wraps(handler)
     async def wrapper(request: Request) -> Response:
@@ -68,6 +73,15 @@ def endpoint(handler: Handler) -> Handler:
             return error_response(exc)
         except ClientDisconnected:
             return Response(status_code=499)
+        except asyncio.CancelledError:
+            # The drain cut this request at shutdown_timeout_s: answer instead of vanishing.
+            task = asyncio.current_task()
+            drain = app_state(request).drain
+            if not drain.was_cut(task):
+                raise
+            assert task is not None
+            task.uncancel()
+            return error_response(drain.error(cut=True))
         except Exception as exc:
             return unexpected_error_response(request, exc)
 

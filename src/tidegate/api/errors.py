@@ -22,6 +22,7 @@ from tidegate.errors import (
     RequestError,
     RequestTimeout,
     RuntimeFailure,
+    ShuttingDown,
     TidegateError,
     UnsupportedMediaType,
     UpstreamError,
@@ -77,6 +78,9 @@ def error_response(exc: TidegateError) -> Response:
     if isinstance(exc, ModelUnavailable):
         body = error_body(str(exc), type_=type_, param="model", code="model_unavailable")
         return _json(status, body, {"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, ShuttingDown):
+        body = error_body(str(exc), type_="service_unavailable", code="shutting_down")
+        return _json(503, body, {"Retry-After": str(exc.retry_after_s)})
     code = "timeout" if isinstance(exc, RequestTimeout) else None
     return _json(status, error_body(str(exc), type_=type_, code=code))
 

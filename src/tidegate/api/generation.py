@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from tidegate.api.auth import admit, authenticate
 from tidegate.api.common import app_state, endpoint, json_response, read_json_body
+from tidegate.api.drain import Drain
 from tidegate.api.errors import error_response
 from tidegate.api.guard import run_guarded
 from tidegate.api.schemas import parse_json_object
@@ -238,9 +239,20 @@ async def _local_events(
         yield DONE
 
 
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What a generation's response needs besides the model: the drain (a stream still running
+    at the shutdown deadline is cut), the API key its usage is counted against, and that key's
+    rate-limit headers."""
+
+    drain: Drain
+    key: ApiKey | None = None
+    headers: dict[str, str] | None = None
+
+
 async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
-                       stack: contextlib.AsyncExitStack[Any], key: ApiKey | None,
-                       headers: dict[str, str] | None) -> Response | EventStreamResponse:
+                       stack: contextlib.AsyncExitStack[Any], context: _Context
+                       ) -> Response | EventStreamResponse:
     engine = model.engine
     runtime = model.runtime
     if request.messages is not None:
@@ -254,13 +266,14 @@ async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
     stream = engine.submit(prompt_ids, request.params)
     encoder = _Encoder(request, model.id)
     if request.stream:
-        return EventStreamResponse(_local_events(stack.pop_all(), stream, encoder, key),
-                                   headers=headers)
+        return EventStreamResponse(_local_events(stack.pop_all(), stream, encoder, context.key),
+                                   headers=context.headers, drain=context.drain)
     async with stream:
         result = await stream.collect()
-    if key is not None:
-        key.record(result.prompt_tokens, result.completion_tokens)
-    return Response(encoder.whole(result), media_type="application/json", headers=headers)
+    if context.key is not None:
+        context.key.record(result.prompt_tokens, result.completion_tokens)
+    return Response(encoder.whole(result), media_type="application/json",
+                    headers=context.headers)
 
 
 async def _relay_events(stack: contextlib.AsyncExitStack[Any], upstream_stream: UpstreamStream,
@@ -303,30 +316,29 @@ def _record_usage(key: ApiKey, usage: object) -> None:
 
 
 async def _serve_remote(request: GenerationRequest, model: RemoteModel,
-                        stack: contextlib.AsyncExitStack[Any], key: ApiKey | None,
-                        headers: dict[str, str] | None) -> Response | EventStreamResponse:
+                        stack: contextlib.AsyncExitStack[Any], context: _Context
+                        ) -> Response | EventStreamResponse:
     client = model.upstream
     body = {**request.body, "model": client.upstream_model}
     path = "/v1/chat/completions" if request.endpoint == "chat" else "/v1/completions"
     if request.stream:
         upstream_stream = await client.open_stream(path, body)
-        return EventStreamResponse(_relay_events(stack.pop_all(), upstream_stream, key),
+        return EventStreamResponse(_relay_events(stack.pop_all(), upstream_stream, context.key),
                                    media_type=upstream_stream.media_type or "text/event-stream",
-                                   headers=headers)
+                                   headers=context.headers, drain=context.drain)
     data = await client.request_json(path, body)
     if isinstance(data, dict) and "model" in data:
         data["model"] = model.id  # clients asked for tidegate's name, not the replica's
-    if key is not None and isinstance(data, dict):
-        _record_usage(key, data.get("usage"))
+    if context.key is not None and isinstance(data, dict):
+        _record_usage(context.key, data.get("usage"))
     response = json_response(data)
-    if headers:
-        response.headers.update(headers)
+    if context.headers:
+        response.headers.update(context.headers)
     return response
 
 
-async def _serve(manager: ModelManager, request: GenerationRequest, *,
-                 lease_timeout_s: float | None, key: ApiKey | None = None,
-                 headers: dict[str, str] | None = None) -> Response | EventStreamResponse:
+async def _serve(manager: ModelManager, request: GenerationRequest, context: _Context, *,
+                 lease_timeout_s: float | None) -> Response | EventStreamResponse:
     async with contextlib.AsyncExitStack() as stack:
         try:
             async with asyncio.timeout(lease_timeout_s):
@@ -336,8 +348,8 @@ async def _serve(manager: ModelManager, request: GenerationRequest, *,
             raise RequestTimeout(model=request.model, timeout_s=lease_timeout_s) from None
         generator = model.generator()  # 400 for an embedding model
         if isinstance(generator, RemoteModel):
-            return await _serve_remote(request, generator, stack, key, headers)
-        return await _serve_local(request, generator, stack, key, headers)
+            return await _serve_remote(request, generator, stack, context)
+        return await _serve_local(request, generator, stack, context)
     raise AssertionError("unreachable")
 
 
@@ -350,14 +362,14 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response | EventStr
     )
     headers = None if key is None else admit(key, parsed.model)
     timeout_s = server.request_timeout_s
+    context = _Context(drain=state.drain, key=key, headers=headers)
     if parsed.stream:
         # Only getting the model is timed: the stream then races the client itself, and a
         # reader that falls behind is dropped after stream_timeout_s.
-        return await _serve(state.manager, parsed, lease_timeout_s=timeout_s, key=key,
-                            headers=headers)
+        return await _serve(state.manager, parsed, context, lease_timeout_s=timeout_s)
     # The whole answer is timed, and a client that hangs up cancels it: leaving the stream's
     # (or the upstream exchange's) ``async with`` frees the sequence at the next step.
-    work = _serve(state.manager, parsed, lease_timeout_s=None, key=key, headers=headers)
+    work = _serve(state.manager, parsed, context, lease_timeout_s=None)
     return await run_guarded(request, work, model=parsed.model, timeout_s=timeout_s)
 
 

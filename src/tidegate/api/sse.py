@@ -3,7 +3,9 @@
 :class:`EventStreamResponse` sends each chunk an async iterator yields, as it yields it. A
 second task listens for ``http.disconnect``; when the client goes away the producer is
 cancelled at once, so whatever it holds (a sequence's slot, an upstream connection) is released
-by its own ``async with``/``finally`` blocks within one step.
+by its own ``async with``/``finally`` blocks within one step. When the server's drain cuts the
+request at shutdown, the producer is cancelled the same way and the stream ends with an error
+event and ``[DONE]``, so the client knows it was cut rather than finished.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from collections.abc import AsyncIterator, Mapping
 
 import orjson
 from starlette.types import Receive, Scope, Send
+
+from tidegate.api.drain import Drain
+from tidegate.api.errors import error_response
 
 __all__ = ["DONE", "EventStreamResponse", "sse_event"]
 
@@ -35,9 +40,13 @@ class EventStreamResponse:
         status_code: int = 200,
         media_type: str = "text/event-stream",
         headers: Mapping[str, str] | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self._body = body
         self._status = status_code
+        self._drain = drain
+        self._started = False
+        self._finished = False
         raw = {"content-type": media_type, "cache-control": "no-cache",
                "x-accel-buffering": "no", **{k.lower(): v for k, v in (headers or {}).items()}}
         self._headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in raw.items()]
@@ -45,8 +54,13 @@ class EventStreamResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         producer = asyncio.ensure_future(self._produce(send))
         watcher = asyncio.ensure_future(self._watch(receive))
+        cut = False
         try:
             await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            if self._drain is None or not self._drain.was_cut(asyncio.current_task()):
+                raise
+            cut = True
         finally:
             for task in (producer, watcher):
                 task.cancel()
@@ -54,8 +68,29 @@ class EventStreamResponse:
             await asyncio.gather(producer, watcher, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._close_body()
+        if cut:
+            current = asyncio.current_task()
+            assert current is not None and self._drain is not None
+            current.uncancel()
+            await self._send_cut(send, self._drain)
+            return
         if producer.done() and not producer.cancelled() and producer.exception() is not None:
             raise producer.exception()  # type: ignore[misc]
+
+    async def _send_cut(self, send: Send, drain: Drain) -> None:
+        """End a stream the drain cut: 503 if nothing was sent yet, else an error event."""
+        if self._finished:
+            return
+        response = error_response(drain.error(cut=True))
+        body = bytes(response.body)
+        with contextlib.suppress(OSError):
+            if not self._started:
+                await send({"type": "http.response.start", "status": response.status_code,
+                            "headers": response.raw_headers})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            event = b"data: " + body + b"\n\n" + DONE
+            await send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def _close_body(self) -> None:
         closer = getattr(self._body, "aclose", None)
@@ -63,6 +98,7 @@ class EventStreamResponse:
             await closer()
 
     async def _produce(self, send: Send) -> None:
+        self._started = True
         await send({"type": "http.response.start", "status": self._status,
                     "headers": self._headers})
         try:
@@ -70,6 +106,7 @@ class EventStreamResponse:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except OSError:  # the transport broke under us: same as a disconnect
             return
+        self._finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
