@@ -8,6 +8,7 @@ import uvicorn
 
 from tidegate.api.app import create_app
 from tidegate.config import Config
+from tidegate.protocol import http_protocol
 
 __all__ = ["serve"]
 
@@ -23,7 +24,7 @@ def serve(config: Config) -> None:
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http="httptools",
+        http=http_protocol(server),  # httptools, with header/body deadlines and a connection cap
         lifespan="on",
         log_config=None,  # the CLI configured logging
         log_level=server.log_level,
