@@ -143,24 +143,26 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        reading = self._reading
+        cycle = self.cycle  # the request being read, or (reading a head) the one before
         if self.flow.read_paused:
             # Not the client's fault: uvicorn stopped reading (a pipelined request waiting for
             # the one before it, or a body the handler has not consumed yet).
             self._arm(self.limits.body_timeout_s)
             return
-        if reading is _Reading.HEAD:
+        if self._reading is _Reading.HEAD:
             message = (f"The request's headers were not received within "
                        f"{self.limits.header_timeout_s:g}s ([server] header_timeout_s).")
-        elif reading is _Reading.BODY:
+            # The client learns why unless the answer to the request before is still going.
+            answer = cycle is None or cycle.response_complete
+        elif self._reading is _Reading.BODY:
             message = (f"The request's body was not received within "
                        f"{self.limits.body_timeout_s:g}s ([server] body_timeout_s).")
+            # An answer already under way (a handler that did not wait for the body) is cut.
+            answer = not cycle.response_started
         else:
             return
         log.debug("closing a connection from %s: %s", self.client, message)
-        # An answer already under way (a handler that did not wait for the body) is cut;
-        # otherwise the client learns why.
-        if self.cycle is None or not self.cycle.response_started:
+        if answer:
             self.transport.write(_timeout_response(message))
         self.transport.close()
 

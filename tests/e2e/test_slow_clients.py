@@ -8,6 +8,7 @@ their next byte only when a short wait for that answer comes back empty.
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import time
@@ -118,14 +119,20 @@ def assert_timeout_answer(response: bytes, what: str) -> None:
 
 
 def embed_on(sock: socket.socket) -> int:
-    """One whole request on an open connection; the answer's status."""
+    """One whole request on an open connection; the status of its answer, read whole."""
     sock.sendall(HEAD + BODY)
     received = b""
     while b"\r\n\r\n" not in received:
         chunk = sock.recv(65536)
         assert chunk, "closed before answering"
         received += chunk
-    return int(received.split(b" ", 2)[1])
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed before the whole answer"
+        body += chunk
+    return int(head.split(b" ", 2)[1])
 
 
 def test_trickled_headers_get_408_and_close(timeouts_server: ServerProcess) -> None:
@@ -135,6 +142,14 @@ def test_trickled_headers_get_408_and_close(timeouts_server: ServerProcess) -> N
         response, closed = read_until_closed(sock, trickle=b"X-Slow: " + b"a" * 200)
     assert_timeout_answer(response, "header_timeout_s")
     assert TIMEOUT_S <= closed - started < DEADLINE_S
+
+
+def test_trickled_headers_after_a_whole_request_get_408(timeouts_server: ServerProcess) -> None:
+    with connect(timeouts_server) as sock:
+        assert embed_on(sock) == 200
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\n")
+        response, _ = read_until_closed(sock, trickle=b"X-Slow: " + b"a" * 200)
+    assert_timeout_answer(response, "header_timeout_s")
 
 
 def test_a_silent_connection_gets_408_and_close(timeouts_server: ServerProcess) -> None:
