@@ -38,6 +38,8 @@ def test_null_encoding_format_means_float() -> None:
         ({"model": "m", "input": "a", "dimensions": 0}, "dimensions"),
         ({"model": "m", "input": "a", "dimensions": True}, "dimensions"),
         ({"model": "m", "input": "a", "dimensions": 2.5}, "dimensions"),
+        ({"model": "m", "input": "a", "encoding_format": {}}, "encoding_format"),
+        ({"model": "m", "input": "a", "encoding_format": ""}, "encoding_format"),
     ],
 )
 def test_invalid_requests_name_the_parameter(body: object, param: str) -> None:

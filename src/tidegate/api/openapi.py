@@ -121,9 +121,9 @@ def _schemas(config: Config) -> dict[str, Schema]:
         "stream": _nullable({"type": "boolean"}),
         "stream_options": _nullable({
             "type": "object",
-            "properties": {"include_usage": {"type": "boolean"}},
+            "properties": {"include_usage": _nullable({"type": "boolean"})},
         }),
-        "user": {"type": "string"},
+        "user": _nullable({"type": "string"}),
     }
     text_part = {
         "type": "object",
