@@ -46,4 +46,4 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.run_all
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .import_linter_cache .grimp_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .import_linter_cache .grimp_cache .hypothesis

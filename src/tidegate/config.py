@@ -327,6 +327,13 @@ class ServerConfig:
     shutdown_timeout_s: float = 30.0
     """After SIGTERM/SIGINT: what is still running this long after the signal is cut (a stream
     gets a final error event, any other request 503 ``shutting_down``)."""
+    header_timeout_s: float = 10.0
+    """A client must send a request's line and headers within this (from the first byte, or from
+    connecting); else 408 and the connection is closed."""
+    body_timeout_s: float = 30.0
+    """A client must send a request's whole body within this after its headers; else 408."""
+    max_connections: int = 1024
+    """Open connections beyond this are answered 503 (``code: too_many_connections``) and closed."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -340,6 +347,9 @@ class ServerConfig:
         check_number("request_timeout_s", self.request_timeout_s)
         check_number("drain_grace_s", self.drain_grace_s, allow_zero=True)
         check_number("shutdown_timeout_s", self.shutdown_timeout_s)
+        check_number("header_timeout_s", self.header_timeout_s)
+        check_number("body_timeout_s", self.body_timeout_s)
+        check_integer("max_connections", self.max_connections)
         if not isinstance(self.access_log, bool):
             raise ConfigError(f"must be true or false, got {self.access_log!r}", key="access_log")
 

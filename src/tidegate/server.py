@@ -30,6 +30,7 @@ from tidegate.api.app import create_app
 from tidegate.api.common import AppState
 from tidegate.api.drain import Drain
 from tidegate.config import Config, ServerConfig
+from tidegate.protocol import http_protocol
 
 __all__ = ["serve"]
 
@@ -132,7 +133,7 @@ def serve(config: Config) -> None:
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http="httptools",
+        http=http_protocol(server),  # httptools, with header/body deadlines and a connection cap
         lifespan="on",
         log_config=None,  # the CLI configured logging
         log_level=server.log_level,

@@ -37,12 +37,21 @@ def test_null_encoding_format_means_float() -> None:
         ({"model": "m", "input": [True]}, "input"),
         ({"model": "m", "input": "a", "dimensions": 0}, "dimensions"),
         ({"model": "m", "input": "a", "dimensions": True}, "dimensions"),
+        ({"model": "m", "input": "a", "dimensions": 2.5}, "dimensions"),
+        ({"model": "m", "input": "a", "encoding_format": {}}, "encoding_format"),
+        ({"model": "m", "input": "a", "encoding_format": ""}, "encoding_format"),
     ],
 )
 def test_invalid_requests_name_the_parameter(body: object, param: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         parse(body)
     assert caught.value.param == param
+
+
+def test_dimensions_spelled_as_a_float_is_an_integer() -> None:
+    """JSON Schema's integers (hence the OpenAPI document's) include ``384.0``."""
+    request = parse({"model": "m", "input": "a", "dimensions": 384.0})
+    assert request.dimensions == 384 and isinstance(request.dimensions, int)  # type: ignore[attr-defined]
 
 
 def test_too_many_inputs() -> None:

@@ -24,6 +24,9 @@ from tidegate.generation import SamplingParams
         ({"stop": 3}, "stop"),
         ({"stop": ["x"] * 17}, "stop"),
         ({"seed": 1.5}, "seed"),
+        # torch.Generator takes no seed outside [-2**63, 2**64): that was a 500.
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
     ],
 )
 def test_invalid_values_name_the_parameter(kwargs: dict[str, Any], param: str) -> None:
@@ -42,3 +45,11 @@ def test_valid_edges_and_normalization() -> None:
     assert not SamplingParams(temperature=2).greedy
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")  # type: ignore[arg-type]
     assert SamplingParams().max_tokens is None
+
+
+def test_integers_spelled_as_floats_are_integers() -> None:
+    """JSON Schema's integers (hence the OpenAPI document's) include ``16.0``."""
+    params = SamplingParams(max_tokens=16.0, seed=7.0)  # type: ignore[arg-type]
+    assert params.max_tokens == 16 and isinstance(params.max_tokens, int)
+    assert params.seed == 7 and isinstance(params.seed, int)
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1

@@ -27,6 +27,7 @@ from tidegate.api.common import (
 from tidegate.api.drain import Drain
 from tidegate.api.errors import error_response, http_error_handler
 from tidegate.api.guard import run_guarded
+from tidegate.api.openapi import encode_openapi
 from tidegate.api.schemas import (
     EmbeddingRequest,
     encode_embedding_response,
@@ -112,6 +113,13 @@ async def health_ready(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = app_state(request)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+def openapi_route(document: bytes) -> Handler:
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type="application/json")
+
+    return openapi
 
 
 class _TidegateApp(Starlette):
@@ -201,6 +209,7 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
         # /health is what vLLM and llama.cpp serve: lets tidegate be another gateway's upstream.
         Route("/health", health_ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_route(encode_openapi(config)), methods=["GET"]),
         Route("/v1/completions", generation.completions, methods=["POST"]),
         Route("/v1/chat/completions", generation.chat_completions, methods=["POST"]),
         Route("/admin/models/{model_id:path}/load", admin.admin_load, methods=["POST"]),

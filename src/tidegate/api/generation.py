@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from starlette.requests import Request
@@ -38,6 +38,7 @@ from tidegate.upstream.client import UpstreamStream
 
 __all__ = ["chat_completions", "completions"]
 
+T = TypeVar("T")
 Endpoint = Literal["completion", "chat"]
 _DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}  # OpenAI's completions default is 16
 _FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
@@ -92,13 +93,22 @@ def _prompt(value: object) -> str:
     return value
 
 
+def _optional(data: dict[str, Any], name: str, kind: type[T], what: str,
+              within: str | None = None) -> T | None:
+    value = data.get(name)
+    if value is None or isinstance(value, kind):
+        return value
+    where = f"{within}.{name}" if within else name
+    raise InvalidRequest(f"'{where}' must be {what}.", param=within or name)
+
+
 def parse_generation_request(body: bytes, endpoint: Endpoint) -> GenerationRequest:
     data = parse_json_object(body)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("Missing required parameter: 'model'.", param="model")
-    n = data.get("n", 1)
-    if n not in (None, 1):
+    n = data.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise InvalidRequest("Only n = 1 is supported.", param="n")
     prompt = messages = None
     if endpoint == "chat":
@@ -108,22 +118,22 @@ def parse_generation_request(body: bytes, endpoint: Endpoint) -> GenerationReque
             raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")
         prompt = _prompt(data["prompt"])
     max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+    stop = data.get("stop")
     params = SamplingParams(
         max_tokens=_DEFAULT_MAX_TOKENS[endpoint] if max_tokens is None else max_tokens,
         temperature=1.0 if data.get("temperature") is None else data["temperature"],
         top_p=1.0 if data.get("top_p") is None else data["top_p"],
-        stop=data.get("stop") or (),
+        stop=() if stop is None or stop == "" else stop,
         seed=data.get("seed"),
     )
-    stream = data.get("stream") or False
-    if not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be a boolean.", param="stream")
-    options = data.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
-    include_usage = bool(options.get("include_usage", False))
-    return GenerationRequest(model, endpoint, prompt, messages, params, stream, include_usage,
-                             data)
+    # null means the default; any other value must have the parameter's type (as the OpenAPI
+    # document says), never be read for its truthiness.
+    stream = _optional(data, "stream", bool, "a boolean") or False
+    options = _optional(data, "stream_options", dict, "an object") or {}
+    include_usage = _optional(options, "include_usage", bool, "a boolean", "stream_options")
+    _optional(data, "user", str, "a string")
+    return GenerationRequest(model, endpoint, prompt, messages, params, stream,
+                             bool(include_usage), data)
 
 
 # -- encoding ------------------------------------------------------------------------------------

@@ -104,8 +104,8 @@ def parse_embedding_request(body: bytes, *, max_inputs: int) -> EmbeddingRequest
     if "input" not in data:
         raise InvalidRequest("Missing required parameter: 'input'.", param="input")
     inputs = _parse_inputs(data["input"], max_inputs)
-    requested = data.get("encoding_format") or "float"
-    if requested == "float":
+    requested = data.get("encoding_format")
+    if requested is None or requested == "float":
         encoding_format: EncodingFormat = "float"
     elif requested == "base64":
         encoding_format = "base64"
@@ -115,6 +115,8 @@ def parse_embedding_request(body: bytes, *, max_inputs: int) -> EmbeddingRequest
             "supported values are 'float' and 'base64'.", param="encoding_format",
         )
     dimensions = data.get("dimensions")
+    if isinstance(dimensions, float) and dimensions.is_integer():
+        dimensions = int(dimensions)  # JSON Schema's integers include 384.0
     if dimensions is not None and (
         isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
     ):

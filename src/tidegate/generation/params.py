@@ -12,19 +12,30 @@ from typing import Literal
 
 from tidegate.errors import InvalidRequest
 
-__all__ = ["MAX_STOP_STRINGS", "FinishReason", "SamplingParams"]
+__all__ = ["MAX_STOP_STRINGS", "SEED_RANGE", "FinishReason", "SamplingParams"]
 
 FinishReason = Literal["stop", "length", "abort"]
 """``stop``: end-of-sequence token or a stop string; ``length``: ``max_tokens`` or the context
 ran out; ``abort``: cancelled by the client, or dropped because its reader fell behind."""
 
 MAX_STOP_STRINGS = 16
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""The seeds a ``torch.Generator`` takes."""
 
 
 def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"'{name}' must be a number, got {value!r}", param=name)
     return float(value)
+
+
+def _integer(name: str, value: object) -> int:
+    """An integer, also when JSON spells it ``16.0`` (JSON Schema's integers include those)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"'{name}' must be an integer, got {value!r}", param=name)
+    return value
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -48,14 +59,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None:
-            if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-                raise InvalidRequest(
-                    f"'max_tokens' must be an integer, got {self.max_tokens!r}", param="max_tokens"
-                )
-            if self.max_tokens < 1:
-                raise InvalidRequest(
-                    f"'max_tokens' must be >= 1, got {self.max_tokens}", param="max_tokens"
-                )
+            max_tokens = _integer("max_tokens", self.max_tokens)
+            if max_tokens < 1:
+                raise InvalidRequest(f"'max_tokens' must be >= 1, got {max_tokens}",
+                                     param="max_tokens")
+            object.__setattr__(self, "max_tokens", max_tokens)
         temperature = _number("temperature", self.temperature)
         if not 0.0 <= temperature <= 2.0:
             raise InvalidRequest(
@@ -67,9 +75,12 @@ class SamplingParams:
                 f"'top_p' must be greater than 0 and at most 1, got {top_p:g}", param="top_p"
             )
         object.__setattr__(self, "stop", _stop_tuple(self.stop))
-        seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise InvalidRequest(f"'seed' must be an integer, got {self.seed!r}", param="seed")
+        if self.seed is not None:
+            seed = _integer("seed", self.seed)
+            if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+                raise InvalidRequest(f"'seed' must be between {SEED_RANGE[0]} and "
+                                     f"{SEED_RANGE[1]}, got {seed}", param="seed")
+            object.__setattr__(self, "seed", seed)
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,548 @@
+"""The OpenAPI 3.1 document served at ``GET /openapi.json``, written as data.
+
+Request schemas follow the hand-written parsers (``api.schemas``, ``api.generation``,
+``generation.params``): a body valid here passes their type checks, and each bound they enforce
+(``max_inputs_per_request``, ``n = 1``, ``temperature`` in [0, 2], ...) is stated here. Response
+schemas describe what the routes encode. ``tests/e2e/test_openapi.py`` checks real responses
+against it and fuzzes the live server from it with schemathesis.
+
+The document is built once per app from the config: limits and example model ids are the
+server's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from tidegate._version import __version__
+from tidegate.config import Config
+from tidegate.generation.params import MAX_STOP_STRINGS, SEED_RANGE
+from tidegate.kinds import RuntimeKind
+
+__all__ = ["build_openapi", "encode_openapi"]
+
+JSON = "application/json"
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _json_content(schema: Schema) -> dict[str, Any]:
+    return {JSON: {"schema": schema}}
+
+
+def _error(description: str, *, retry_after: bool = False, request_id: bool = False
+           ) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description,
+                                "content": _json_content(_ref("ErrorResponse"))}
+    headers: dict[str, Any] = {}
+    if retry_after:
+        headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
+    if request_id:
+        headers["X-Request-Id"] = {"$ref": "#/components/headers/X-Request-Id"}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+# -- error responses, by status ------------------------------------------------------------------
+
+_ERRORS: dict[str, dict[str, Any]] = {
+    "400": _error("Malformed JSON, or a missing, mistyped or out-of-range parameter "
+                  "(`param` names it); a model of the wrong kind for this route."),
+    "401": _error("API keys are configured and the request's key is missing or unknown "
+                  "(`code: invalid_api_key`); admin routes: no `Authorization` header while "
+                  "`admin_token` is set."),
+    "403": _error("Admin routes: a wrong admin token, or a non-loopback client while no "
+                  "`admin_token` is set."),
+    "404": _error("Unknown model (`code: model_not_found`)."),
+    "408": _error("The client did not send its request within `header_timeout_s` / "
+                  "`body_timeout_s` (`code: request_timeout`); the connection is closed."),
+    "413": _error("More inputs than `max_inputs_per_request`, or a body above "
+                  "`max_body_bytes` (`code: payload_too_large`)."),
+    "415": _error("A Content-Type other than JSON (`code: unsupported_media_type`)."),
+    "429": _error("The model's queue is full (`code: overloaded`), or a per-key limit is "
+                  "reached; `Retry-After` says when to retry.", retry_after=True),
+    "500": _error("A bug: the message carries a request id, also sent as `X-Request-Id`; the "
+                  "traceback is in the server's log.", request_id=True),
+    "502": _error("A remote model's replica failed (`code: upstream_error`). A replica's own "
+                  "4xx is relayed with its status."),
+    "503": _error("The model is loading or failed to load (`code: model_unavailable`), its "
+                  "queue is full with `overload_status = 503`, no replica is healthy, the "
+                  "server is shutting down, or the connection cap is reached.",
+                  retry_after=True),
+    "504": _error("Not served within `request_timeout_s` (`code: timeout`), or a replica "
+                  "stayed silent past its `read_s` (`code: upstream_timeout`)."),
+}
+
+
+def _errors(*statuses: int) -> dict[str, dict[str, Any]]:
+    return {str(status): _ERRORS[str(status)] for status in statuses}
+
+
+# Every inference route: parse the body, lease the model, compute (locally or upstream).
+_INFERENCE_ERRORS = (400, 401, 404, 408, 413, 415, 429, 500, 502, 503, 504)
+
+
+# -- schemas -------------------------------------------------------------------------------------
+
+def _schemas(config: Config) -> dict[str, Schema]:
+    max_inputs = config.server.max_inputs_per_request
+    text = {"type": "string", "minLength": 1}
+    usage = {
+        "type": "object",
+        "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+        "properties": {name: {"type": "integer", "minimum": 0}
+                       for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    }
+    finish_reason = _nullable({"type": "string", "enum": ["stop", "length"]})
+    sampling: dict[str, Schema] = {
+        "max_tokens": _nullable({"type": "integer", "minimum": 1}),
+        "max_completion_tokens": _nullable({"type": "integer", "minimum": 1,
+                                            "description": "Takes precedence over max_tokens."}),
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2,
+                                  "description": "0 is greedy decoding."}),
+        "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "stop": _nullable({"anyOf": [
+            {"type": "string"},
+            {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": text},
+        ]}),
+        "seed": _nullable({"type": "integer", "minimum": SEED_RANGE[0],
+                           "maximum": SEED_RANGE[1]}),
+        "n": _nullable({"type": "integer", "const": 1, "description": "Only 1 is supported."}),
+        "stream": _nullable({"type": "boolean"}),
+        "stream_options": _nullable({
+            "type": "object",
+            "properties": {"include_usage": _nullable({"type": "boolean"})},
+        }),
+        "user": _nullable({"type": "string"}),
+    }
+    text_part = {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    }
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": _nullable({"type": "string"}),
+                "code": _nullable({"type": "string"}),
+            },
+        },
+        "ErrorResponse": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": _ref("Error")},
+            "description": "OpenAI's error shape.",
+        },
+        "EmbeddingRequest": {
+            "type": "object",
+            "required": ["model", "input"],
+            "properties": {
+                "model": {"type": "string"},
+                "input": {"anyOf": [
+                    text,
+                    {"type": "array", "minItems": 1, "maxItems": max_inputs, "items": text},
+                ], "description": "A string or a list of strings (token arrays: 400)."},
+                "encoding_format": _nullable({"type": "string", "enum": ["float", "base64"]}),
+                "dimensions": _nullable({"type": "integer", "minimum": 1, "description":
+                                         "Only the model's own dimensions are accepted."}),
+                "user": _nullable({"type": "string"}),
+            },
+        },
+        "Embedding": {
+            "type": "object",
+            "required": ["object", "index", "embedding"],
+            "properties": {
+                "object": {"const": "embedding"},
+                "index": {"type": "integer", "minimum": 0},
+                "embedding": {"anyOf": [
+                    {"type": "array", "items": {"type": "number"}},
+                    {"type": "string", "contentEncoding": "base64",
+                     "description": "Little-endian float32 (encoding_format: base64)."},
+                ]},
+            },
+        },
+        "EmbeddingResponse": {
+            "type": "object",
+            "required": ["object", "data", "model", "usage"],
+            "properties": {
+                "object": {"const": "list"},
+                "data": {"type": "array", "items": _ref("Embedding")},
+                "model": {"type": "string"},
+                "usage": {
+                    "type": "object",
+                    "required": ["prompt_tokens", "total_tokens"],
+                    "properties": {"prompt_tokens": {"type": "integer", "minimum": 0},
+                                   "total_tokens": {"type": "integer", "minimum": 0}},
+                },
+            },
+        },
+        "CompletionRequest": {
+            "type": "object",
+            "required": ["model", "prompt"],
+            "properties": {
+                "model": text,
+                "prompt": {"anyOf": [
+                    text,
+                    {"type": "array", "minItems": 1, "maxItems": 1, "items": text},
+                ], "description": "One non-empty prompt per request."},
+                **sampling,
+            },
+        },
+        "ChatMessage": {
+            "type": "object",
+            "required": ["role"],
+            "properties": {
+                "role": {"type": "string"},
+                "content": {"anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": text_part},
+                ], "description": "Text, or a list of text parts."},
+            },
+        },
+        "ChatCompletionRequest": {
+            "type": "object",
+            "required": ["model", "messages"],
+            "properties": {
+                "model": text,
+                "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+                **sampling,
+            },
+        },
+        "Usage": usage,
+        "Completion": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "text_completion"},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["index", "text", "finish_reason"],
+                    "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
+                                   "logprobs": {"type": "null"},
+                                   "finish_reason": finish_reason},
+                }},
+                "usage": _ref("Usage"),
+            },
+        },
+        "ChatCompletion": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "chat.completion"},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["index", "message", "finish_reason"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "message": {
+                            "type": "object",
+                            "required": ["role", "content"],
+                            "properties": {"role": {"const": "assistant"},
+                                           "content": _nullable({"type": "string"})},
+                        },
+                        "logprobs": {"type": "null"},
+                        "finish_reason": finish_reason,
+                    },
+                }},
+                "usage": _ref("Usage"),
+            },
+        },
+        "CompletionChunk": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "text_completion"},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["index", "text", "finish_reason"],
+                    "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
+                                   "logprobs": {"type": "null"},
+                                   "finish_reason": finish_reason},
+                }},
+                "usage": _ref("Usage"),
+            },
+        },
+        "ChatCompletionChunk": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "chat.completion.chunk"},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["index", "delta", "finish_reason"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "delta": {"type": "object", "properties": {
+                            "role": {"const": "assistant"}, "content": {"type": "string"}}},
+                        "logprobs": {"type": "null"},
+                        "finish_reason": finish_reason,
+                    },
+                }},
+                "usage": _ref("Usage"),
+            },
+        },
+        "Model": {
+            "type": "object",
+            "required": ["id", "object", "created", "owned_by", "runtime", "status"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "model"},
+                "created": {"type": "integer"},
+                "owned_by": {"type": "string"},
+                "runtime": {"type": "string", "enum": [kind.value for kind in RuntimeKind]},
+                "status": {"type": "string",
+                           "enum": ["unloaded", "loading", "loaded", "failed"]},
+                "memory_bytes": _nullable({"type": "integer"}),
+                "last_used": _nullable({"type": "number"}),
+                "depends_on": {"type": "array", "items": {"type": "string"}},
+                "error": {"type": "string"},
+                "skipped": {"type": "string"},
+                "kind": {"type": "string", "enum": ["embedding", "generation", "remote"]},
+                "load_seconds": {"type": "number"},
+                "dimensions": {"type": "integer"},
+                "max_input_tokens": _nullable({"type": "integer"}),
+                "context_length": {"type": "integer"},
+                "backend": {"type": "string"},
+                "precision": {"type": "string"},
+                "probe_min_cosine": {"type": "number"},
+                "upstream": {"type": "object", "description": "Replicas and their health."},
+            },
+        },
+        "ModelList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"},
+                           "data": {"type": "array", "items": _ref("Model")}},
+        },
+        "Live": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"const": "ok"}},
+        },
+        "Readiness": {
+            "type": "object",
+            "required": ["status", "models"],
+            "properties": {
+                "status": {"type": "string", "description": "`ready`, else why not."},
+                "models": {"type": "object",
+                           "additionalProperties": {"type": "string"},
+                           "description": "Each model's status."},
+            },
+        },
+    }
+
+
+# -- operations ----------------------------------------------------------------------------------
+
+def _body(name: str, example: dict[str, Any] | None) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": _ref(name)}
+    if example is not None:
+        media["example"] = example
+    return {"required": True, "content": {JSON: media}}
+
+
+def _event(chunk: str) -> Schema:
+    """One server-sent event of a stream (OpenAPI 3.1: a ``text/event-stream`` schema describes
+    each event): a chunk, an error after the stream began, or the final ``[DONE]``."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"anyOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": JSON,
+             "contentSchema": {"anyOf": [_ref(chunk), _ref("ErrorResponse")]}},
+        ]}},
+        "description": "`data: {chunk}` events (with `stream_options.include_usage`, a last "
+                       "chunk with `usage` and no choices), then `data: [DONE]`. An error "
+                       "after the stream began is a `data: {\"error\": {...}}` event.",
+    }
+
+
+def _ok(description: str, schema: Schema, media: str = JSON) -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": schema}}}
+
+
+_MODEL_ID = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "A configured model's id."}
+
+
+def _examples(config: Config) -> tuple[str | None, str | None]:
+    """An embedding and a generation model's id, for the request examples."""
+    embedding = {RuntimeKind.EMBEDDING, RuntimeKind.ECHO, RuntimeKind.PYTHON, RuntimeKind.REMOTE}
+    generation = {RuntimeKind.CAUSAL_LM, RuntimeKind.REMOTE}
+    embed = next((m.id for m in config.models if m.runtime in embedding), None)
+    generate = next((m.id for m in config.models if m.runtime in generation), None)
+    return embed, generate
+
+
+def _paths(config: Config) -> dict[str, Any]:
+    embed_model, generate_model = _examples(config)
+    embed_example = (None if embed_model is None
+                     else {"model": embed_model, "input": ["a cat sits on the mat", "hello"]})
+    completion_example = (None if generate_model is None else
+                          {"model": generate_model, "prompt": "Once upon", "max_tokens": 8})
+    chat_example = (None if generate_model is None else
+                    {"model": generate_model, "max_tokens": 8,
+                     "messages": [{"role": "user", "content": "Hi"}]})
+    def generation_op(operation_id: str, summary: str, request: str, response: str,
+                      chunk: str, *, example: dict[str, Any] | None) -> dict[str, Any]:
+        return {"post": {
+            "summary": summary,
+            "operationId": operation_id,
+            "tags": ["inference"],
+            "requestBody": _body(request, example),
+            "responses": {
+                "200": {"description": "The whole answer (`stream` false), or its SSE stream.",
+                        "content": {JSON: {"schema": _ref(response)},
+                                    "text/event-stream": {"schema": _event(chunk)}}},
+                **_errors(*_INFERENCE_ERRORS),
+            },
+        }}
+
+    model_errors = _errors(404, 500)
+    return {
+        "/v1/embeddings": {"post": {
+            "summary": "Embed one text or a list of texts",
+            "operationId": "createEmbedding",
+            "tags": ["inference"],
+            "requestBody": _body("EmbeddingRequest", embed_example),
+            "responses": {"200": _ok("The vectors, in input order.", _ref("EmbeddingResponse")),
+                          **_errors(*_INFERENCE_ERRORS)},
+        }},
+        "/v1/completions": generation_op(
+            "createCompletion", "Complete a prompt", "CompletionRequest", "Completion",
+            "CompletionChunk", example=completion_example),
+        "/v1/chat/completions": generation_op(
+            "createChatCompletion", "Answer a chat", "ChatCompletionRequest", "ChatCompletion",
+            "ChatCompletionChunk", example=chat_example),
+        "/v1/models": {"get": {
+            "summary": "List the configured models, with their cache status",
+            "operationId": "listModels",
+            "tags": ["models"],
+            "responses": {"200": _ok("Every model the caller may use.", _ref("ModelList")),
+                          **_errors(401, 500)},
+        }},
+        "/v1/models/{model_id}": {"get": {
+            "summary": "One model's object",
+            "operationId": "retrieveModel",
+            "tags": ["models"],
+            "parameters": [_MODEL_ID],
+            "responses": {"200": _ok("The model object.", _ref("Model")),
+                          **_errors(401), **model_errors},
+        }},
+        "/health/live": {"get": {
+            "summary": "Liveness: 200 once the process serves",
+            "operationId": "healthLive",
+            "tags": ["health"],
+            "responses": {"200": _ok("Serving.", _ref("Live"))},
+        }},
+        "/health/ready": {"get": {
+            "summary": "Readiness: 200 once every eager model has loaded and none failed",
+            "operationId": "healthReady",
+            "tags": ["health"],
+            "responses": {"200": _ok("Ready.", _ref("Readiness")),
+                          "503": _ok("Not ready (or shutting down).", _ref("Readiness"))},
+        }},
+        "/health": {"get": {
+            "summary": "Readiness, at the path vLLM and llama.cpp use",
+            "operationId": "health",
+            "tags": ["health"],
+            "responses": {"200": _ok("Ready.", _ref("Readiness")),
+                          "503": _ok("Not ready (or shutting down).", _ref("Readiness"))},
+        }},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics",
+            "operationId": "metrics",
+            "tags": ["health"],
+            "responses": {"200": _ok("The text exposition format.", {"type": "string"},
+                                     media="text/plain")},
+        }},
+        "/openapi.json": {"get": {
+            "summary": "This document",
+            "operationId": "openapi",
+            "tags": ["health"],
+            "responses": {"200": _ok("OpenAPI 3.1.", {"type": "object"})},
+        }},
+        "/admin/models/{model_id}/load": {"post": {
+            "summary": "Load a model now (waits for the load)",
+            "operationId": "adminLoad",
+            "tags": ["admin"],
+            "parameters": [_MODEL_ID],
+            "security": [{"adminToken": []}, {}],
+            "responses": {"200": _ok("The loaded model's object.", _ref("Model")),
+                          **_errors(401, 403, 404, 500, 503, 504)},
+        }},
+        "/admin/models/{model_id}/unload": {"post": {
+            "summary": "Unload a model once its in-flight requests finish",
+            "operationId": "adminUnload",
+            "tags": ["admin"],
+            "parameters": [_MODEL_ID],
+            "security": [{"adminToken": []}, {}],
+            "responses": {"200": _ok("The model's object, now unloaded.", _ref("Model")),
+                          **_errors(401, 403, 404, 500, 503, 504)},
+        }},
+    }
+
+
+def build_openapi(config: Config) -> dict[str, Any]:
+    """The document for a server with this config."""
+    return {
+        "openapi": "3.1.0",
+        "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
+        "info": {
+            "title": "tidegate",
+            "version": __version__,
+            "description": (
+                "An OpenAI-compatible model server and gateway. Errors use OpenAI's shape, "
+                "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`; an unknown route "
+                "is 404 (`code: not_found`) and a wrong method 405 (`code: "
+                "method_not_allowed`, with `Allow`), in the same shape."
+            ),
+        },
+        "paths": _paths(config),
+        "components": {
+            "schemas": _schemas(config),
+            "headers": {
+                "Retry-After": {"description": "Seconds to wait before retrying.",
+                                "schema": {"type": "string"}},
+                "X-Request-Id": {"description": "The id the log's traceback is filed under.",
+                                 "schema": {"type": "string"}},
+            },
+            "securitySchemes": {
+                "adminToken": {"type": "http", "scheme": "bearer",
+                               "description": "`[auth] admin_token`; without one, admin "
+                                              "routes serve loopback clients only."},
+            },
+        },
+        "tags": [{"name": name} for name in ("inference", "models", "health", "admin")],
+    }
+
+
+def encode_openapi(config: Config) -> bytes:
+    return orjson.dumps(build_openapi(config))

@@ -1,0 +1,176 @@
+"""The HTTP protocol uvicorn runs for each connection, bounded against slow and hostile clients.
+
+uvicorn's httptools protocol, with three limits the ASGI app cannot enforce because it only sees
+a request once its headers are in:
+
+* ``header_timeout_s``: a connection must deliver a request's line and headers within this,
+  counted from the request's first byte (or from connecting, for the first request). A client
+  trickling header bytes, or connecting and sending nothing, gets 408 and is closed.
+* ``body_timeout_s``: the whole body must arrive within this after the headers; else 408 and the
+  connection is closed (a handler waiting on that body sees the client leave).
+* ``max_connections``: a connection opened while that many are open is answered 503
+  (``code: too_many_connections``, ``Retry-After``) to its first request and closed. It is
+  refused once its headers are read, not at accept: closing a socket with the request still
+  unread would reset it and lose the answer.
+
+Errors use OpenAI's shape, like every other answer. A request that arrives whole in one read
+(nearly all of them) starts no timer: the deadline is armed only when a read leaves a head or
+a body incomplete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from tidegate.api.errors import error_body
+from tidegate.config import ServerConfig
+
+__all__ = ["ConnectionLimits", "http_protocol"]
+
+log = logging.getLogger("tidegate.server")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    header_timeout_s: float
+    body_timeout_s: float
+    max_connections: int
+
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> ConnectionLimits:
+        return cls(header_timeout_s=server.header_timeout_s,
+                   body_timeout_s=server.body_timeout_s,
+                   max_connections=server.max_connections)
+
+
+class _Reading(enum.Enum):
+    IDLE = "idle"
+    """Between requests: uvicorn's keep-alive timeout bounds the wait."""
+    HEAD = "head"
+    BODY = "body"
+
+
+def _timeout_response(message: str) -> bytes:
+    """A whole 408 response that closes its connection, in OpenAI's error shape."""
+    body = error_body(message, type_="invalid_request_error", code="request_timeout")
+    return b"".join([
+        STATUS_LINE[408],
+        b"content-type: application/json\r\n",
+        b"content-length: ", str(len(body)).encode("ascii"), b"\r\n",
+        b"connection: close\r\n\r\n",
+        body,
+    ])
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """One connection. ``limits`` is set on the subclass :func:`http_protocol` makes."""
+
+    limits: ConnectionLimits
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reading = _Reading.HEAD
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # -- the connection cap --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        over_cap = len(self.connections) >= self.limits.max_connections
+        super().connection_made(transport)
+        if over_cap:
+            log.debug("refusing a connection from %s: %d open", self.client, len(self.connections))
+            self.app = self._refuse
+        # The first request's head is due within header_timeout_s of connecting.
+        self._arm(self.limits.header_timeout_s)
+
+    async def _refuse(self, scope: Scope, receive: ASGIReceiveCallable,
+                      send: ASGISendCallable) -> None:
+        limit = self.limits.max_connections
+        body = error_body(
+            f"The server has {limit} connections open, its limit ([server] max_connections); "
+            "retry later.", type_="service_unavailable", code="too_many_connections")
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"retry-after", b"1"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    # -- header and body deadlines -------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Only a read that leaves a request incomplete starts its deadline.
+        if self._deadline is None and not self.transport.is_closing():
+            if self._reading is _Reading.HEAD:
+                self._arm(self.limits.header_timeout_s)
+            elif self._reading is _Reading.BODY:
+                self._arm(self.limits.body_timeout_s)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading = _Reading.HEAD
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        self._reading = _Reading.BODY
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._reading = _Reading.IDLE
+        super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self, timeout_s: float) -> None:
+        self._deadline = self.loop.call_later(timeout_s, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle  # the request being read, or (reading a head) the one before
+        if self.flow.read_paused:
+            # Not the client's fault: uvicorn stopped reading (a pipelined request waiting for
+            # the one before it, or a body the handler has not consumed yet).
+            self._arm(self.limits.body_timeout_s)
+            return
+        if self._reading is _Reading.HEAD:
+            message = (f"The request's headers were not received within "
+                       f"{self.limits.header_timeout_s:g}s ([server] header_timeout_s).")
+            # The client learns why unless the answer to the request before is still going.
+            answer = cycle is None or cycle.response_complete
+        elif self._reading is _Reading.BODY:
+            message = (f"The request's body was not received within "
+                       f"{self.limits.body_timeout_s:g}s ([server] body_timeout_s).")
+            # An answer already under way (a handler that did not wait for the body) is cut.
+            answer = not cycle.response_started
+        else:
+            return
+        log.debug("closing a connection from %s: %s", self.client, message)
+        if answer:
+            self.transport.write(_timeout_response(message))
+        self.transport.close()
+
+
+def http_protocol(server: ServerConfig) -> type[asyncio.Protocol]:
+    """The protocol class for uvicorn's ``http`` setting, with ``server``'s limits."""
+
+    class Protocol(LimitedHttpProtocol):
+        limits = ConnectionLimits.from_config(server)
+
+    return Protocol

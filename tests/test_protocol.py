@@ -1,0 +1,154 @@
+"""tidegate's uvicorn protocol, driven read by read over an in-memory transport: when the
+header/body deadlines are armed (never for a request that arrives whole in one read, the hot
+path), what expiring one answers, and the connection cap. The raw-socket behaviour against the
+real server is tests/e2e/test_slow_clients.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import uvicorn
+from uvicorn.server import ServerState
+
+from tidegate.config import ServerConfig
+from tidegate.protocol import LimitedHttpProtocol, http_protocol
+
+WHOLE = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
+POST_HEAD = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\n"
+
+
+class MemoryTransport(asyncio.Transport):
+    """What the protocol writes, and whether it closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = asyncio.Event()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 4242) if name in ("peername", "sockname") else default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def close(self) -> None:
+        self.closed.set()
+
+    def is_closing(self) -> bool:
+        return self.closed.is_set()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def ok_app(scope: Any, receive: Callable[[], Awaitable[Any]],
+                 send: Callable[[Any], Awaitable[None]]) -> None:
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def connect(state: ServerState | None = None, **limits: Any
+            ) -> tuple[LimitedHttpProtocol, MemoryTransport]:
+    server = ServerConfig(**limits)
+    config = uvicorn.Config(ok_app, http=http_protocol(server), lifespan="off", log_config=None)
+    config.load()
+    protocol = config.http_protocol_class(  # type: ignore[call-arg]
+        config=config, server_state=state or ServerState(), app_state={})
+    assert isinstance(protocol, LimitedHttpProtocol)
+    transport = MemoryTransport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def answered(transport: MemoryTransport, marker: bytes) -> None:
+    async with asyncio.timeout(10):
+        while marker not in transport.written:
+            await asyncio.sleep(0)
+
+
+def error_of(written: bytes) -> dict[str, Any]:
+    error: dict[str, Any] = orjson.loads(written.partition(b"\r\n\r\n")[2])["error"]
+    return error
+
+
+def test_a_request_in_one_read_arms_no_deadline() -> None:
+    async def main() -> None:
+        protocol, transport = connect()
+        assert protocol._deadline is not None  # the first head is due from connecting
+        protocol.data_received(WHOLE)
+        assert protocol._deadline is None
+        await answered(transport, b"ok")
+        protocol.data_received(POST_HEAD + b"abcd")
+        assert protocol._deadline is None
+        await answered(transport, b"okHTTP/1.1 200 OK")  # the second answer
+        protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_an_incomplete_head_or_body_arms_its_deadline() -> None:
+    async def main() -> None:
+        protocol, transport = connect()
+        protocol.data_received(WHOLE)
+        await answered(transport, b"ok")
+        protocol.data_received(POST_HEAD[:10])
+        head_deadline = protocol._deadline
+        assert head_deadline is not None
+        protocol.data_received(POST_HEAD[10:20])
+        assert protocol._deadline is head_deadline  # counted from the head's first byte
+        protocol.data_received(POST_HEAD[20:] + b"ab")
+        assert head_deadline.cancelled()
+        assert protocol._deadline is not None  # now the body's
+        protocol.data_received(b"cd")
+        assert protocol._deadline is None
+        protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_an_expired_head_or_body_gets_408_and_the_connection_closes() -> None:
+    async def main() -> None:
+        for partial, knob in [(POST_HEAD[:10], "header_timeout_s"),
+                              (POST_HEAD + b"a", "body_timeout_s")]:
+            protocol, transport = connect(header_timeout_s=0.01, body_timeout_s=0.01)
+            protocol.data_received(partial)
+            async with asyncio.timeout(10):
+                await transport.closed.wait()
+            assert transport.written.startswith(b"HTTP/1.1 408 ")
+            assert b"connection: close" in transport.written
+            error = error_of(transport.written)
+            assert error["code"] == "request_timeout" and knob in error["message"]
+            protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_a_connection_over_the_cap_is_answered_503_and_closed() -> None:
+    async def main() -> None:
+        state = ServerState()
+        held = [connect(state, max_connections=2) for _ in range(2)]
+        protocol, transport = connect(state, max_connections=2)
+        protocol.data_received(WHOLE)
+        async with asyncio.timeout(10):
+            await transport.closed.wait()
+        assert transport.written.startswith(b"HTTP/1.1 503 ")
+        assert b"retry-after: 1" in transport.written
+        assert error_of(transport.written)["code"] == "too_many_connections"
+        protocol.connection_lost(None)
+        # The connections within the cap are served.
+        first, first_transport = held[0]
+        first.data_received(WHOLE)
+        await answered(first_transport, b"ok")
+        for each, _ in held:
+            each.connection_lost(None)
+
+    asyncio.run(main())
