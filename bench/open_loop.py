@@ -91,8 +91,8 @@ class LoadRecord:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection with at most one request in flight."""
 
-    __slots__ = ("_buffer", "_chunked", "_head_end", "_need", "_pool", "_retry", "_status",
-                 "index", "transport")
+    __slots__ = ("_buffer", "_chunked", "_closing", "_head_end", "_need", "_pool", "_retry",
+                 "_status", "index", "transport")
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
@@ -104,6 +104,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._retry = False
         self._chunked = False
+        self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transport is not an asyncio.Transport subclass, only duck-typed as one.
@@ -132,7 +133,7 @@ class _Connection(asyncio.Protocol):
                 consumed = self._need
             del buffer[:consumed]
             index, self.index, self._head_end = self.index, -1, -1
-            self._pool.finished(self, index, self._status, self._retry)
+            self._pool.finished(self, index, self._status, self._retry, reuse=not self._closing)
 
     def _parse_head(self) -> bool:
         buffer = self._buffer
@@ -143,6 +144,7 @@ class _Connection(asyncio.Protocol):
         self._head_end = end
         self._status = int(head[9:12])
         self._retry = b"\r\nretry-after:" in head
+        self._closing = b"\r\nconnection: close" in head
         at = head.find(b"\r\ncontent-length:")
         self._chunked = at < 0 and b"\r\ntransfer-encoding: chunked" in head
         if at >= 0:
@@ -166,6 +168,7 @@ class Pool:
         self._requests = requests
         self._max = max_connections
         self._idle: list[_Connection] = []
+        self._connections: set[_Connection] = set()
         self._open = 0
         self._backlog: collections.deque[int] = collections.deque()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -184,16 +187,21 @@ class Pool:
         index = self.record.add(due)
         self.outstanding += 1
         if self._idle:
+            # The most recently used connection: the least likely to be closed by the server's
+            # keep-alive timeout while the request is on its way.
             self._idle.pop().send(index, self._payload(index))
         elif self._open < self._max:
-            self._open += 1
-            self.max_open = max(self.max_open, self._open)
-            task = asyncio.get_running_loop().create_task(self._connect(index))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._open_for(index)
         else:
             self._backlog.append(index)
             self.max_backlog = max(self.max_backlog, len(self._backlog))
+
+    def _open_for(self, index: int) -> None:
+        self._open += 1
+        self.max_open = max(self.max_open, self._open)
+        task = asyncio.get_running_loop().create_task(self._connect(index))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _connect(self, index: int) -> None:
         loop = asyncio.get_running_loop()
@@ -206,10 +214,15 @@ class Pool:
             self.connect_errors += 1
             self._complete(index, STATUS_CLIENT_ERROR, retry_after=False)
             return
+        self._connections.add(connection)
         connection.send(index, self._payload(index))
 
-    def finished(self, connection: _Connection, index: int, status: int, retry: bool) -> None:
-        if self._backlog:
+    def finished(self, connection: _Connection, index: int, status: int, retry: bool, *,
+                 reuse: bool) -> None:
+        if not reuse:  # "Connection: close": lost() hands its place to a waiting request
+            if connection.transport is not None:
+                connection.transport.close()
+        elif self._backlog:
             backlogged = self._backlog.popleft()
             connection.send(backlogged, self._payload(backlogged))
         else:
@@ -218,11 +231,14 @@ class Pool:
 
     def lost(self, connection: _Connection) -> None:
         self._open -= 1
+        self._connections.discard(connection)
         if connection in self._idle:
             self._idle.remove(connection)
         if connection.index >= 0:
             index, connection.index = connection.index, -1
             self._complete(index, STATUS_CLIENT_ERROR, retry_after=False)
+        if self._backlog and self._open < self._max:  # its place goes to a waiting request
+            self._open_for(self._backlog.popleft())
 
     def _complete(self, index: int, status: int, *, retry_after: bool) -> None:
         record = self.record
@@ -253,9 +269,11 @@ class Pool:
         for task in self._tasks:
             task.cancel()
         self._backlog.clear()
-        for connection in list(self._idle):
+        for connection in list(self._connections):
+            connection.index = -1  # unanswered: not a connection error
             if connection.transport is not None:
                 connection.transport.close()
+        self._connections.clear()
         self._idle.clear()
 
 
