@@ -72,6 +72,8 @@ class ServerProcess:
     config_text: str | None = None
     ready_s: float = 0.0
     """Seconds from starting the process to its first ready answer."""
+    pid: int | None = None
+    """The server process (for /proc/<pid>/status); None for a server started elsewhere."""
 
     @property
     def embeddings_url(self) -> str:
@@ -206,7 +208,7 @@ def managed_server(
         _wait_ready(process, base_url + ready_path, log_path, ready_timeout_s)
         yield ServerProcess(
             base_url=base_url, command=tuple(command), log_path=log_path,
-            config_text=config_text, ready_s=time.perf_counter() - started,
+            config_text=config_text, ready_s=time.perf_counter() - started, pid=process.pid,
         )
     finally:
         _stop(process)

@@ -17,11 +17,14 @@ Sections, in order (``--only`` picks some):
   (``bench.generation``);
 * ``gateway`` (not run by default, about 4 minutes): MiniLM and echo upstreams measured directly
   and through a tidegate gateway (``runtime = "remote"``) at 1, 10 and 64 connections, upstream
-  connection reuse, and coalescing on vs off (``bench.gateway``).
+  connection reuse, and coalescing on vs off (``bench.gateway``);
+* ``soak`` (not run by default, about 5 minutes): an open-loop load at 4x the measured capacity
+  for 60 s (``--soak-s``) against a bounded queue, for embeddings and generation, with its
+  status, latency-bound, RSS, log and recovery checks (``bench.soak``).
 
-Every section but ``gateway`` runs by default; ``--only generation gateway`` runs just the
-last two, ``--all`` every section. Then the target checks are printed as PASS/MISS with their
-ratios (SKIP for sections not run).
+Every section but ``gateway`` and ``soak`` runs by default; ``--only generation gateway`` runs
+just those two, ``--all`` every section. Then the target checks are printed as PASS/MISS with
+their ratios (SKIP for sections not run).
 """
 
 from __future__ import annotations
@@ -71,13 +74,14 @@ from bench.report import (
     format_load_table,
     render_markdown,
 )
+from bench.soak import SoakResults, SoakSettings, format_soak, run_soak, soak_checks, soak_markdown
 from bench.trace_replay import report as trace_report
 from bench.workload import embedding_bodies, make_sentences
 
 __all__ = ["main"]
 
 DEFAULT_SECTIONS = ("ceiling", "minilm", "nobatch", "echo", "engines", "trace", "generation")
-SECTIONS = (*DEFAULT_SECTIONS, "gateway")
+SECTIONS = (*DEFAULT_SECTIONS, "gateway", "soak")
 MODEL_ID = "all-minilm-l6-v2"
 ECHO_ID = "echo"
 MINILM_CONNECTIONS = (1, 10, 64)
@@ -90,6 +94,7 @@ class RunSettings:
     duration_s: int
     warmup_s: int
     ceiling_seconds: float
+    soak_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -98,11 +103,12 @@ class AllResults:
     generation: GenerationResults | None = None
     gateway: GatewayResults | None = None
     engines: EngineResults | None = None
+    soak: SoakResults | None = None
 
     def checks(self) -> list[Check]:
-        """The engine, generation and gateway targets (SKIP for a section that was not run)."""
+        """The engine, generation, gateway and soak targets (SKIP for a section not run)."""
         return [*engine_checks(self.engines), *generation_checks(self.generation),
-                *gateway_checks(self.gateway)]
+                *gateway_checks(self.gateway), *soak_checks(self.soak)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +219,13 @@ def run(settings: RunSettings) -> AllResults:
                 GatewaySettings(duration_s=settings.duration_s, warmup_s=settings.warmup_s),
                 workdir.path,
             )
+        if "soak" in settings.sections:
+            print("== overload soak (open loop)", flush=True)
+            results.soak = run_soak(
+                SoakSettings(soak_s=settings.soak_s, capacity_s=settings.duration_s,
+                             warmup_s=settings.warmup_s),
+                workdir.path,
+            )
     return results
 
 
@@ -224,6 +237,8 @@ def _extra_markdown(results: AllResults) -> list[str]:
         lines += generation_markdown(results.generation, generation_checks(results.generation))
     if results.gateway is not None:
         lines += gateway_markdown(results.gateway, gateway_checks(results.gateway))
+    if results.soak is not None:
+        lines += soak_markdown(results.soak, soak_checks(results.soak))
     return lines
 
 
@@ -250,6 +265,10 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run every section (default: {', '.join(DEFAULT_SECTIONS)})",
     )
     parser.add_argument(
+        "--soak-s", type=float,
+        help="seconds of open-loop overload in the soak section (default 60; 5 with --quick)",
+    )
+    parser.add_argument(
         "--write", action=argparse.BooleanOptionalAction, default=True,
         help="write BENCHMARKS.md at the repository root (default: yes)",
     )
@@ -266,6 +285,7 @@ def _settings(args: argparse.Namespace) -> RunSettings:
         duration_s=duration,
         warmup_s=1 if args.quick else 2,
         ceiling_seconds=0.5 if args.quick else 3.0,
+        soak_s=args.soak_s or (5.0 if args.quick else 60.0),
     )
 
 
@@ -303,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if results.gateway is not None:
         print("== gateway summary")
         print(format_gateway(results.gateway))
+    if results.soak is not None:
+        print("== overload soak summary")
+        print(format_soak(results.soak))
     checks = [*compute_checks(results.core), *results.checks()]
     print("== targets")
     print(format_checks(checks))
