@@ -164,6 +164,11 @@ def test_full_queue_is_refused_with_overloaded() -> None:
         with pytest.raises(PayloadTooLarge):
             await batcher.submit(items(*range(6)))
         assert batcher.statistics().rejected_requests == 1
+        # The same refusal before any input is prepared (what the embedding route asks first).
+        with pytest.raises(Overloaded):
+            batcher.check_room(1)
+        batcher.check_room(0)
+        assert batcher.statistics().rejected_requests == 2
         runtime.release()
         assert await queued == [0, 2, 4, 6, 8]
 

@@ -144,17 +144,12 @@ class Batcher(Generic[R]):
     def batch_size(self) -> int:
         return self._adaptive.size if self._adaptive else self._config.max_batch_size
 
-    async def submit(self, inputs: Sequence[Prepared]) -> list[R]:
-        """Queue ``inputs`` and wait for their results, in order.
-
-        Raises :class:`Overloaded` when the queue cannot take them. If the caller is cancelled
-        (client gone, timeout), inputs still queued are withdrawn before dispatch.
-        """
+    def check_room(self, size: int) -> None:
+        """Raise what :meth:`submit` would for ``size`` inputs if the queue cannot take them now
+        (:class:`Overloaded`, :class:`PayloadTooLarge`), so a caller can refuse a request before
+        preparing its inputs: under overload, refusing must cost less than serving."""
         if self._closed:
             raise ModelUnavailable(self.model, "shutting down")
-        size = len(inputs)
-        if size == 0:
-            return []
         limit = self._config.max_queue_items
         if size > limit:
             raise PayloadTooLarge(
@@ -167,6 +162,17 @@ class Batcher(Generic[R]):
                 model=self.model, queued=len(self._queue), limit=limit,
                 retry_after_s=self._retry_after(), status=self._config.overload_status,
             )
+
+    async def submit(self, inputs: Sequence[Prepared]) -> list[R]:
+        """Queue ``inputs`` and wait for their results, in order.
+
+        Raises :class:`Overloaded` when the queue cannot take them. If the caller is cancelled
+        (client gone, timeout), inputs still queued are withdrawn before dispatch.
+        """
+        size = len(inputs)
+        self.check_room(size)
+        if size == 0:
+            return []
         request = _Request(asyncio.get_running_loop().create_future(), size)
         now = self._clock()
         queue = self._queue

@@ -118,6 +118,7 @@ class Embedder(_Served, Generic[RT_co]):
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
         runtime = self.runtime
+        self.batcher.check_room(len(texts))  # a full queue refuses before tokenizing
         if len(texts) <= _INLINE_PREPARE_MAX:
             prepared = runtime.prepare(texts)
         else:
