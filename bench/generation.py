@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.http_load import HOST, ServerProcess
+from bench.http_load import HOST, ServerProcess, run_on_uvloop
 from bench.serving import (
     raise_fd_limit,
     read_metrics,
@@ -339,18 +339,6 @@ async def _measure_idle_memory(server: ServerProcess, streams: int) -> IdleMemor
     )
 
 
-def _run(coroutine: Awaitable[_T]) -> _T:
-    async def main() -> _T:
-        return await coroutine
-
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main())
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())
-
-
 def run_generation(settings: GenerationSettings, workdir: Path) -> GenerationResults:
     """Build the model, then run both measurements, each against its own fresh server."""
     model = build_tiny_gpt2(workdir / "bench-gpt2")
@@ -359,7 +347,7 @@ def run_generation(settings: GenerationSettings, workdir: Path) -> GenerationRes
     config = render_config(model.path, max_num_seqs=32)
     with tidegate_from_toml(config, workdir=workdir, name="generation") as server:
         for concurrency in settings.concurrency:
-            load = _run(_measure_streams(server, concurrency, settings))
+            load = run_on_uvloop(_measure_streams(server, concurrency, settings))
             loads.append(load)
             print(f"  {concurrency} streams: {load.tokens_per_s:.0f} tokens/s, TTFT p50 "
                   f"{load.ttft_p50_ms or 0:.1f} ms p99 {load.ttft_p99_ms or 0:.1f} ms, "
@@ -374,7 +362,7 @@ def run_generation(settings: GenerationSettings, workdir: Path) -> GenerationRes
     memory_error: str | None = None
     with tidegate_from_toml(memory_config, workdir=workdir, name="generation-idle") as idle:
         try:
-            memory = _run(_measure_idle_memory(idle, settings.idle_streams))
+            memory = run_on_uvloop(_measure_idle_memory(idle, settings.idle_streams))
             print(f"  {memory.streams} idle streams: {memory.kib_per_stream:.1f} KiB each "
                   f"(RSS {memory.rss_before_kib} -> {memory.rss_after_kib} KiB; waiting "
                   f"{memory.waiting}, running {memory.running}; drained {memory.drained})",

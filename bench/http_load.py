@@ -9,6 +9,7 @@ Everything binds and connects to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,10 +21,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 __all__ = [
     "LUA_SCRIPT",
@@ -37,6 +38,7 @@ __all__ = [
     "managed_server",
     "read_batch_totals",
     "render_tidegate_toml",
+    "run_on_uvloop",
     "run_wrk",
     "tidegate_from_toml",
     "tidegate_server",
@@ -327,3 +329,20 @@ def read_batch_totals(base_url: str, model: str) -> BatchTotals | None:
     if len(values) != 2:
         return None
     return BatchTotals(items=values["sum"], batches=values["count"])
+
+
+_T = TypeVar("_T")
+
+
+def run_on_uvloop(coroutine: Awaitable[_T]) -> _T:
+    """Run a load generator's ``coroutine`` to completion on uvloop (asyncio without it)."""
+
+    async def main() -> _T:
+        return await coroutine
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())

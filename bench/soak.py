@@ -38,14 +38,20 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import orjson
 
-from bench.http_load import EMBEDDINGS_PATH, HOST, ServerProcess, run_wrk, write_bodies
+from bench.http_load import (
+    EMBEDDINGS_PATH,
+    HOST,
+    ServerProcess,
+    run_on_uvloop,
+    run_wrk,
+    write_bodies,
+)
 from bench.open_loop import (
     LoadRecord,
     Pool,
@@ -83,7 +89,6 @@ RSS_TOLERANCE = 0.05
 _BODIES = 1024
 _RSS_SAMPLES = 5
 _ERROR_LINE = re.compile(r"(^|\s)(ERROR|CRITICAL)[:\s]|Traceback")
-_T = TypeVar("_T")
 
 
 class SoakWorkload(enum.StrEnum):
@@ -181,18 +186,6 @@ class SoakResults:
 
 
 # -- measuring -------------------------------------------------------------------------------
-
-
-def _run_async(coroutine: Awaitable[_T]) -> _T:
-    async def main() -> _T:
-        return await coroutine
-
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main())
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())
 
 
 def _port(server: ServerProcess) -> int:
@@ -324,7 +317,7 @@ def _summarize(target: _Target, soaked: _Soaked, settings: SoakSettings) -> Soak
 
 
 def _soak(target: _Target, settings: SoakSettings) -> SoakRun:
-    run = _summarize(target, _run_async(_phases(target, settings)), settings)
+    run = _summarize(target, run_on_uvloop(_phases(target, settings)), settings)
     print(f"  soak: {run.issued} requests, statuses {run.statuses}, admitted p99 "
           f"{run.admitted_p99_ms or 0:.1f} ms (bound {run.bound_s * 1000:.1f} ms), RSS "
           f"{run.rss_warm_kib} -> {run.rss_after_kib} KiB, recovery/s {run.recovery_per_s}",
@@ -405,7 +398,7 @@ def _soak_generation(settings: SoakSettings, workdir: Path) -> SoakRun:
             return await closed_loop(_port(server), requests, clients=GENERATION_SEQS,
                                      duration_s=settings.capacity_s)
 
-        record, start = _run_async(capacity())
+        record, start = run_on_uvloop(capacity())
         rps = _throughput(record, start, settings.capacity_s)
         latencies = record.latencies_s(statuses=lambda s: 200 <= s < 300)
         service_s = statistics.fmean(latencies) if latencies else 0.0

@@ -94,6 +94,30 @@ _INFERENCE_ERRORS = (400, 401, 404, 408, 413, 415, 429, 500, 502, 503, 504)
 
 # -- schemas -------------------------------------------------------------------------------------
 
+def _choice(field: str, content: Schema, finish_reason: Schema) -> Schema:
+    """One entry of a completion's ``choices``: its ``text``, ``message`` or ``delta``."""
+    required = ["index", field, "finish_reason"]
+    return {"type": "object", "required": required, "properties": {
+        "index": {"type": "integer"}, field: content, "logprobs": {"type": "null"},
+        "finish_reason": finish_reason}}
+
+
+def _completion(object_name: str, choice: Schema) -> Schema:
+    """A completion, chat completion or one of their stream chunks."""
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": object_name},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": choice},
+            "usage": _ref("Usage"),
+        },
+    }
+
+
 def _schemas(config: Config) -> dict[str, Schema]:
     max_inputs = config.server.max_inputs_per_request
     text = {"type": "string", "minLength": 1}
@@ -104,6 +128,7 @@ def _schemas(config: Config) -> dict[str, Schema]:
                        for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
     }
     finish_reason = _nullable({"type": "string", "enum": ["stop", "length"]})
+    text_choice = _choice("text", {"type": "string"}, finish_reason)
     sampling: dict[str, Schema] = {
         "max_tokens": _nullable({"type": "integer", "minimum": 1}),
         "max_completion_tokens": _nullable({"type": "integer", "minimum": 1,
@@ -223,90 +248,18 @@ def _schemas(config: Config) -> dict[str, Schema]:
             },
         },
         "Usage": usage,
-        "Completion": {
+        "Completion": _completion("text_completion", text_choice),
+        "ChatCompletion": _completion("chat.completion", _choice("message", {
             "type": "object",
-            "required": ["id", "object", "created", "model", "choices"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"const": "text_completion"},
-                "created": {"type": "integer"},
-                "model": {"type": "string"},
-                "choices": {"type": "array", "items": {
-                    "type": "object",
-                    "required": ["index", "text", "finish_reason"],
-                    "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
-                                   "logprobs": {"type": "null"},
-                                   "finish_reason": finish_reason},
-                }},
-                "usage": _ref("Usage"),
-            },
-        },
-        "ChatCompletion": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"const": "chat.completion"},
-                "created": {"type": "integer"},
-                "model": {"type": "string"},
-                "choices": {"type": "array", "items": {
-                    "type": "object",
-                    "required": ["index", "message", "finish_reason"],
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "message": {
-                            "type": "object",
-                            "required": ["role", "content"],
-                            "properties": {"role": {"const": "assistant"},
-                                           "content": _nullable({"type": "string"})},
-                        },
-                        "logprobs": {"type": "null"},
-                        "finish_reason": finish_reason,
-                    },
-                }},
-                "usage": _ref("Usage"),
-            },
-        },
-        "CompletionChunk": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"const": "text_completion"},
-                "created": {"type": "integer"},
-                "model": {"type": "string"},
-                "choices": {"type": "array", "items": {
-                    "type": "object",
-                    "required": ["index", "text", "finish_reason"],
-                    "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
-                                   "logprobs": {"type": "null"},
-                                   "finish_reason": finish_reason},
-                }},
-                "usage": _ref("Usage"),
-            },
-        },
-        "ChatCompletionChunk": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"const": "chat.completion.chunk"},
-                "created": {"type": "integer"},
-                "model": {"type": "string"},
-                "choices": {"type": "array", "items": {
-                    "type": "object",
-                    "required": ["index", "delta", "finish_reason"],
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "delta": {"type": "object", "properties": {
-                            "role": {"const": "assistant"}, "content": {"type": "string"}}},
-                        "logprobs": {"type": "null"},
-                        "finish_reason": finish_reason,
-                    },
-                }},
-                "usage": _ref("Usage"),
-            },
-        },
+            "required": ["role", "content"],
+            "properties": {"role": {"const": "assistant"},
+                           "content": _nullable({"type": "string"})},
+        }, finish_reason)),
+        "CompletionChunk": _completion("text_completion", text_choice),
+        "ChatCompletionChunk": _completion("chat.completion.chunk", _choice("delta", {
+            "type": "object", "properties": {
+                "role": {"const": "assistant"}, "content": {"type": "string"}},
+        }, finish_reason)),
         "Model": {
             "type": "object",
             "required": ["id", "object", "created", "owned_by", "runtime", "status"],
