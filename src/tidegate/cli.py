@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Sequence
 from typing import get_args
@@ -66,9 +67,12 @@ def _create_key(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tidegate: {exc}", file=sys.stderr)
         return 2
-    lines = ["[[auth.keys]]", f"id = {json.dumps(entry.id)}", f'hash = "{entry.hash}"']
+    # TOML basic strings take any Unicode: no surrogate-pair escapes, which TOML refuses.
+    lines = ["[[auth.keys]]", f"id = {json.dumps(entry.id, ensure_ascii=False)}",
+             f'hash = "{entry.hash}"']
     if entry.models is not None:
-        lines.append(f"models = [{', '.join(json.dumps(m) for m in entry.models)}]")
+        lines.append("models = [" + ", ".join(json.dumps(m, ensure_ascii=False)
+                                                for m in entry.models) + "]")
     if entry.requests_per_minute is not None:
         lines.append(f"requests_per_minute = {entry.requests_per_minute}")
     if entry.tokens_per_minute is not None:
@@ -101,10 +105,26 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "keys":
         return _create_key(args)
+    # Until the server takes over the signals, SIGTERM stops start-up cleanly (exit 0), as
+    # SIGINT does, instead of killing the process mid-import.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            return _serve(args)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(args: argparse.Namespace) -> int:
     # Models are loaded from local directories only; never reach for a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -124,8 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tidegate.server import serve
 
     # The server drains on a signal and returns; one before it took over is a normal exit too.
-    with contextlib.suppress(KeyboardInterrupt):
-        serve(config)
+    serve(config)
     return 0
 
 

@@ -47,3 +47,17 @@ def test_valid_values() -> None:
                     n=1, max_tokens=4.0)
     assert request.stream and request.include_usage
     assert request.params.stop == () and request.params.max_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [({"max_tokens": 5, "max_completion_tokens": None}, 5),
+     ({"max_tokens": 5, "max_completion_tokens": 7}, 7),
+     ({"max_completion_tokens": None}, 16),
+     ({"max_tokens": None, "max_completion_tokens": 3}, 3)],
+)
+def test_max_completion_tokens_null_falls_back_to_max_tokens(
+    fields: dict[str, Any], expected: int
+) -> None:
+    body = orjson.dumps({"model": "m", "prompt": "x", **fields})
+    assert parse_generation_request(body, "completion").params.max_tokens == expected

@@ -129,3 +129,41 @@ def test_binding_beyond_loopback_without_keys_warns(
     with caplog.at_level(logging.WARNING, logger="tidegate.server"):
         cli._warn_if_open(config)
     assert ("without API keys" in caplog.text) == warns
+
+
+def test_keys_create_entry_loads_for_any_unicode_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["keys", "create", "--id", "équipe-😀"]) == 0
+    out = capsys.readouterr().out
+    config = load_config(write(tmp_path, out[out.index("\n[[auth.keys]]\n"):] + "\n" + MODELS))
+    assert config.auth.api_keys[0].id == "équipe-😀"
+
+
+def test_a_non_ascii_key_authenticates_from_its_raw_header_bytes() -> None:
+    from starlette.requests import Request
+
+    from tidegate.api.auth import authenticate
+
+    secret = "tg-é-secret"
+    ring = KeyRing((ApiKeyConfig(id="u", hash=hash_key(secret)),), clock=FakeClock())
+    scope = {"type": "http", "headers": [(b"authorization", f"Bearer {secret}".encode())]}
+    assert authenticate(Request(scope), ring).id == "u"
+
+
+def test_sigterm_during_start_up_is_a_clean_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+
+    real = cli.load_config
+
+    def load_then_terminated(*args: object, **kwargs: object) -> Config:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while start-up is still reading config
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cli, "load_config", load_then_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["serve", "--config", str(write(tmp_path, "[server]\n"))]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler was put back

@@ -4,6 +4,7 @@ and no key in any response, metric or log line."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,13 +22,14 @@ NARROW = "tg-narrow-0123456789abcdefghijklmn"  # echo-a only
 RPM = "tg-rpm-0123456789abcdefghijklmnopqr"    # 2 requests per minute
 TPM = "tg-tpm-0123456789abcdefghijklmnopqr"    # 20 tokens per minute
 GEN = "tg-gen-0123456789abcdefghijklmnopqr"    # generation usage, 10000 tokens per minute
-SECRETS = (FULL, NARROW, RPM, TPM, GEN)
+HANGUP = "tg-hangup-0123456789abcdefghijklmn"  # streams then hangs up
+SECRETS = (FULL, NARROW, RPM, TPM, GEN, HANGUP)
 GPT2 = "tiny-gpt2"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path,
-           gpt2_dir: Path) -> Iterator[ServerProcess]:
+           gpt2_dir: Path, endless_dir: Path) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("keys")
     (tmp / "keys.toml").write_text(
         f'[[keys]]\nid = "gen"\nhash = "{hash_key(GEN)}"\ntokens_per_minute = 10000\n',
@@ -67,10 +69,20 @@ runtime = "echo"
 id = "echo-b"
 runtime = "echo"
 
+[[auth.keys]]
+id = "hangup"
+hash = "{hash_key(HANGUP)}"
+tokens_per_minute = 100000
+
 [[models]]
 id = "{GPT2}"
 runtime = "causal-lm"
 source = "{gpt2_dir}"
+
+[[models]]
+id = "endless"
+runtime = "causal-lm"
+source = "{endless_dir}"
 """
     with run_server(tmp, config, cache_dir) as proc:
         yield proc
@@ -112,7 +124,7 @@ def test_a_valid_key_is_served_through_the_openai_client(server: ServerProcess) 
     with client(server, FULL) as c:
         result = c.embeddings.create(model="echo-b", input=["a b", "c"])
         assert len(result.data) == 2
-        assert {m.id for m in c.models.list()} == {"echo-a", "echo-b", GPT2}
+        assert {m.id for m in c.models.list()} == {"echo-a", "echo-b", GPT2, "endless"}
         raw = c.embeddings.with_raw_response.create(model="echo-a", input="x")
         assert not any(h.startswith("x-ratelimit") for h in raw.headers)  # no limits set
 
@@ -192,11 +204,33 @@ def test_generation_usage_counts_per_key_in_metrics(server: ServerProcess) -> No
     assert samples(server, "tidegate_api_key_requests_total")['key="gen"'] == 2
 
 
+def test_a_stream_cut_short_by_its_client_is_still_charged(server: ServerProcess) -> None:
+    body = {"model": "endless", "prompt": "the fox", "max_tokens": 100000, "stream": True}
+    headers = {"Authorization": f"Bearer {HANGUP}"}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers,
+                      timeout=30) as response:
+        assert response.status_code == 200
+        events = 0
+        for line in response.iter_lines():
+            events += line.startswith("data: ")
+            if events >= 5:
+                break  # hang up mid-stream: no usage chunk, no [DONE]
+    deadline = time.monotonic() + 20
+    while True:
+        tokens = samples(server, "tidegate_api_key_tokens_total")
+        if tokens.get('key="hangup",kind="completion"', 0) >= 4:
+            break
+        assert time.monotonic() < deadline, f"the hung-up stream was not charged: {tokens}"
+        time.sleep(0.05)  # polling the server's metrics, bounded by the deadline
+    assert tokens['key="hangup",kind="prompt"'] >= 1
+
+
 def test_metrics_are_labelled_by_id_and_no_key_appears_anywhere(server: ServerProcess) -> None:
     embed(server, FULL)
     embed(server, "tg-never-configured")
     requests = samples(server, "tidegate_api_key_requests_total")
-    assert set(requests) == {f'key="{k}"' for k in ("full", "narrow", "rpm", "tpm", "gen")}
+    ids = ("full", "narrow", "rpm", "tpm", "gen", "hangup")
+    assert set(requests) == {f'key="{k}"' for k in ids}
     assert requests['key="full"'] >= 1
     limited = samples(server, "tidegate_api_key_rate_limited_total")
     assert limited['key="rpm",limit="requests"'] >= 1

@@ -20,7 +20,8 @@ __all__ = ["admit", "authenticate", "check_model"]
 def _bearer(request: Request) -> str | None:
     for name, value in request.scope["headers"]:
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
+            # The key is hashed from the bytes the client sent (UTF-8; undecodable bytes kept).
+            scheme, _, token = value.decode("utf-8", "surrogateescape").partition(" ")
             return token.strip() if scheme.lower() == "bearer" else None
     return None
 

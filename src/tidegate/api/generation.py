@@ -117,7 +117,9 @@ def parse_generation_request(body: bytes, endpoint: Endpoint) -> GenerationReque
         if "prompt" not in data:
             raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")
         prompt = _prompt(data["prompt"])
-    max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
+    max_tokens = data.get("max_completion_tokens")
+    if max_tokens is None:  # absent or null: the older name, then the default
+        max_tokens = data.get("max_tokens")
     stop = data.get("stop")
     params = SamplingParams(
         max_tokens=_DEFAULT_MAX_TOKENS[endpoint] if max_tokens is None else max_tokens,
@@ -231,22 +233,31 @@ async def _local_events(
     """SSE chunks for one local sequence. Leaving early (the client went away) exits
     ``async with stream``, which cancels the sequence and frees its slot; ``stack`` holds the
     model's lease until then."""
-    async with stack, stream:
-        first = encoder.first()
-        if first:
-            yield first
-        try:
-            async for delta in stream:
-                yield encoder.delta(delta)
-        except TidegateError as exc:
-            yield _error_event(exc)
-            return
-        assert stream.result is not None
-        if key is not None:
-            key.record(stream.result.prompt_tokens, stream.result.completion_tokens)
-        for chunk in encoder.last(stream.result):
-            yield chunk
-        yield DONE
+    emitted = 0  # text deltas sent: what a key is charged if the stream ends early
+    charged = key is None
+    try:
+        async with stack, stream:
+            first = encoder.first()
+            if first:
+                yield first
+            try:
+                async for delta in stream:
+                    emitted += 1
+                    yield encoder.delta(delta)
+            except TidegateError as exc:
+                yield _error_event(exc)
+                return
+            assert stream.result is not None
+            if key is not None:
+                key.record(stream.result.prompt_tokens, stream.result.completion_tokens)
+                charged = True
+            for chunk in encoder.last(stream.result):
+                yield chunk
+            yield DONE
+    finally:
+        # A client that hangs up (or a stream cut or failed) still pays for what it got.
+        if not charged and key is not None:
+            key.record(stream.prompt_tokens, emitted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,17 +304,19 @@ async def _relay_events(stack: contextlib.AsyncExitStack[Any], upstream_stream: 
     reports (``stream_options.include_usage``) is counted against it."""
     usage: dict[str, Any] | None = None
     partial = b""  # an event's start, when a read ended inside it
-    async with stack, upstream_stream:
-        async for chunk in upstream_stream:
-            if key is not None:
-                complete, _, partial = (partial + chunk).rpartition(b"\n")
-                if b'"usage"' in complete:
-                    usage = _chunk_usage(complete) or usage
-                if len(partial) > 65536:  # no usage event is this long
-                    partial = b""
-            yield chunk
-    if key is not None and usage is not None:
-        _record_usage(key, usage)
+    try:
+        async with stack, upstream_stream:
+            async for chunk in upstream_stream:
+                if key is not None:
+                    complete, _, partial = (partial + chunk).rpartition(b"\n")
+                    if b'"usage"' in complete:
+                        usage = _chunk_usage(complete) or usage
+                    if len(partial) > 65536:  # no usage event is this long
+                        partial = b""
+                yield chunk
+    finally:  # also when the client hangs up after the usage event
+        if key is not None and usage is not None:
+            _record_usage(key, usage)
 
 
 def _chunk_usage(chunk: bytes) -> dict[str, Any] | None:
