@@ -61,3 +61,10 @@ def test_max_completion_tokens_null_falls_back_to_max_tokens(
 ) -> None:
     body = orjson.dumps({"model": "m", "prompt": "x", **fields})
     assert parse_generation_request(body, "completion").params.max_tokens == expected
+
+
+def test_an_empty_prompt_is_refused_as_the_document_says() -> None:
+    for prompt in ("", [""]):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_generation_request(orjson.dumps({"model": "m", "prompt": prompt}), "completion")
+        assert caught.value.param == "prompt"

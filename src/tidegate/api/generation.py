@@ -90,6 +90,8 @@ def _prompt(value: object) -> str:
     if not isinstance(value, str):
         raise InvalidRequest("'prompt' must be a string (one prompt per request).",
                              param="prompt")
+    if not value:  # as the OpenAPI document says: a model without a BOS token has no input
+        raise InvalidRequest("'prompt' must not be empty.", param="prompt")
     return value
 
 
