@@ -144,7 +144,7 @@ def test_non_streamed_generation_past_the_timeout_is_504_and_leaves_the_batch(
     error = response.json()["error"]
     assert (error["type"], error["code"]) == ("timeout", "timeout")
     assert f"timed out after {TIMEOUT_S:g}s" in error["message"]
-    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 5
+    assert TIMEOUT_S - 0.05 <= elapsed < TIMEOUT_S + 5  # the loop may fire a timer ~1 ms early
     wait_until(lambda: running(server) == 0, "the timed-out sequence is still running")
     assert aborted(server) == before + 1
     page = metrics_page(server)
@@ -177,7 +177,7 @@ def test_remote_non_streamed_request_is_bounded_by_the_request_timeout(
     elapsed = time.monotonic() - started
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "timeout"
-    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 5
+    assert TIMEOUT_S - 0.05 <= elapsed < TIMEOUT_S + 5  # the loop may fire a timer ~1 ms early
     wait_until(lambda: in_use(server, "patient") == 0, "the upstream exchange is still open")
 
 
