@@ -15,8 +15,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned in pyproject.toml (torch==2.13.0, a CPU build); an unpinned torch would pull CUDA.
+# The OpenVINO exporter (optimum-intel and the transformers it supports) gets its own directory
+# inside the venv: see README, "Generation on OpenVINO".
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) -e .
+	$(BIN)/tidegate install-exporter
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -282,7 +282,13 @@ def test_cli_reports_config_errors_and_exits_2(
         ("runtime = 'echo'\nbackend = 'openvino'\n",
          "models[0].backend: must be one of 'auto', got 'openvino'"),
         ("runtime = 'causal-lm'\nsource = '/m'\nbackend = 'onnxruntime'\n",
-         "models[0].backend: must be one of 'auto', 'torch', got 'onnxruntime'"),
+         "models[0].backend: must be one of 'auto', 'openvino', 'torch', got 'onnxruntime'"),
+        ("runtime = 'causal-lm'\nsource = '/m'\nprecision = 'fp16'\n",
+         "models[0].precision: must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
+        ("runtime = 'causal-lm'\nsource = '/m'\nbackend = 'torch'\nintra_op_threads = 2\n",
+         "models[0].intra_op_threads: applies only to embedding models and causal-lm models on "
+         "OpenVINO; the torch engine uses torch's process-wide thread pool (set OMP_NUM_THREADS "
+         "before starting tidegate)"),
     ],
 )
 def test_bad_backend_or_precision_names_the_key_and_the_choices(
@@ -302,6 +308,21 @@ def test_backend_and_precision_are_read(tmp_path: Path) -> None:
     default = load_config(None).models[0]
     assert (default.backend, default.precision, default.min_cosine) == (
         Backend.AUTO, Precision.AUTO, 0.9999)
+
+
+def test_generation_dtype_is_now_the_models_precision(tmp_path: Path) -> None:
+    path = write(tmp_path, "[[models]]\nid = 'g'\nruntime = 'causal-lm'\nsource = '/m'\n"
+                           "[models.generation]\ndtype = 'bfloat16'\n")
+    with pytest.raises(ConfigError, match=r"^models\[0\]\.generation\.dtype: was replaced by "
+                                          r"the model's 'precision'"):
+        load_config(path)
+    config = load_config(write(tmp_path, "[[models]]\nid = 'g'\nruntime = 'causal-lm'\n"
+                                         "source = '/m'\nbackend = 'openvino'\n"
+                                         "precision = 'fp32'\n[models.generation]\n"
+                                         "kv_cache_bytes = 1048576\n"))
+    model = config.models[0]
+    assert (model.backend, model.precision) == (Backend.OPENVINO, Precision.FP32)
+    assert model.generation.kv_cache_bytes == 1048576
 
 
 def test_bf16_on_a_cpu_without_it_is_a_start_up_error(tmp_path: Path) -> None:

@@ -53,7 +53,28 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--models", help="comma-separated model ids it may use (default: all)")
     create.add_argument("--rpm", type=int, help="requests_per_minute")
     create.add_argument("--tpm", type=int, help="tokens_per_minute")
+    exporter = commands.add_parser(
+        "install-exporter",
+        help="install optimum-intel (with the transformers it supports) into its own directory, "
+             "for exporting causal LMs to OpenVINO GenAI")
+    exporter.add_argument("--target", help="directory (default: <environment>/tidegate-exporter)")
     return parser
+
+
+def _install_exporter(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from subprocess import CalledProcessError
+
+    from tidegate.runtimes.genai_export import EXPORTER_REQUIREMENTS, install_exporter
+
+    try:
+        target = install_exporter(Path(args.target) if args.target else None)
+    except CalledProcessError as exc:
+        print(f"tidegate: pip failed ({exc.returncode}) installing "
+              f"{' '.join(EXPORTER_REQUIREMENTS)}", file=sys.stderr)
+        return 1
+    print(f"OpenVINO exporter ready in {target}")
+    return 0
 
 
 def _create_key(args: argparse.Namespace) -> int:
@@ -113,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "keys":
         return _create_key(args)
+    if args.command == "install-exporter":
+        return _install_exporter(args)
     # Until the server takes over the signals, SIGTERM stops start-up cleanly (exit 0), as
     # SIGINT does, instead of killing the process mid-import.
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -68,21 +68,23 @@ LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 BACKENDS: Mapping[RuntimeKind, tuple[Backend, ...]] = {
     RuntimeKind.EMBEDDING: (Backend.AUTO, Backend.OPENVINO, Backend.ONNXRUNTIME),
-    RuntimeKind.CAUSAL_LM: (Backend.AUTO, Backend.TORCH),
+    RuntimeKind.CAUSAL_LM: (Backend.AUTO, Backend.OPENVINO, Backend.TORCH),
 }
 """The ``backend`` values each runtime accepts; the others take only ``auto``."""
 PRECISIONS: Mapping[RuntimeKind, tuple[Precision, ...]] = {
     RuntimeKind.EMBEDDING: (Precision.AUTO, Precision.FP32, Precision.BF16),
+    RuntimeKind.CAUSAL_LM: (Precision.AUTO, Precision.FP32, Precision.BF16),
 }
-"""The ``precision`` values each runtime accepts (causal LMs: ``[models.generation] dtype``)."""
+"""The ``precision`` values each runtime accepts."""
 
 
 def check_precisions(config: Config, *, bf16_supported: bool) -> None:
-    """Refuse at start-up an explicit ``precision = "bf16"`` that this CPU cannot compute."""
+    """Refuse at start-up an explicit ``precision = "bf16"`` that this CPU cannot compute on
+    OpenVINO (torch computes bf16 on any CPU, slowly)."""
     if bf16_supported:
         return
     for index, model in enumerate(config.models):
-        if model.precision is Precision.BF16:
+        if model.precision is Precision.BF16 and model.backend is not Backend.TORCH:
             raise ConfigError(
                 "'bf16' needs a CPU with bf16 instructions (AVX512-BF16 or AMX) and this one "
                 "has none; use 'auto' or 'fp32'", key=f"models[{index}].precision",
@@ -189,9 +191,11 @@ class GenerationConfig:
     stream_timeout_s: float = 30.0
     """A stream whose reader stays behind this long is aborted and its slot freed."""
     overload_status: Literal[429, 503] = 429
-    dtype: Literal["float32", "bfloat16"] = "float32"
     max_context_tokens: int | None = None
     """Context length; ``None`` means the model config's own."""
+    kv_cache_bytes: int | None = None
+    """OpenVINO backend: the KV cache, allocated at load and counted in the model's memory.
+    ``None``: room for ``max_num_seqs`` sequences of the full context."""
 
     def __post_init__(self) -> None:
         check_integer("max_num_seqs", self.max_num_seqs)
@@ -200,9 +204,10 @@ class GenerationConfig:
         check_integer("stream_buffer", self.stream_buffer)
         check_number("stream_timeout_s", self.stream_timeout_s)
         check_choice("overload_status", self.overload_status, (429, 503))
-        check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         if self.max_context_tokens is not None:
             check_integer("max_context_tokens", self.max_context_tokens)
+        if self.kv_cache_bytes is not None:
+            check_integer("kv_cache_bytes", self.kv_cache_bytes)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -220,7 +225,8 @@ class ModelConfig:
     """Threads one forward pass may use; ``None`` means every core."""
     backend: Backend = Backend.AUTO
     """The engine (see :data:`BACKENDS` for each runtime's choices): embedding models run on
-    OpenVINO (``auto`` on x86) or ONNX Runtime; causal LMs on torch."""
+    OpenVINO (``auto`` on x86) or ONNX Runtime; causal LMs on OpenVINO GenAI (``auto``: if the
+    model exports and passes the load-time probe) or tidegate's torch engine."""
     precision: Precision = Precision.AUTO
     """``auto``: bf16 where the backend and CPU compute it natively, else fp32."""
     min_cosine: float = DEFAULT_MIN_COSINE
@@ -281,11 +287,12 @@ class ModelConfig:
             check_integer("max_input_tokens", self.max_input_tokens)
         if self.intra_op_threads is not None:
             check_integer("intra_op_threads", self.intra_op_threads)
-            if self.runtime != "embedding":
+            torch_lm = self.runtime == "causal-lm" and self.backend is Backend.TORCH
+            if self.runtime not in ("embedding", "causal-lm") or torch_lm:
                 raise ConfigError(
-                    "applies only to embedding models; causal-lm models use "
-                    "torch's process-wide thread pool (set OMP_NUM_THREADS before starting "
-                    "tidegate)", key="intra_op_threads",
+                    "applies only to embedding models and causal-lm models on OpenVINO; the "
+                    "torch engine uses torch's process-wide thread pool (set OMP_NUM_THREADS "
+                    "before starting tidegate)", key="intra_op_threads",
                 )
 
 
@@ -569,6 +576,10 @@ def _build_model(data: object, index: int) -> ModelConfig:
             BatchingConfig, values["batching"], f"{where}.batching"
         )
     if "generation" in values:
+        if isinstance(values["generation"], Mapping) and "dtype" in values["generation"]:
+            raise ConfigError(
+                "was replaced by the model's 'precision' (\"fp32\" or \"bf16\", beside "
+                "'backend' in [[models]]); move it there", key=f"{where}.generation.dtype")
         values["generation"] = build_dataclass(
             GenerationConfig, values["generation"], f"{where}.generation"
         )

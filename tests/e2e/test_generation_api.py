@@ -22,14 +22,22 @@ LLAMA = "tiny-llama"
 ENDLESS = "tiny-endless"
 
 
+@pytest.fixture(scope="module", params=["openvino", "torch"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs against both local engines (fp32, so greedy text is exact)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, gpt2_dir: Path,
-           llama_dir: Path, endless_dir: Path) -> Iterator[ServerProcess]:
+           llama_dir: Path, endless_dir: Path, backend: str) -> Iterator[ServerProcess]:
+    engine = f'backend = "{backend}"\nprecision = "fp32"'
     config = f"""
 [[models]]
 id = "{GPT2}"
 runtime = "causal-lm"
 source = "{gpt2_dir}"
+{engine}
 [models.generation]
 max_num_seqs = 8
 max_waiting = 4
@@ -38,11 +46,13 @@ max_waiting = 4
 id = "{LLAMA}"
 runtime = "causal-lm"
 source = "{llama_dir}"
+{engine}
 
 [[models]]
 id = "{ENDLESS}"
 runtime = "causal-lm"
 source = "{endless_dir}"
+{engine}
 
 [[models]]
 id = "echo"
@@ -69,6 +79,14 @@ def reference_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
                          pad_token_id=tokenizer.eos_token_id)
     text: str = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     return text
+
+
+def test_models_show_their_backend_and_precision(server: ServerProcess, backend: str) -> None:
+    cards = httpx.get(server.url + "/v1/models").json()["data"]
+    local = [card for card in cards if card["id"] in (GPT2, LLAMA, ENDLESS)]
+    assert len(local) == 3
+    for card in local:
+        assert (card["backend"], card["precision"]) == (backend, "fp32")
 
 
 def test_completion_matches_generate_and_streams_identically(

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from tidegate.config import GenerationConfig
 from tidegate.errors import (
@@ -44,20 +44,31 @@ from tidegate.generation.scheduler import admit, retry_after_s
 from tidegate.generation.sequence import SequenceState
 from tidegate.generation.stats import EngineStatistics, GenerationMetrics, HistogramSnapshot
 from tidegate.generation.stream import GenerationStream
-from tidegate.generation.worker import PrefillRequest, StepOutcome, StepPlan, StepWorker
+from tidegate.generation.worker import PrefillRequest, StepOutcome, StepPlan
 
-__all__ = ["GenerationConfig", "GenerationEngine", "GenerationModel", "StepReport"]
+__all__ = [
+    "GenerationConfig", "GenerationEngine", "GenerationModel", "StepReport", "StepRunner",
+]
 
 log = logging.getLogger("tidegate.generation")
 
 _EndReason = FinishReason | Literal["error"]
 
 
-class GenerationModel(Protocol):
-    """What the engine needs from a runtime (see ``tidegate.runtimes.causal_lm``)."""
+class StepRunner(Protocol):
+    """Runs the engine's steps on one model (in the engine's single worker thread): the torch
+    :class:`~tidegate.generation.worker.StepWorker`, or OpenVINO GenAI's pipeline
+    (:class:`~tidegate.generation.genai_worker.GenaiWorker`)."""
 
-    @property
-    def model(self) -> Any: ...
+    def step(self, plan: StepPlan) -> StepOutcome: ...
+    def reset(self) -> None: ...
+
+
+class GenerationModel(Protocol):
+    """What the engine needs from a runtime (``tidegate.runtimes.causal_lm`` for torch,
+    ``tidegate.runtimes.genai_lm`` for OpenVINO GenAI)."""
+
+    def create_worker(self) -> StepRunner: ...
     @property
     def decoder(self) -> TokenDecoder: ...
     @property
@@ -66,8 +77,6 @@ class GenerationModel(Protocol):
     def context_length(self) -> int: ...
     @property
     def vocab_size(self) -> int: ...
-    @property
-    def materialized_cache(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +117,7 @@ class GenerationEngine:
         )
         self._clock = clock
         self._on_step = on_step
-        self._worker = StepWorker(runtime.model, materialized=runtime.materialized_cache)
+        self._worker = runtime.create_worker()
         self._waiting: deque[SequenceState] = deque()
         self._running: dict[int, SequenceState] = {}
         self._live: dict[int, SequenceState] = {}
@@ -286,7 +295,8 @@ class GenerationEngine:
             seq.in_batch = True
             self._running[seq.id] = seq
             self._batch_names[seq.id] = seq.request_id
-            prefill.append(PrefillRequest(seq.id, seq.prompt_ids, seq.params, seq.generator))
+            prefill.append(PrefillRequest(seq.id, seq.prompt_ids, seq.params, seq.generator,
+                                          max_new=seq.max_new))
         if not (drops or prefill or decoding):
             return None
         if admission.prefill_tokens:

@@ -47,6 +47,8 @@ class PrefillRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     generator: torch.Generator
+    max_new: int = 0
+    """Tokens the sequence may generate (engines that stop sequences themselves need it)."""
 
 
 @dataclass(frozen=True, slots=True)

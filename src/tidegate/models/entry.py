@@ -132,7 +132,9 @@ class Entry:
 def _served_details(served: ServedModel) -> dict[str, object]:
     """The model object's fields that depend on what the loaded model serves."""
     if isinstance(served, TextGenerationModel):
-        return {"context_length": served.runtime.context_length}
+        runtime = served.runtime
+        return {"context_length": runtime.context_length, "backend": runtime.backend.value,
+                "precision": runtime.precision.value}
     details: dict[str, object] = {
         "dimensions": served.dimensions,
         "max_input_tokens": served.max_input_tokens,

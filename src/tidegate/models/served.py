@@ -32,6 +32,7 @@ from tidegate.runtimes import AnyRuntime, BatchedRuntime, EmbeddingRuntime
 if TYPE_CHECKING:
     from tidegate.generation.engine import GenerationEngine
     from tidegate.runtimes.causal_lm import CausalLMRuntime
+    from tidegate.runtimes.genai_lm import GenaiLMRuntime
     from tidegate.runtimes.remote import RemoteRuntime
     from tidegate.upstream.client import UpstreamClient
 
@@ -212,7 +213,8 @@ class TextGenerationModel(_Served):
 
     kind = ModelKind.GENERATION
 
-    def __init__(self, config: ModelConfig, runtime: CausalLMRuntime, metrics: Metrics) -> None:
+    def __init__(self, config: ModelConfig, runtime: CausalLMRuntime | GenaiLMRuntime,
+                 metrics: Metrics) -> None:
         super().__init__(config, metrics)
         self.runtime = runtime
         self._engine: GenerationEngine | None = None

@@ -5,11 +5,13 @@ inside the loaders, so a server loads only what its models use."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from tidegate.config import ModelConfig
+from tidegate.engines import Backend, Precision, cpu_supports_bf16
 from tidegate.kinds import RuntimeKind
 from tidegate.runtimes.base import BatchedRuntime, EmbeddingRuntime, Prepared
 from tidegate.runtimes.echo import EchoRuntime
@@ -17,6 +19,7 @@ from tidegate.runtimes.python import ModelHandle, load_python_model
 
 if TYPE_CHECKING:
     from tidegate.runtimes.causal_lm import CausalLMRuntime
+    from tidegate.runtimes.genai_lm import GenaiLMRuntime
     from tidegate.runtimes.remote import RemoteRuntime
 
 __all__ = [
@@ -30,7 +33,9 @@ __all__ = [
     "create_runtime",
 ]
 
-AnyRuntime = Union[BatchedRuntime, "CausalLMRuntime", "RemoteRuntime"]
+AnyRuntime = Union[BatchedRuntime, "CausalLMRuntime", "GenaiLMRuntime", "RemoteRuntime"]
+
+log = logging.getLogger("tidegate.runtimes")
 Loader = Callable[[ModelConfig, Path, Mapping[str, ModelHandle]], AnyRuntime]
 """``(model config, cache directory, loaded dependencies) -> runtime``; blocking."""
 
@@ -71,13 +76,33 @@ def _load_remote(model: ModelConfig, _: Path, __: Mapping[str, ModelHandle]) -> 
     return RemoteRuntime(model)
 
 
-def _load_causal_lm(model: ModelConfig, _: Path, __: Mapping[str, ModelHandle]) -> AnyRuntime:
-    from tidegate.runtimes.causal_lm import CausalLMRuntime
+def _load_causal_lm(model: ModelConfig, cache_dir: Path, _: Mapping[str, ModelHandle]
+                    ) -> AnyRuntime:
+    """OpenVINO GenAI (``openvino``, or ``auto`` when the model exports and passes the probe),
+    else tidegate's torch engine (``torch``, or ``auto`` with a warning naming the reason)."""
+    from tidegate.runtimes.causal_lm import CausalLMRuntime, Dtype
 
     assert model.source is not None  # validated by ModelConfig
+    model_dir = Path(model.source).expanduser()
+    if model.backend is not Backend.TORCH:
+        from tidegate.runtimes.genai_lm import GenaiLMRuntime
+
+        precision = model.precision
+        if precision is Precision.AUTO:
+            precision = Precision.BF16 if cpu_supports_bf16() else Precision.FP32
+        try:
+            return GenaiLMRuntime(model_dir, cache_dir, precision=precision,
+                                  generation=model.generation, threads=model.intra_op_threads)
+        except Exception as exc:
+            if model.backend is Backend.OPENVINO or isinstance(exc, FileNotFoundError):
+                raise
+            log.warning("model %s: serving it on the torch engine, not OpenVINO GenAI: %s",
+                        model.id, exc)
+    # The torch engine's auto precision is fp32: measured faster there than bf16 on CPUs
+    # without AMX (BENCHMARKS.md).
+    dtype: Dtype = "bfloat16" if model.precision is Precision.BF16 else "float32"
     return CausalLMRuntime(
-        Path(model.source).expanduser(), dtype=model.generation.dtype,
-        max_context_tokens=model.generation.max_context_tokens,
+        model_dir, dtype=dtype, max_context_tokens=model.generation.max_context_tokens,
     )
 
 

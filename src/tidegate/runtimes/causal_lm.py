@@ -8,18 +8,18 @@ end-of-sequence tokens, memory); generating is the job of
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 
-from tidegate.errors import InvalidRequest
+from tidegate.engines import Backend, Precision
 from tidegate.generation.detok import TokenDecoder, fast_decoder
-from tidegate.generation.worker import check_packed_steps
+from tidegate.generation.worker import StepWorker, check_packed_steps
 from tidegate.runtimes.linear_layout import convert_linears
+from tidegate.runtimes.lm_text import LMText, default_chat_prompt, eos_token_ids
 
-__all__ = ["CausalLMRuntime", "Dtype", "default_chat_prompt"]
+__all__ = ["CausalLMRuntime", "Dtype", "context_length_of", "default_chat_prompt"]
 
 log = logging.getLogger("tidegate.runtimes.causal_lm")
 
@@ -27,34 +27,9 @@ Dtype = Literal["float32", "bfloat16"]
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _FALLBACK_CONTEXT = 2048
 
-def default_chat_prompt(messages: Sequence[Mapping[str, str]]) -> str:
-    """The chat format for tokenizers without a chat template: each message as
-    ``{role}: {content}`` on its own line, then ``assistant:`` for the model to continue::
-
-        system: You are terse.
-        user: Hi
-        assistant:
-    """
-    lines = [f"{message['role']}: {message['content']}\n" for message in messages]
-    return "".join(lines) + "assistant:"
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is None:
-        configured = getattr(model.config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, list | tuple):
-        ids.update(int(i) for i in configured)
-    if isinstance(tokenizer.eos_token_id, int):
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
-
-
-def _context_length(model: Any, tokenizer: Any) -> int:
-    config = model.config.get_text_config()
+def context_length_of(model_config: Any, tokenizer: Any) -> int:
+    """The model's context: its position embeddings, else the tokenizer's limit."""
+    config = model_config.get_text_config()
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and positions > 0:
         return positions
@@ -86,7 +61,7 @@ def _check_cache_layout(model: Any) -> int | None:
     return min(windows) if windows else None
 
 
-class CausalLMRuntime:
+class CausalLMRuntime(LMText):
     """A ``transformers`` causal LM and its tokenizer, loaded from a local directory.
 
     Blocking: construct it off the event loop. ``memory_bytes`` counts parameters and buffers
@@ -118,14 +93,15 @@ class CausalLMRuntime:
         # fp32 few-row products are much faster in another layout (see linear_layout).
         self.converted_linears = convert_linears(self.model) if dtype == "float32" else 0
         window = _check_cache_layout(self.model)
-        native = _context_length(self.model, self.tokenizer)
+        native = context_length_of(self.model.config, self.tokenizer)
         if window is not None and window < native:
             log.warning("%s uses sliding-window attention (window %d tokens): serving it with "
                         "its context capped at the window, where that attention is exact",
                         model_dir, window)
             native = window
         self.context_length = min(max_context_tokens or native, native)
-        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(
+            getattr(self.model, "generation_config", None), self.model.config, self.tokenizer)
         rows = getattr(self.model.get_input_embeddings(), "num_embeddings", None)
         self.vocab_size = rows if isinstance(rows, int) else int(
             self.model.config.get_text_config().vocab_size
@@ -139,39 +115,14 @@ class CausalLMRuntime:
                  model_dir, dtype, self.memory_bytes, self.context_length,
                  self.converted_linears)
 
+    backend = Backend.TORCH
+
     @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+    def precision(self) -> Precision:
+        return Precision.BF16 if self.dtype == "bfloat16" else Precision.FP32
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a completion prompt, with the model's usual special tokens (BOS)."""
-        ids: list[int] = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        return list(ids)
-
-    def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> str:
-        """The prompt text for chat ``messages`` (``role``/``content`` mappings): the
-        tokenizer's chat template with the assistant turn opened, else
-        :func:`default_chat_prompt`."""
-        if self.has_chat_template:
-            try:
-                text: str = self.tokenizer.apply_chat_template(
-                    [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
-                )
-            except Exception as exc:  # the template refused these messages (e.g. role order)
-                raise InvalidRequest(
-                    f"The model's chat template rejected the messages: {exc}", param="messages"
-                ) from exc
-            return text
-        return default_chat_prompt(messages)
-
-    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """Token ids of :meth:`chat_prompt`. A chat template writes its own special tokens,
-        so none are added to it; the default format gets the usual ones."""
-        text = self.chat_prompt(messages)
-        ids: list[int] = self.tokenizer(text, add_special_tokens=not self.has_chat_template)[
-            "input_ids"
-        ]
-        return list(ids)
+    def create_worker(self) -> StepWorker:
+        return StepWorker(self.model, materialized=self.materialized_cache)
 
     def close(self) -> None:
         self.model = None

@@ -1,0 +1,240 @@
+"""Causal language models on OpenVINO GenAI's continuous-batching pipeline.
+
+The model is exported once (:mod:`tidegate.runtimes.genai_export`) and served by one
+``ContinuousBatchingPipeline`` per model, driven step by step by tidegate's engine
+(:class:`~tidegate.generation.genai_worker.GenaiWorker`). Tokenizing, chat templates and
+detokenizing stay with the model's Hugging Face tokenizer (:class:`LMText`), as on torch.
+
+Precision: ``bf16`` computes and keeps the KV cache in bf16; ``fp32`` is fp32 throughout (the KV
+cache too, and OpenVINO's dynamic quantization off). A **load-time probe** generates a few
+greedy tokens for three prompts with log-probabilities and compares them with transformers' own
+fp32 forward over the same tokens: the largest log-probability difference, and how far each
+chosen token lies below the reference's best, must stay within :data:`PROBE_TOLERANCE` for the
+precision, else loading raises :class:`ProbeMismatch` naming the numbers.
+
+Memory: the KV cache is allocated up front from ``kv_cache_bytes`` (default: room for
+``max_num_seqs`` sequences of the full context), and :attr:`memory_bytes` counts it with the
+weights, so the model cache makes room for both before loading.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tidegate.config import GenerationConfig
+from tidegate.engines import Backend, Precision
+from tidegate.generation.detok import fast_decoder
+from tidegate.generation.genai_worker import GenaiWorker, generation_config
+from tidegate.generation.params import SamplingParams
+from tidegate.runtimes.genai_export import ensure_genai_export
+from tidegate.runtimes.lm_text import LMText, eos_token_ids
+
+__all__ = ["DEFAULT_KV_TOKENS", "KV_BLOCK_TOKENS", "PROBE_TOLERANCE", "GenaiLMRuntime",
+           "ProbeMismatch", "kv_bytes_per_token"]
+
+log = logging.getLogger("tidegate.runtimes.genai")
+
+DEFAULT_KV_TOKENS = 8192
+"""Without ``kv_cache_bytes``, the KV cache holds ``max_num_seqs`` sequences of the context
+length, capped at this many tokens each (so a 128k-context model does not claim hundreds of GB);
+a longer sequence still runs while blocks are free."""
+KV_BLOCK_TOKENS = 32
+"""Tokens per KV-cache block of the pipeline on CPU."""
+PROBE_TOLERANCE: dict[Precision, float] = {Precision.FP32: 2e-3, Precision.BF16: 0.15}
+"""Largest log-probability error (nats) the load-time probe accepts, per precision."""
+_PROBE_PROMPTS = ("The quick brown fox jumps over the lazy dog.",
+                  "Serving many models in limited memory",
+                  "1, 2, 3, 4,")
+_PROBE_TOKENS = 4
+_PROBE_REQUEST_BASE = 1 << 40  # request ids the engine never uses
+_ELEMENT_BYTES = {Precision.FP32: 4, Precision.BF16: 2}
+_FALLBACK_CONTEXT = 2048
+
+
+class ProbeMismatch(RuntimeError):
+    """The pipeline's log-probabilities differ from transformers' beyond the tolerance."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    max_logprob_error: float
+    """Largest |pipeline - transformers| log-probability of a generated token (nats)."""
+    max_choice_gap: float
+    """Largest distance (nats) from a greedily chosen token to transformers' best one."""
+
+
+def kv_bytes_per_token(model_config: Any, precision: Precision) -> int:
+    """Bytes of KV cache one token takes: keys and values of every layer's KV heads."""
+    config = model_config.get_text_config()
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+    layers = int(config.num_hidden_layers)
+    return 2 * layers * kv_heads * int(head_dim) * _ELEMENT_BYTES[precision]
+
+
+def _context_length(model_config: Any, tokenizer: Any) -> int:
+    config = model_config.get_text_config()
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        native = positions
+    else:
+        limit = getattr(tokenizer, "model_max_length", None)
+        native = limit if isinstance(limit, int) and 0 < limit < 1_000_000 else _FALLBACK_CONTEXT
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and 0 < window < native \
+            and getattr(config, "use_sliding_window", True) is not False:
+        native = window  # within the window, sliding attention is exact
+    return native
+
+
+class GenaiLMRuntime(LMText):
+    """A causal LM exported for OpenVINO GenAI, its pipeline and its tokenizer.
+
+    Blocking: construct it off the event loop. Raises ``ExporterMissing`` / ``ExportFailed``
+    (:mod:`tidegate.runtimes.genai_export`) or :class:`ProbeMismatch`.
+    """
+
+    backend = Backend.OPENVINO
+    max_top_logprobs = 0
+    """The pipeline reports only the chosen token's log-probability."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        cache_dir: Path,
+        *,
+        precision: Precision,
+        generation: GenerationConfig,
+        threads: int | None = None,
+        exporter_dir: Path | None = None,
+    ) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        if precision is Precision.AUTO:
+            raise ValueError("resolve precision 'auto' before loading")
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model source {model_dir} is not a directory")
+        self.model_dir = model_dir
+        self.precision = precision
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.decoder = fast_decoder(self.tokenizer)
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        native = _context_length(config, self.tokenizer)
+        self.context_length = min(generation.max_context_tokens or native, native)
+        self.vocab_size = int(config.get_text_config().vocab_size)
+        self.eos_token_ids = eos_token_ids(_generation_defaults(model_dir), config,
+                                           self.tokenizer)
+        per_token = kv_bytes_per_token(config, precision)
+        self.kv_cache_bytes = generation.kv_cache_bytes or (
+            generation.max_num_seqs * min(self.context_length, DEFAULT_KV_TOKENS) * per_token)
+        blocks = max(1, self.kv_cache_bytes // (per_token * KV_BLOCK_TOKENS))
+        if blocks * KV_BLOCK_TOKENS < self.context_length:
+            log.warning("%s: kv_cache_bytes=%d holds %d tokens, less than one full context "
+                        "(%d); longer sequences are refused", model_dir, self.kv_cache_bytes,
+                        blocks * KV_BLOCK_TOKENS, self.context_length)
+        self.export_dir = ensure_genai_export(model_dir, cache_dir, exporter_dir=exporter_dir)
+        self.pipeline: Any = _pipeline(self.export_dir, precision, generation, blocks, threads)
+        weights = (self.export_dir / "openvino_model.bin").stat().st_size
+        self.memory_bytes = weights + self.kv_cache_bytes
+        self.probe = self._probe()
+        log.info("loaded %s on OpenVINO GenAI (%s, weights %d bytes, KV cache %d bytes in %d "
+                 "blocks, context %d, probe error %.2g nats)", model_dir, precision.value,
+                 weights, self.kv_cache_bytes, blocks, self.context_length,
+                 max(self.probe.max_logprob_error, self.probe.max_choice_gap))
+
+    def create_worker(self) -> GenaiWorker:
+        return GenaiWorker(self.pipeline, eos_token_ids=self.eos_token_ids,
+                           vocab_size=self.vocab_size)
+
+    def close(self) -> None:
+        self.pipeline = None
+
+    def _probe(self) -> ProbeResult:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        prompts = [[t % self.vocab_size for t in self.encode(text)] or [0]
+                   for text in _PROBE_PROMPTS]
+        generated = _greedy_with_logprobs(self.pipeline, prompts, self.eos_token_ids,
+                                          self.vocab_size)
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
+                                                     local_files_only=True)
+        model.train(False)
+        error = gap = 0.0
+        with torch.inference_mode():
+            for prompt, (tokens, logprobs) in zip(prompts, generated, strict=True):
+                ids = torch.tensor([prompt + tokens[:-1]])
+                reference = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+                for step, (token, logprob) in enumerate(zip(tokens, logprobs, strict=True)):
+                    row = reference[len(prompt) - 1 + step]
+                    error = max(error, abs(float(row[token]) - logprob))
+                    gap = max(gap, float(row.max()) - float(row[token]))
+        del model
+        result = ProbeResult(max_logprob_error=error, max_choice_gap=gap)
+        tolerance = PROBE_TOLERANCE[self.precision]
+        if max(error, gap) > tolerance:
+            raise ProbeMismatch(
+                f"{self.model_dir}: OpenVINO GenAI ({self.precision.value}) differs from "
+                f"transformers on the load-time probe: log-probabilities by up to {error:.3g} "
+                f"nats, chosen tokens up to {gap:.3g} nats below the best (tolerance "
+                f"{tolerance:g})")
+        return result
+
+
+def _generation_defaults(model_dir: Path) -> Any:
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    try:
+        return HFGenerationConfig.from_pretrained(model_dir, local_files_only=True)
+    except OSError:  # no generation_config.json
+        return None
+
+
+def _pipeline(export_dir: Path, precision: Precision, generation: GenerationConfig,
+              blocks: int, threads: int | None) -> Any:
+    import openvino_genai
+
+    scheduler = openvino_genai.SchedulerConfig()
+    scheduler.max_num_seqs = generation.max_num_seqs
+    # tidegate's engine bounds each step's prefill; the pipeline must accept what it admits.
+    scheduler.max_num_batched_tokens = generation.max_prefill_tokens + generation.max_num_seqs
+    scheduler.dynamic_split_fuse = True
+    scheduler.enable_prefix_caching = False
+    scheduler.cache_size = 0
+    scheduler.num_kv_blocks = blocks
+    properties: dict[str, object] = {}
+    if precision is Precision.FP32:
+        properties.update(INFERENCE_PRECISION_HINT="f32", KV_CACHE_PRECISION="f32",
+                          DYNAMIC_QUANTIZATION_GROUP_SIZE="0")
+    else:
+        properties.update(INFERENCE_PRECISION_HINT="bf16", KV_CACHE_PRECISION="bf16")
+    if threads:
+        properties["INFERENCE_NUM_THREADS"] = threads
+    return openvino_genai.ContinuousBatchingPipeline(str(export_dir), scheduler, "CPU",
+                                                     properties)
+
+
+def _greedy_with_logprobs(pipeline: Any, prompts: list[list[int]], eos: frozenset[int],
+                          vocab_size: int) -> list[tuple[list[int], list[float]]]:
+    import numpy as np
+    import openvino as ov
+
+    config = generation_config(SamplingParams(temperature=0.0), max_new=_PROBE_TOKENS,
+                               eos_token_ids=eos, vocab_size=vocab_size)
+    config.logprobs = 1
+    handles = [pipeline.add_request(_PROBE_REQUEST_BASE + i,
+                                    ov.Tensor(np.array([prompt], dtype=np.int64)), config)
+               for i, prompt in enumerate(prompts)]
+    results: list[tuple[list[int], list[float]]] = [([], []) for _ in handles]
+    while pipeline.has_non_finished_requests():
+        pipeline.step()
+        for handle, (tokens, logprobs) in zip(handles, results, strict=True):
+            while handle.can_read():
+                for output in handle.read().values():
+                    tokens.extend(int(t) for t in output.generated_ids)
+                    logprobs.extend(float(v) for v in output.generated_log_probs)
+    return results

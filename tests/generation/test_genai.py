@@ -1,0 +1,205 @@
+"""The OpenVINO GenAI backend: real exports of small random-weight models, served by tidegate's
+engine over the continuous-batching pipeline, compared with transformers' own generation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tidegate.config import GenerationConfig, ModelConfig
+from tidegate.engines import Backend, Precision
+from tidegate.generation.engine import GenerationEngine
+from tidegate.generation.params import SamplingParams
+from tidegate.kinds import RuntimeKind
+from tidegate.runtimes import create_runtime
+from tidegate.runtimes.causal_lm import CausalLMRuntime
+from tidegate.runtimes.genai_export import ExportFailed, ensure_genai_export
+from tidegate.runtimes.genai_lm import DEFAULT_KV_TOKENS, KV_BLOCK_TOKENS, GenaiLMRuntime, kv_bytes_per_token
+from tests.conftest import save_model
+from tests.generation.conftest import run_engine
+
+PROMPTS = ["The quick brown fox", "Hello", "Streams of tokens flow to every client"]
+
+
+def _small(name: str, vocab: int, eos: int) -> Any:
+    import transformers as t
+
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                vocab_size=vocab, bos_token_id=eos, eos_token_id=eos, initializer_range=0.2)
+    torch.manual_seed(0)
+    if name == "qwen2":
+        return t.Qwen2ForCausalLM(t.Qwen2Config(**base))
+    if name == "mistral":
+        return t.MistralForCausalLM(t.MistralConfig(**base, sliding_window=None))
+    if name == "phi3":
+        return t.Phi3ForCausalLM(t.Phi3Config(**base, pad_token_id=eos))
+    if name == "minicpm3":  # not in the transformers optimum-intel supports: cannot be exported
+        return t.MiniCPM3ForCausalLM(t.MiniCPM3Config(
+            **{**base, "num_key_value_heads": 4}, kv_lora_rank=32, q_lora_rank=32,
+            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16))
+    raise AssertionError(name)
+
+
+@pytest.fixture(scope="session")
+def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+               byte_tokenizer: Any) -> Path:
+    name = request.param
+    if name in ("gpt2", "llama"):
+        return Path(request.getfixturevalue(f"{name}_dir"))
+    model = _small(name, len(byte_tokenizer), byte_tokenizer.eos_token_id)
+    return save_model(model, byte_tokenizer, tmp_path_factory.mktemp(name))
+
+
+@pytest.fixture(scope="session")
+def genai_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("genai-cache")
+
+
+def _generation(**options: Any) -> GenerationConfig:
+    return GenerationConfig(**{"max_num_seqs": 4, **options})
+
+
+def _greedy(runtime: Any, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """Every prompt through one engine at once, greedily, without stopping at EOS."""
+    results: list[list[int]] = []
+
+    async def scenario(engine: GenerationEngine) -> None:
+        streams = [engine.submit(p, SamplingParams(max_tokens=max_new, temperature=0.0))
+                   for p in prompts]
+        for stream in streams:
+            results.append(list((await stream.collect()).token_ids))
+
+    run_engine(runtime, scenario, max_num_seqs=4)
+    return results
+
+
+def _reference(model_dir: Path, prompt: list[int], max_new: int) -> tuple[list[int], Any]:
+    """transformers' greedy tokens and the fp32 model (to compare near-ties by logits)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist(), model
+
+
+@pytest.mark.parametrize("family_dir", ["gpt2", "llama", "qwen2", "mistral", "phi3"],
+                         indirect=True)
+def test_fp32_greedy_output_is_transformers_own(family_dir: Path, genai_cache: Path) -> None:
+    runtime = GenaiLMRuntime(family_dir, genai_cache, precision=Precision.FP32,
+                             generation=_generation())
+    assert runtime.probe.max_logprob_error < 1e-3
+    prompts = [runtime.encode(text) for text in PROMPTS]
+    got = _greedy(runtime, prompts, 12)
+    for prompt, tokens in zip(prompts, got, strict=True):
+        # Random weights may end a sequence early on its EOS token, as generate() does.
+        want, model = _reference(family_dir, prompt, len(tokens))
+        if tokens == want[:len(tokens)]:
+            continue
+        # A near-tie may flip in the last bits: the first difference must be a tie in fp32.
+        first = next(i for i, (a, b) in enumerate(zip(tokens, want, strict=False)) if a != b)
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt + tokens[:first]])).logits[0, -1]
+        assert float(logits[want[first]] - logits[tokens[first]]) < 1e-4, (tokens, want)
+
+
+def test_requests_share_one_pipeline_and_a_cancel_frees_its_slot(
+        gpt2_dir: Path, genai_cache: Path) -> None:
+    runtime = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.FP32,
+                             generation=_generation(max_num_seqs=2))
+    prompt = runtime.encode(PROMPTS[0])
+
+    async def scenario(engine: GenerationEngine) -> None:
+        long = engine.submit(prompt, SamplingParams(max_tokens=200, temperature=0.0))
+        other = engine.submit(prompt, SamplingParams(max_tokens=200, temperature=0.0))
+        waiting = engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0.0))
+        async with long:
+            await long.__anext__()
+            assert engine.statistics().running == 2 and engine.statistics().waiting == 1
+        # Leaving the block cancelled ``long``: the waiting sequence takes its slot.
+        result = await waiting.collect()
+        assert result.completion_tokens == 3
+        other.cancel()
+
+    run_engine(runtime, scenario, max_num_seqs=2)
+
+
+def test_seeded_sampling_is_reproducible(gpt2_dir: Path, genai_cache: Path) -> None:
+    runtime = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.FP32,
+                             generation=_generation())
+    prompt = runtime.encode(PROMPTS[1])
+    results: list[tuple[int, ...]] = []
+
+    async def scenario(engine: GenerationEngine) -> None:
+        params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+        for _ in range(2):
+            noise = engine.submit(prompt, SamplingParams(max_tokens=8, temperature=1.0))
+            results.append((await engine.submit(prompt, params).collect()).token_ids)
+            await noise.collect()
+
+    run_engine(runtime, scenario)
+    assert results[0] == results[1]
+
+
+def test_memory_counts_weights_and_the_kv_cache(gpt2_dir: Path, genai_cache: Path) -> None:
+    from transformers import AutoConfig
+
+    runtime = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.BF16,
+                             generation=_generation(max_num_seqs=3))
+    per_token = kv_bytes_per_token(AutoConfig.from_pretrained(gpt2_dir), Precision.BF16)
+    assert runtime.kv_cache_bytes == 3 * min(runtime.context_length, DEFAULT_KV_TOKENS) * per_token
+    weights = (runtime.export_dir / "openvino_model.bin").stat().st_size
+    assert runtime.memory_bytes == weights + runtime.kv_cache_bytes
+    small = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.BF16,
+                           generation=_generation(kv_cache_bytes=per_token * KV_BLOCK_TOKENS * 8))
+    assert small.memory_bytes == weights + per_token * KV_BLOCK_TOKENS * 8
+
+
+def test_export_is_reused_and_rebuilt_when_corrupt(gpt2_dir: Path, tmp_path: Path) -> None:
+    entry = ensure_genai_export(gpt2_dir, tmp_path)
+    created = json.loads((entry / "meta.json").read_text())["created"]
+    stamp = (entry / "meta.json").stat().st_mtime_ns
+    assert ensure_genai_export(gpt2_dir, tmp_path) == entry
+    assert (entry / "meta.json").stat().st_mtime_ns == stamp  # reused, not exported again
+    weights = entry / "openvino_model.bin"
+    weights.write_bytes(weights.read_bytes()[:-16])  # truncated
+    assert ensure_genai_export(gpt2_dir, tmp_path) == entry
+    assert (entry / "meta.json").stat().st_mtime_ns != stamp
+    assert json.loads((entry / "meta.json").read_text())["created"] >= created
+    assert weights.stat().st_size > 0 and GenaiLMRuntime(
+        gpt2_dir, tmp_path, precision=Precision.FP32, generation=_generation()).probe
+
+
+@pytest.mark.parametrize("family_dir", ["minicpm3"], indirect=True)
+def test_an_architecture_that_cannot_be_exported(
+        family_dir: Path, genai_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def config(backend: str) -> ModelConfig:
+        return ModelConfig(id="odd", runtime=RuntimeKind.CAUSAL_LM, source=str(family_dir),
+                           backend=Backend(backend))
+
+    with pytest.raises(ExportFailed, match="could not export"):
+        create_runtime(config("openvino"), genai_cache, {})
+    with caplog.at_level(logging.WARNING, "tidegate.runtimes"):
+        runtime = create_runtime(config("auto"), genai_cache, {})
+    assert isinstance(runtime, CausalLMRuntime)
+    assert "serving it on the torch engine" in caplog.text
+    assert "could not export" in caplog.text
+
+
+def test_auto_serves_openvino_in_bf16(gpt2_dir: Path, genai_cache: Path) -> None:
+    from tidegate.engines import cpu_supports_bf16
+
+    runtime = create_runtime(
+        ModelConfig(id="g", runtime=RuntimeKind.CAUSAL_LM, source=str(gpt2_dir)), genai_cache, {})
+    assert isinstance(runtime, GenaiLMRuntime)
+    assert runtime.precision is (Precision.BF16 if cpu_supports_bf16() else Precision.FP32)
+    assert asyncio.iscoroutinefunction(GenerationEngine.start)
