@@ -30,7 +30,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, gpt2_dir: Path,
-           llama_dir: Path, endless_dir: Path, backend: str) -> Iterator[ServerProcess]:
+           llama_dir: Path, endless_dir: Path, *, backend: str) -> Iterator[ServerProcess]:
     engine = f'backend = "{backend}"\nprecision = "fp32"'
     config = f"""
 [[models]]

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import save_model
+from tests.generation.conftest import run_engine
 from tidegate.config import GenerationConfig, ModelConfig
 from tidegate.engines import Backend, Precision
 from tidegate.generation.engine import GenerationEngine
@@ -20,9 +22,12 @@ from tidegate.kinds import RuntimeKind
 from tidegate.runtimes import create_runtime
 from tidegate.runtimes.causal_lm import CausalLMRuntime
 from tidegate.runtimes.genai_export import ExportFailed, ensure_genai_export
-from tidegate.runtimes.genai_lm import DEFAULT_KV_TOKENS, KV_BLOCK_TOKENS, GenaiLMRuntime, kv_bytes_per_token
-from tests.conftest import save_model
-from tests.generation.conftest import run_engine
+from tidegate.runtimes.genai_lm import (
+    DEFAULT_KV_TOKENS,
+    KV_BLOCK_TOKENS,
+    GenaiLMRuntime,
+    kv_bytes_per_token,
+)
 
 PROMPTS = ["The quick brown fox", "Hello", "Streams of tokens flow to every client"]
 
@@ -203,3 +208,24 @@ def test_auto_serves_openvino_in_bf16(gpt2_dir: Path, genai_cache: Path) -> None
     assert isinstance(runtime, GenaiLMRuntime)
     assert runtime.precision is (Precision.BF16 if cpu_supports_bf16() else Precision.FP32)
     assert asyncio.iscoroutinefunction(GenerationEngine.start)
+
+
+def test_a_dropped_sequence_leaves_the_pipeline_at_the_next_step(
+        gpt2_dir: Path, genai_cache: Path) -> None:
+    from tidegate.generation.sampling import make_generator
+    from tidegate.generation.worker import PrefillRequest, StepPlan
+
+    runtime = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.FP32,
+                             generation=_generation())
+    worker = runtime.create_worker()
+    prompt = tuple(runtime.encode(PROMPTS[0]))
+    params = SamplingParams(max_tokens=50, temperature=0.0)
+    requests = tuple(PrefillRequest(i, prompt, params, make_generator(0), max_new=50)
+                     for i in (0, 1))
+    first = worker.step(StepPlan(drop=(), prefill=requests))
+    assert set(first.tokens) == {0, 1} and not first.failed
+    second = worker.step(StepPlan(drop=(0,), prefill=()))
+    assert second.decoded == (1,) and set(second.tokens) == {1}
+    assert worker.step(StepPlan(drop=(1,), prefill=())).tokens == {}
+    assert not runtime.pipeline.has_non_finished_requests()
+    worker.reset()
