@@ -229,3 +229,24 @@ def test_a_dropped_sequence_leaves_the_pipeline_at_the_next_step(
     assert worker.step(StepPlan(drop=(1,), prefill=())).tokens == {}
     assert not runtime.pipeline.has_non_finished_requests()
     worker.reset()
+
+
+def test_a_probe_mismatch_fails_openvino_and_sends_auto_to_torch(
+        gpt2_dir: Path, genai_cache: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from tidegate.runtimes import genai_lm
+
+    # No pipeline matches transformers to the last bit in bf16: a zero tolerance must refuse.
+    monkeypatch.setitem(genai_lm.PROBE_TOLERANCE, Precision.BF16, 0.0)
+
+    def config(backend: str) -> ModelConfig:
+        return ModelConfig(id="g", runtime=RuntimeKind.CAUSAL_LM, source=str(gpt2_dir),
+                           backend=Backend(backend), precision=Precision.BF16)
+
+    with pytest.raises(genai_lm.ProbeMismatch,
+                       match=r"log-probabilities by up to \d.*nats.*tolerance 0\)"):
+        create_runtime(config("openvino"), genai_cache, {})
+    with caplog.at_level(logging.WARNING, "tidegate.runtimes"):
+        runtime = create_runtime(config("auto"), genai_cache, {})
+    assert isinstance(runtime, CausalLMRuntime) and runtime.dtype == "bfloat16"
+    assert "load-time probe" in caplog.text
