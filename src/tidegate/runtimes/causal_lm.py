@@ -93,6 +93,10 @@ class CausalLMRuntime:
     (the KV cache of running sequences comes on top).
     """
 
+    max_top_logprobs: int | None = None
+    """Most alternatives per token this runtime's engine reports; None: as many as the API
+    allows. (A runtime whose pipeline reports fewer sets it; the API refuses more.)"""
+
     def __init__(
         self,
         model_dir: Path,
