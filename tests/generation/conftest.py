@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tidegate.config import GenerationConfig
-from tidegate.generation.engine import GenerationEngine
+from tidegate.generation.engine import GenerationEngine, GenerationModel
 from tidegate.runtimes.causal_lm import CausalLMRuntime
 
 
@@ -28,7 +28,7 @@ def llama(llama_dir: Path) -> CausalLMRuntime:
 Scenario = Callable[[GenerationEngine], Awaitable[None]]
 
 
-def run_engine(runtime: CausalLMRuntime, scenario: Scenario, **options: Any) -> None:
+def run_engine(runtime: GenerationModel, scenario: Scenario, **options: Any) -> None:
     """Start an engine on ``runtime``, run ``scenario`` against it, close it. ``options`` go to
     the engine (``clock``, ``on_step``) or its :class:`GenerationConfig`."""
     engine_keys = {"clock", "on_step"}

@@ -250,3 +250,30 @@ def test_a_probe_mismatch_fails_openvino_and_sends_auto_to_torch(
         runtime = create_runtime(config("auto"), genai_cache, {})
     assert isinstance(runtime, CausalLMRuntime) and runtime.dtype == "bfloat16"
     assert "load-time probe" in caplog.text
+
+
+def test_penalties_and_min_tokens_match_the_torch_engine(
+        gpt2_dir: Path, genai_cache: Path) -> None:
+    """OpenAI's presence/frequency penalties and vLLM's min_tokens mean the same on both
+    engines: greedy fp32 text is identical."""
+    genai = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.FP32,
+                           generation=_generation())
+    torch_runtime = CausalLMRuntime(gpt2_dir)
+    prompts = [genai.encode(text) for text in PROMPTS]
+    params = [SamplingParams(max_tokens=16, temperature=0.0, presence_penalty=1.5,
+                             frequency_penalty=0.7),
+              SamplingParams(max_tokens=16, temperature=0.0, frequency_penalty=-1.0),
+              SamplingParams(max_tokens=16, temperature=0.0, min_tokens=10,
+                             presence_penalty=0.5)]
+    outputs: dict[str, list[tuple[int, ...]]] = {}
+    for name, runtime in (("openvino", genai), ("torch", torch_runtime)):
+        got: list[tuple[int, ...]] = []
+
+        async def scenario(engine: GenerationEngine, into: list[tuple[int, ...]] = got) -> None:
+            streams = [engine.submit(p, q) for p in prompts for q in params]
+            for stream in streams:
+                into.append((await stream.collect()).token_ids)
+
+        run_engine(runtime, scenario, max_num_seqs=4)
+        outputs[name] = got
+    assert outputs["openvino"] == outputs["torch"]

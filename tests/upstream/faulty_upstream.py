@@ -159,6 +159,7 @@ class FaultyUpstream:
             Route("/v1/models", self._models, methods=["GET"]),
             Route("/v1/embeddings", self._embeddings, methods=["POST"]),
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/completions", self._completion, methods=["POST"]),
         ]
         if self._prefix:
             return Starlette(routes=[Mount(self._prefix, routes=routes)])
@@ -203,6 +204,16 @@ class FaultyUpstream:
                          "finish_reason": "stop"}],
         }
         return self._answer("/v1/chat/completions", payload)
+
+    async def _completion(self, request: Request) -> Response:
+        body = await self._received(request)
+        if (failure := self._injected()) is not None:
+            return failure
+        payload = {
+            "id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
+            "choices": [{"index": 0, "text": "hello", "finish_reason": "stop"}],
+        }
+        return self._answer("/v1/completions", payload)
 
     async def _sse(self, model: str | None) -> AsyncIterator[bytes]:
         for i in range(self.stream_chunks):

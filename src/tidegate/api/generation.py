@@ -1,8 +1,10 @@
 """``POST /v1/completions`` and ``POST /v1/chat/completions``, OpenAI's format, streaming or not.
 
-A local causal LM is served by its continuous-batching engine; a remote model's request is
-relayed to its upstream (streams chunk by chunk, never buffered whole). A non-streamed answer
-is bounded by ``request_timeout_s`` and cancelled when its client hangs up
+A local causal LM is served by its continuous-batching engine, which refuses what it cannot
+honour (:mod:`tidegate.api.generation_params`); a remote model's body is relayed to its upstream
+unchanged (streams chunk by chunk, never buffered whole). Logprobs, when asked for, go out with
+the text they belong to (:mod:`tidegate.api.logprobs`). A non-streamed answer is bounded by
+``request_timeout_s`` and cancelled when its client hangs up
 (:func:`tidegate.api.guard.run_guarded`); a stream races its client in
 :class:`tidegate.api.sse.EventStreamResponse`.
 """
@@ -15,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -25,22 +27,21 @@ from tidegate.api.auth import admit, authenticate
 from tidegate.api.common import app_state, endpoint, json_response, read_json_body
 from tidegate.api.drain import Drain
 from tidegate.api.errors import error_response
+from tidegate.api.generation_params import Endpoint, check_local, optional, sampling_params
 from tidegate.api.guard import run_guarded
+from tidegate.api.logprobs import LogprobEncoder
 from tidegate.api.schemas import parse_json_object
 from tidegate.api.sse import DONE, EventStreamResponse, sse_event
 from tidegate.auth.keyring import ApiKey
 from tidegate.errors import InvalidRequest, RequestTimeout, TidegateError
 from tidegate.generation.params import SamplingParams
-from tidegate.generation.stream import GenerationResult, GenerationStream
+from tidegate.generation.stream import Delta, GenerationResult, GenerationStream
 from tidegate.models.manager import ModelManager
 from tidegate.models.served import RemoteModel, TextGenerationModel
 from tidegate.upstream.client import UpstreamStream
 
 __all__ = ["chat_completions", "completions"]
 
-T = TypeVar("T")
-Endpoint = Literal["completion", "chat"]
-_DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}  # OpenAI's completions default is 16
 _FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
 
 
@@ -95,23 +96,11 @@ def _prompt(value: object) -> str:
     return value
 
 
-def _optional(data: dict[str, Any], name: str, kind: type[T], what: str,
-              within: str | None = None) -> T | None:
-    value = data.get(name)
-    if value is None or isinstance(value, kind):
-        return value
-    where = f"{within}.{name}" if within else name
-    raise InvalidRequest(f"'{where}' must be {what}.", param=within or name)
-
-
 def parse_generation_request(body: bytes, endpoint: Endpoint) -> GenerationRequest:
     data = parse_json_object(body)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("Missing required parameter: 'model'.", param="model")
-    n = data.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise InvalidRequest("Only n = 1 is supported.", param="n")
     prompt = messages = None
     if endpoint == "chat":
         messages = _messages(data.get("messages"))
@@ -119,23 +108,13 @@ def parse_generation_request(body: bytes, endpoint: Endpoint) -> GenerationReque
         if "prompt" not in data:
             raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")
         prompt = _prompt(data["prompt"])
-    max_tokens = data.get("max_completion_tokens")
-    if max_tokens is None:  # absent or null: the older name, then the default
-        max_tokens = data.get("max_tokens")
-    stop = data.get("stop")
-    params = SamplingParams(
-        max_tokens=_DEFAULT_MAX_TOKENS[endpoint] if max_tokens is None else max_tokens,
-        temperature=1.0 if data.get("temperature") is None else data["temperature"],
-        top_p=1.0 if data.get("top_p") is None else data["top_p"],
-        stop=() if stop is None or stop == "" else stop,
-        seed=data.get("seed"),
-    )
+    params = sampling_params(data, endpoint)
     # null means the default; any other value must have the parameter's type (as the OpenAPI
     # document says), never be read for its truthiness.
-    stream = _optional(data, "stream", bool, "a boolean") or False
-    options = _optional(data, "stream_options", dict, "an object") or {}
-    include_usage = _optional(options, "include_usage", bool, "a boolean", "stream_options")
-    _optional(data, "user", str, "a string")
+    stream = optional(data, "stream", bool, "a boolean") or False
+    options = optional(data, "stream_options", dict, "an object") or {}
+    include_usage = optional(options, "include_usage", bool, "a boolean", "stream_options")
+    optional(data, "user", str, "a string")
     return GenerationRequest(model, endpoint, prompt, messages, params, stream,
                              bool(include_usage), data)
 
@@ -146,9 +125,12 @@ def parse_generation_request(body: bytes, endpoint: Endpoint) -> GenerationReque
 class _Encoder:
     """OpenAI's response and chunk shapes for one request."""
 
-    def __init__(self, request: GenerationRequest, model: str) -> None:
+    def __init__(self, request: GenerationRequest, model: str,
+                 logprobs: LogprobEncoder | None = None) -> None:
         self.request = request
         self.model = model
+        self.logprobs = logprobs
+        """Set when the request asked for logprobs: then chunks are made by logprob_delta."""
         prefix = "chatcmpl" if request.endpoint == "chat" else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -172,11 +154,12 @@ class _Encoder:
         return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
                             "logprobs": None, "finish_reason": None})
 
-    def _text_choice(self, text: str) -> dict[str, Any]:
+    def _text_choice(self, text: str, logprobs: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
         if self.request.endpoint == "chat":
-            return {"index": 0, "delta": {"content": text}, "logprobs": None,
+            return {"index": 0, "delta": {"content": text}, "logprobs": logprobs,
                     "finish_reason": None}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}
 
     def delta(self, text: str) -> bytes:
         """``_chunk(_text_choice(text))``, from the template."""
@@ -184,6 +167,18 @@ class _Encoder:
             return self._chunk(self._text_choice(text))
         head, tail = self._delta_parts
         return head + orjson.dumps(text) + tail
+
+    def logprob_delta(self, delta: Delta) -> bytes:
+        """A chunk with ``delta``'s text and the logprobs of the tokens it completes."""
+        assert self.logprobs is not None
+        logprobs = self.logprobs.encode(delta.token_ids, delta.logprobs)
+        return self._chunk(self._text_choice(delta.text, logprobs))
+
+    def _result_logprobs(self, result: GenerationResult) -> dict[str, Any] | None:
+        if self.logprobs is None or result.logprobs is None:
+            return None
+        reported = result.logprobs
+        return self.logprobs.encode(result.token_ids[: len(reported)], reported)
 
     def last(self, result: GenerationResult) -> list[bytes]:
         reason = _FINISH.get(result.finish_reason, "stop")
@@ -201,11 +196,12 @@ class _Encoder:
         if self.request.endpoint == "chat":
             choice: dict[str, Any] = {
                 "index": 0, "message": {"role": "assistant", "content": result.text},
-                "logprobs": None, "finish_reason": reason,
+                "logprobs": self._result_logprobs(result), "finish_reason": reason,
             }
             kind = "chat.completion"
         else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": result.text,
+                      "logprobs": self._result_logprobs(result), "finish_reason": reason}
             kind = "text_completion"
         return orjson.dumps({"id": self.id, "object": kind, "created": self.created,
                              "model": self.model, "choices": [choice], "usage": _usage(result)})
@@ -235,7 +231,7 @@ async def _local_events(
     """SSE chunks for one local sequence. Leaving early (the client went away) exits
     ``async with stream``, which cancels the sequence and frees its slot; ``stack`` holds the
     model's lease until then."""
-    emitted = 0  # text deltas sent: what a key is charged if the stream ends early
+    emitted = 0  # deltas (or tokens) sent: what a key is charged if the stream ends early
     charged = key is None
     try:
         async with stack, stream:
@@ -243,9 +239,14 @@ async def _local_events(
             if first:
                 yield first
             try:
-                async for delta in stream:
-                    emitted += 1
-                    yield encoder.delta(delta)
+                if encoder.logprobs is None:
+                    async for text in stream:
+                        emitted += 1
+                        yield encoder.delta(text)
+                else:
+                    async for delta in stream.deltas():
+                        emitted += len(delta.token_ids)
+                        yield encoder.logprob_delta(delta)
             except TidegateError as exc:
                 yield _error_event(exc)
                 return
@@ -278,6 +279,9 @@ async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
                        ) -> Response | EventStreamResponse:
     engine = model.engine
     runtime = model.runtime
+    limit = getattr(runtime, "max_top_logprobs", None)
+    check_local(request.body, request.endpoint, request.params, model=model.id,
+                max_top_logprobs=limit if isinstance(limit, int) else None)
     if request.messages is not None:
         prompt_ids = await asyncio.to_thread(runtime.encode_chat, request.messages)
     else:
@@ -287,7 +291,9 @@ async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
         else:
             prompt_ids = runtime.encode(request.prompt)
     stream = engine.submit(prompt_ids, request.params)
-    encoder = _Encoder(request, model.id)
+    logprobs = (None if request.params.logprobs is None
+                else LogprobEncoder(runtime.decoder, request.endpoint))
+    encoder = _Encoder(request, model.id, logprobs)
     if request.stream:
         return EventStreamResponse(_local_events(stack.pop_all(), stream, encoder, context.key),
                                    headers=context.headers, drain=context.drain)

@@ -2,7 +2,8 @@
 
 Request schemas follow the hand-written parsers (``api.schemas``, ``api.generation``,
 ``generation.params``): a body valid here passes their type checks, and each bound they enforce
-(``max_inputs_per_request``, ``n = 1``, ``temperature`` in [0, 2], ...) is stated here. Response
+(``max_inputs_per_request``, ``temperature`` in [0, 2], ...) is stated here; parameters a local
+model refuses but a remote one relays (``n`` > 1, ``logit_bias``, tools, ...) say so. Response
 schemas describe what the routes encode. ``tests/e2e/test_openapi.py`` checks real responses
 against it and fuzzes the live server from it with schemathesis.
 
@@ -17,8 +18,9 @@ from typing import Any
 import orjson
 
 from tidegate._version import __version__
+from tidegate.api.generation_params import MAX_COMPLETION_LOGPROBS
 from tidegate.config import Config
-from tidegate.generation.params import MAX_STOP_STRINGS, SEED_RANGE
+from tidegate.generation.params import MAX_LOGPROBS, MAX_STOP_STRINGS, PENALTY_RANGE, SEED_RANGE
 from tidegate.kinds import RuntimeKind
 
 __all__ = ["build_openapi", "encode_openapi"]
@@ -94,12 +96,57 @@ _INFERENCE_ERRORS = (400, 401, 404, 408, 413, 415, 429, 500, 502, 503, 504)
 
 # -- schemas -------------------------------------------------------------------------------------
 
-def _choice(field: str, content: Schema, finish_reason: Schema) -> Schema:
-    """One entry of a completion's ``choices``: its ``text``, ``message`` or ``delta``."""
+def _choice(field: str, content: Schema, finish_reason: Schema, logprobs: str) -> Schema:
+    """One entry of a completion's ``choices``: its ``text``, ``message`` or ``delta``, and
+    the logprobs of its tokens (null unless asked for)."""
     required = ["index", field, "finish_reason"]
     return {"type": "object", "required": required, "properties": {
-        "index": {"type": "integer"}, field: content, "logprobs": {"type": "null"},
+        "index": {"type": "integer"}, field: content, "logprobs": _nullable(_ref(logprobs)),
         "finish_reason": finish_reason}}
+
+
+def _local_only(schema: Schema, accepted: str) -> Schema:
+    """A parameter the local engine does not honour: a remote model relays it."""
+    return _nullable({**schema, "description": f"Local models: only {accepted} (else 400); "
+                                               "a remote model relays it to its upstream."})
+
+
+def _logprob_schemas() -> dict[str, Schema]:
+    logprob = {"type": "number", "maximum": 0,
+               "description": "Natural log of the probability under the model's raw logits "
+                              "(before temperature and penalties); -9999.0 for -inf."}
+    utf8 = _nullable({"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                   "maximum": 255}})
+    properties: Schema = {"token": {"type": "string"}, "logprob": logprob, "bytes": utf8}
+    alternative = {"type": "object", "required": ["token", "logprob", "bytes"],
+                   "properties": properties}
+    return {
+        "CompletionLogprobs": {
+            "type": "object",
+            "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+            "properties": {
+                "tokens": {"type": "array", "items": {"type": "string"}},
+                "token_logprobs": {"type": "array", "items": logprob},
+                "top_logprobs": {"type": "array", "items": {
+                    "type": "object", "additionalProperties": logprob}},
+                "text_offset": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            },
+            "description": "One entry per token, in order; a stream's chunk has its own "
+                           "text's tokens. `text_offset` sums the token strings' lengths.",
+        },
+        "ChatLogprobs": {
+            "type": "object",
+            "required": ["content"],
+            "properties": {"content": _nullable({"type": "array", "items": {
+                "type": "object",
+                "required": ["token", "logprob", "bytes", "top_logprobs"],
+                "properties": {**properties, "top_logprobs": {
+                    "type": "array", "maxItems": MAX_LOGPROBS, "items": alternative}},
+            }})},
+            "description": "One entry per token, in order; a stream's chunk has its own "
+                           "text's tokens.",
+        },
+    }
 
 
 def _completion(object_name: str, choice: Schema) -> Schema:
@@ -128,7 +175,8 @@ def _schemas(config: Config) -> dict[str, Schema]:
                        for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
     }
     finish_reason = _nullable({"type": "string", "enum": ["stop", "length"]})
-    text_choice = _choice("text", {"type": "string"}, finish_reason)
+    text_choice = _choice("text", {"type": "string"}, finish_reason, "CompletionLogprobs")
+    penalty = {"type": "number", "minimum": PENALTY_RANGE[0], "maximum": PENALTY_RANGE[1]}
     sampling: dict[str, Schema] = {
         "max_tokens": _nullable({"type": "integer", "minimum": 1}),
         "max_completion_tokens": _nullable({"type": "integer", "minimum": 1,
@@ -142,7 +190,27 @@ def _schemas(config: Config) -> dict[str, Schema]:
         ]}),
         "seed": _nullable({"type": "integer", "minimum": SEED_RANGE[0],
                            "maximum": SEED_RANGE[1]}),
-        "n": _nullable({"type": "integer", "const": 1, "description": "Only 1 is supported."}),
+        "presence_penalty": _nullable({**penalty, "description":
+                                       "Subtracted from the logit of each token generated "
+                                       "so far (OpenAI's)."}),
+        "frequency_penalty": _nullable({**penalty, "description":
+                                        "Subtracted from each token's logit once per time it "
+                                        "was generated so far (OpenAI's)."}),
+        "min_tokens": _nullable({"type": "integer", "minimum": 0, "description":
+                                 "End-of-sequence tokens are masked until this many tokens "
+                                 "were generated (at most max_tokens); stop strings still "
+                                 "apply (vLLM's extension)."}),
+        "ignore_eos": _nullable({"type": "boolean", "description":
+                                 "Generate past end-of-sequence tokens, masking none "
+                                 "(vLLM's extension)."}),
+        "n": _local_only({"type": "integer", "minimum": 1}, "1"),
+        "logit_bias": _local_only({"type": "object", "additionalProperties": {
+            "type": "number"}}, "an empty object"),
+        "response_format": _local_only({"type": "object", "properties": {
+            "type": {"type": "string"}}}, '`{"type": "text"}`'),
+        "top_k": _local_only({"type": "integer"}, "-1 or 0 (off)"),
+        "min_p": _local_only({"type": "number"}, "0 (off)"),
+        "repetition_penalty": _local_only({"type": "number"}, "1 (off)"),
         "stream": _nullable({"type": "boolean"}),
         "stream_options": _nullable({
             "type": "object",
@@ -225,6 +293,13 @@ def _schemas(config: Config) -> dict[str, Schema]:
                     {"type": "array", "minItems": 1, "maxItems": 1, "items": text},
                 ], "description": "One non-empty prompt per request."},
                 **sampling,
+                "logprobs": _nullable({
+                    "type": "integer", "minimum": 0, "maximum": MAX_COMPLETION_LOGPROBS,
+                    "description": "Report each token's logprob and this many likeliest "
+                                   "alternatives (legacy shape)."}),
+                "best_of": _local_only({"type": "integer", "minimum": 1}, "1"),
+                "echo": _local_only({"type": "boolean"}, "false"),
+                "suffix": _local_only({"type": "string"}, "an empty string"),
             },
         },
         "ChatMessage": {
@@ -245,21 +320,37 @@ def _schemas(config: Config) -> dict[str, Schema]:
                 "model": text,
                 "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
                 **sampling,
+                "logprobs": _nullable({"type": "boolean", "description":
+                                       "Report each token's logprob."}),
+                "top_logprobs": _nullable({
+                    "type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS,
+                    "description": "With `logprobs: true`: this many likeliest alternatives per "
+                                   "token (a model may allow fewer: 400)."}),
+                "tools": _local_only({"type": "array", "items": {"type": "object"}},
+                                     "an empty list"),
+                "tool_choice": _local_only({"anyOf": [{"type": "string"}, {"type": "object"}]},
+                                           '`"none"` or `"auto"`'),
+                "functions": _local_only({"type": "array", "items": {"type": "object"}},
+                                         "an empty list"),
+                "function_call": _local_only({"anyOf": [{"type": "string"},
+                                                        {"type": "object"}]},
+                                             '`"none"` or `"auto"`'),
             },
         },
         "Usage": usage,
+        **_logprob_schemas(),
         "Completion": _completion("text_completion", text_choice),
         "ChatCompletion": _completion("chat.completion", _choice("message", {
             "type": "object",
             "required": ["role", "content"],
             "properties": {"role": {"const": "assistant"},
                            "content": _nullable({"type": "string"})},
-        }, finish_reason)),
+        }, finish_reason, "ChatLogprobs")),
         "CompletionChunk": _completion("text_completion", text_choice),
         "ChatCompletionChunk": _completion("chat.completion.chunk", _choice("delta", {
             "type": "object", "properties": {
                 "role": {"const": "assistant"}, "content": {"type": "string"}},
-        }, finish_reason)),
+        }, finish_reason, "ChatLogprobs")),
         "Model": {
             "type": "object",
             "required": ["id", "object", "created", "owned_by", "runtime", "status"],

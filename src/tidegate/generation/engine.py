@@ -39,7 +39,7 @@ from tidegate.errors import (
     TidegateError,
 )
 from tidegate.generation.detok import TokenDecoder
-from tidegate.generation.params import FinishReason, SamplingParams
+from tidegate.generation.params import FinishReason, SamplingParams, TokenLogprob
 from tidegate.generation.scheduler import admit, retry_after_s
 from tidegate.generation.sequence import SequenceState
 from tidegate.generation.stats import EngineStatistics, GenerationMetrics, HistogramSnapshot
@@ -326,12 +326,19 @@ class GenerationEngine:
                 self._end(seq, "error", error=RuntimeFailure(self.model, detail))
         for seq_id, token in outcome.tokens.items():
             seq = self._running.get(seq_id)
-            if seq is not None:  # None: it ended (cancelled) while the step ran
-                self._on_token(seq, token, now)
+            if seq is None:  # it ended (cancelled) while the step ran
+                continue
+            logprob = outcome.logprobs.get(seq_id)
+            if logprob is None and seq.reports_logprobs:
+                self._end(seq, "error", error=RuntimeFailure(
+                    self.model, "the generation worker returned a token without its logprobs"))
+                continue
+            self._on_token(seq, token, logprob, now)
         if self._on_step is not None:
             self._on_step(report)
 
-    def _on_token(self, seq: SequenceState, token: int, now: float) -> None:
+    def _on_token(self, seq: SequenceState, token: int, logprob: TokenLogprob | None,
+                  now: float) -> None:
         m = self._metrics
         if seq.first_token_at is None:
             seq.first_token_at = now
@@ -340,8 +347,8 @@ class GenerationEngine:
             m.inter_token_latency.observe(now - seq.last_token_at)
         seq.last_token_at = now
         m.generated_tokens += 1
-        text, finished = seq.accept(token)
-        seq.stream.push(text, now)
+        delta, finished = seq.accept(token, logprob)
+        seq.stream.push(delta, now)
         if finished is not None:
             self._end(seq, finished)
 

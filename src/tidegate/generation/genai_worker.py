@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tidegate.generation.params import SamplingParams
+from tidegate.generation.params import SamplingParams, TokenLogprob
 from tidegate.generation.worker import PrefillRequest, StepOutcome, StepPlan
 
 __all__ = ["GenaiWorker", "generation_config"]
@@ -46,7 +46,8 @@ def generation_config(params: SamplingParams, *, max_new: int,
     if eos_token_ids:
         config.stop_token_ids = set(eos_token_ids)
         config.eos_token_id = min(eos_token_ids)
-        config.min_new_tokens = int(getattr(params, "min_tokens", 0) or 0)
+        # With ignore_eos the request's end tokens are ordinary tokens: nothing to mask.
+        config.min_new_tokens = 0 if params.ignore_eos else params.min_tokens
     else:
         # The pipeline insists on an end token; a model without one gets an id past its
         # vocabulary, which no step can produce (and nothing masks: min_tokens needs no mask).
@@ -79,6 +80,7 @@ class GenaiWorker:
         self._eos = frozenset(eos_token_ids)
         self._vocab_size = vocab_size
         self._handles: dict[int, Any] = {}
+        self._reports_logprobs: set[int] = set()
         self._backlog: dict[int, deque[tuple[int, float | None]]] = {}
 
     def reset(self) -> None:
@@ -86,6 +88,7 @@ class GenaiWorker:
         for handle in self._handles.values():
             handle.cancel()
         self._handles.clear()
+        self._reports_logprobs.clear()
         self._backlog.clear()
 
     def step(self, plan: StepPlan) -> StepOutcome:
@@ -94,6 +97,7 @@ class GenaiWorker:
         for seq_id in plan.drop:
             handle = self._handles.pop(seq_id, None)
             self._backlog.pop(seq_id, None)
+            self._reports_logprobs.discard(seq_id)
             if handle is not None:
                 handle.cancel()
         decoded = tuple(self._handles)
@@ -103,23 +107,29 @@ class GenaiWorker:
                 self._handles[request.seq_id] = self._pipeline.add_request(
                     request.seq_id, ov.Tensor(np.array([request.prompt_ids], dtype=np.int64)),
                     self._config(request))
+                if request.params.logprobs is not None:
+                    self._reports_logprobs.add(request.seq_id)
             except Exception as exc:  # one bad request must not take the batch down
                 failed[request.seq_id] = f"{type(exc).__name__}: {exc}"
         if self._pipeline.has_non_finished_requests():
             self._pipeline.step()
         tokens: dict[int, int] = {}
+        logprobs: dict[int, TokenLogprob] = {}
         for seq_id, handle in self._handles.items():
             backlog = self._backlog.get(seq_id)
             if handle.can_read():
                 backlog = self._read(seq_id, handle)
             if backlog:
-                token, _ = backlog.popleft()
+                token, logprob = backlog.popleft()
                 tokens[seq_id] = token
+                if logprob is not None and seq_id in self._reports_logprobs:
+                    logprobs[seq_id] = TokenLogprob(logprob)
             elif handle.get_status() != self._running:
                 failed[seq_id] = _ended_reason(handle)
         for seq_id in failed:
             self._handles.pop(seq_id, None)
-        return StepOutcome(decoded=decoded, tokens=tokens, failed=failed)
+            self._reports_logprobs.discard(seq_id)
+        return StepOutcome(decoded=decoded, tokens=tokens, failed=failed, logprobs=logprobs)
 
     def _config(self, request: PrefillRequest) -> Any:
         return generation_config(request.params, max_new=request.max_new,
@@ -128,8 +138,10 @@ class GenaiWorker:
     def _read(self, seq_id: int, handle: Any) -> deque[tuple[int, float | None]]:
         backlog = self._backlog.setdefault(seq_id, deque())
         for output in handle.read().values():
-            logprobs = list(output.generated_log_probs) or [None] * len(output.generated_ids)
-            backlog.extend(zip((int(t) for t in output.generated_ids), logprobs, strict=False))
+            values: list[float | None] = [float(v) for v in output.generated_log_probs]
+            ids = [int(t) for t in output.generated_ids]
+            values += [None] * (len(ids) - len(values))
+            backlog.extend(zip(ids, values, strict=False))
         return backlog
 
 

@@ -12,7 +12,15 @@ from typing import Literal
 
 from tidegate.errors import InvalidRequest
 
-__all__ = ["MAX_STOP_STRINGS", "SEED_RANGE", "FinishReason", "SamplingParams"]
+__all__ = [
+    "MAX_LOGPROBS",
+    "MAX_STOP_STRINGS",
+    "PENALTY_RANGE",
+    "SEED_RANGE",
+    "FinishReason",
+    "SamplingParams",
+    "TokenLogprob",
+]
 
 FinishReason = Literal["stop", "length", "abort"]
 """``stop``: end-of-sequence token or a stop string; ``length``: ``max_tokens`` or the context
@@ -21,6 +29,20 @@ ran out; ``abort``: cancelled by the client, or dropped because its reader fell 
 MAX_STOP_STRINGS = 16
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """The seeds a ``torch.Generator`` takes."""
+MAX_LOGPROBS = 20
+"""Most alternatives reported per token (OpenAI's ``top_logprobs`` limit)."""
+PENALTY_RANGE = (-2.0, 2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model's raw distribution (before
+    temperature, penalties and masks), and the ``k`` most likely tokens with theirs, most
+    likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """``(token id, logprob)`` pairs; empty when no alternatives were asked for."""
 
 
 def _number(name: str, value: object) -> float:
@@ -56,6 +78,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     """Generation ends when the text contains one of these; the stop string is not returned."""
     seed: int | None = None
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated (OpenAI's)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from each token's logit once per time it was generated (OpenAI's)."""
+    min_tokens: int = 0
+    """End-of-sequence tokens cannot be chosen before this many tokens were generated (they are
+    masked); stop strings still end the sequence."""
+    ignore_eos: bool = False
+    """End-of-sequence tokens neither end the sequence nor are masked (``min_tokens``
+    included): generation runs to ``max_tokens``, a stop string or the context."""
+    logprobs: int | None = None
+    """``None``: none reported. ``k``: each token's logprob and the ``k`` most likely ones."""
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None:
@@ -81,10 +115,45 @@ class SamplingParams:
                 raise InvalidRequest(f"'seed' must be between {SEED_RANGE[0]} and "
                                      f"{SEED_RANGE[1]}, got {seed}", param="seed")
             object.__setattr__(self, "seed", seed)
+        for name in ("presence_penalty", "frequency_penalty"):
+            penalty = _number(name, getattr(self, name))
+            if not PENALTY_RANGE[0] <= penalty <= PENALTY_RANGE[1]:
+                raise InvalidRequest(f"'{name}' must be between -2 and 2, got {penalty:g}",
+                                     param=name)
+            object.__setattr__(self, name, penalty)
+        self._check_counts()
+
+    def _check_counts(self) -> None:
+        min_tokens = _integer("min_tokens", self.min_tokens)
+        if min_tokens < 0:
+            raise InvalidRequest(f"'min_tokens' must be >= 0, got {min_tokens}",
+                                 param="min_tokens")
+        if self.max_tokens is not None and min_tokens > self.max_tokens:
+            raise InvalidRequest(f"'min_tokens' ({min_tokens}) must be at most 'max_tokens' "
+                                 f"({self.max_tokens})", param="min_tokens")
+        object.__setattr__(self, "min_tokens", min_tokens)
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequest(f"'ignore_eos' must be a boolean, got {self.ignore_eos!r}",
+                                 param="ignore_eos")
+        if self.logprobs is not None:
+            logprobs = _integer("logprobs", self.logprobs)
+            if not 0 <= logprobs <= MAX_LOGPROBS:
+                raise InvalidRequest(f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got "
+                                     f"{logprobs}", param="logprobs")
+            object.__setattr__(self, "logprobs", logprobs)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def changes_logits(self) -> bool:
+        """Penalties or masked end-of-sequence tokens: logits are adjusted before choosing."""
+        return (self.min_tokens > 0 and not self.ignore_eos) or self.penalized
 
 
 def _stop_tuple(stop: object) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 Greedy rows take the argmax, exactly as ``model.generate(do_sample=False)`` does. Sampled rows
 draw from their own ``torch.Generator``, so a seeded request gets the same tokens whatever else
-shares its batch.
+shares its batch. Before either, :func:`apply_penalties` and :func:`mask_tokens` adjust the
+rows that ask for it; :func:`token_logprobs` reports log-probabilities of the raw logits.
 """
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ from collections.abc import Sequence
 
 import torch
 
-from tidegate.generation.params import SamplingParams
+from tidegate.generation.params import SamplingParams, TokenLogprob
 
-__all__ = ["make_generator", "next_tokens", "sample_row"]
+__all__ = [
+    "apply_penalties",
+    "make_generator",
+    "mask_tokens",
+    "next_tokens",
+    "sample_row",
+    "token_logprobs",
+]
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -75,3 +83,46 @@ def next_tokens(
     for row, token in zip(sampled, picks.squeeze(1).tolist(), strict=True):
         tokens[row] = int(token)
     return tokens
+
+
+def apply_penalties(
+    logits: torch.Tensor, rows: Sequence[int], counts: torch.Tensor,
+    params: Sequence[SamplingParams],
+) -> None:
+    """OpenAI's presence and frequency penalties, in place: for each of ``rows``,
+    ``logits[t] -= presence_penalty * (count[t] > 0) + frequency_penalty * count[t]``, where
+    ``counts`` (shape ``[len(rows), vocab]``) holds how often each token was generated so far."""
+    presence = torch.tensor([p.presence_penalty for p in params],
+                            dtype=logits.dtype).unsqueeze(1)
+    frequency = torch.tensor([p.frequency_penalty for p in params],
+                             dtype=logits.dtype).unsqueeze(1)
+    index = torch.tensor(rows, dtype=torch.long)
+    penalty = presence * (counts > 0).to(logits.dtype) + frequency * counts.to(logits.dtype)
+    logits.index_put_((index,), logits[index] - penalty)
+
+
+def mask_tokens(logits: torch.Tensor, rows: Sequence[int], tokens: Sequence[int]) -> None:
+    """Make ``tokens`` impossible in ``rows``, in place (``-inf``: neither argmax nor sampling
+    can pick them)."""
+    logits[torch.tensor(rows, dtype=torch.long).unsqueeze(1),
+           torch.tensor(tokens, dtype=torch.long).unsqueeze(0)] = float("-inf")
+
+
+def token_logprobs(
+    logits: torch.Tensor, rows: Sequence[int], chosen: Sequence[int], tops: Sequence[int]
+) -> list[TokenLogprob]:
+    """For each of ``rows``: the log-probability of its ``chosen`` token and its ``tops`` most
+    likely tokens, from ``log_softmax`` of ``logits`` as the model gave them (the distribution
+    OpenAI and vLLM report, whatever temperature or penalties picked the token)."""
+    logprobs = torch.log_softmax(logits[list(rows)].float(), dim=-1)
+    picked = logprobs.gather(1, torch.tensor(chosen, dtype=torch.long).unsqueeze(1))
+    values: list[float] = picked.squeeze(1).tolist()
+    most = max(tops)
+    if not most:
+        return [TokenLogprob(value) for value in values]
+    top_values, top_ids = torch.topk(logprobs, most, dim=-1)
+    ranked = zip(top_ids.tolist(), top_values.tolist(), strict=True)
+    return [
+        TokenLogprob(value, tuple(zip(ids[:k], lps[:k], strict=True)))
+        for value, k, (ids, lps) in zip(values, tops, ranked, strict=True)
+    ]

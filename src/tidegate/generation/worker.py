@@ -7,6 +7,10 @@ the last token of every sequence in the batch, which decodes one token each, fol
 newcomers' prompts, which are prefilled and join the batch, decoding from the next step on.
 Every step gives each sequence in it one new token.
 
+Before choosing, rows with penalties or ``min_tokens`` get adjusted logits (a copy: the raw
+logits stay for the log-probabilities, which OpenAI reports before any adjustment). A step in
+which no row asks for either, nor for logprobs, pays one ``any()`` over its rows for them.
+
 If a forward with newcomers fails, the step is redone without them and each newcomer is then
 prefilled alone, so one bad prompt fails only its own sequence. Models whose rotary scaling
 depends on the forward's largest position (dynamic, longrope) prefill newcomers in a forward of
@@ -18,16 +22,21 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tidegate.generation.attention import PackedAttention, TransformedCache
 from tidegate.generation.kvbatch import PaddedKVBatch
-from tidegate.generation.params import SamplingParams
-from tidegate.generation.sampling import next_tokens
+from tidegate.generation.params import SamplingParams, TokenLogprob
+from tidegate.generation.sampling import (
+    apply_penalties,
+    mask_tokens,
+    next_tokens,
+    token_logprobs,
+)
 
 __all__ = [
     "PrefillRequest",
@@ -66,20 +75,32 @@ class StepOutcome:
     """Each sequence's new token: decoded ones and newly prefilled ones."""
     failed: dict[int, str]
     """Newcomers whose prefill raised, with the error: they did not join the batch."""
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
+    """The new token's logprobs, for each sequence of ``tokens`` whose params ask for them."""
 
 
 @dataclass(slots=True)
 class _Row:
     params: SamplingParams
     generator: torch.Generator
-    last_token: int
+    last_token: int = -1
+    generated: int = 0
+    mask_until: int = 0
+    """End-of-sequence tokens are masked while fewer tokens were generated (``min_tokens``)."""
+    counts: torch.Tensor | None = None
+    """How often each token was generated (float, one per vocabulary entry): penalties only."""
+    extra: bool = False
+    """Penalties, ``min_tokens`` or logprobs: the step has more to do than choose a token."""
 
 
 class StepWorker:
     """Owns the padded KV batch of one model. Not thread-safe: one step at a time."""
 
-    def __init__(self, model: Any, *, materialized: bool = False) -> None:
+    def __init__(self, model: Any, *, materialized: bool = False,
+                 eos_token_ids: Collection[int] = ()) -> None:
         self._model = model
+        self._eos = sorted(eos_token_ids)
+        """Masked for a sequence until it has generated its ``min_tokens``."""
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns).
         parameters = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
@@ -123,9 +144,10 @@ class StepWorker:
                     except Exception as exc:  # one bad prompt must not take the batch down
                         failed[request.seq_id] = f"{type(exc).__name__}: {exc}"
         tokens: dict[int, int] = {}
+        logprobs: dict[int, TokenLogprob] = {}
         for seq_ids, requests, logits in done:
-            tokens.update(self._sample(seq_ids, requests, logits))
-        return StepOutcome(decoded=decoded, tokens=tokens, failed=failed)
+            self._sample(seq_ids, requests, logits, tokens, logprobs)
+        return StepOutcome(decoded=decoded, tokens=tokens, failed=failed, logprobs=logprobs)
 
     def _forward(
         self, decoded: Sequence[int], requests: Sequence[PrefillRequest]
@@ -167,18 +189,56 @@ class StepWorker:
         return logits
 
     def _sample(
-        self, decoded: Sequence[int], requests: Sequence[PrefillRequest], logits: torch.Tensor
-    ) -> dict[int, int]:
-        rows = [self._rows[seq_id] for seq_id in decoded]
-        params = [row.params for row in rows] + [request.params for request in requests]
-        generators = [row.generator for row in rows] + [r.generator for r in requests]
-        new = next_tokens(logits, params, generators)
-        for row, token in zip(rows, new, strict=False):
-            row.last_token = token
-        for request, token in zip(requests, new[len(rows):], strict=True):
-            self._rows[request.seq_id] = _Row(request.params, request.generator, token)
+        self, decoded: Sequence[int], requests: Sequence[PrefillRequest], logits: torch.Tensor,
+        tokens: dict[int, int], logprobs: dict[int, TokenLogprob],
+    ) -> None:
+        """Choose each row's next token into ``tokens`` (and ``logprobs``, for rows that ask)."""
+        for request in requests:
+            self._rows[request.seq_id] = self._new_row(request, vocab=logits.shape[-1])
         ids = [*decoded, *(request.seq_id for request in requests)]
-        return dict(zip(ids, new, strict=True))
+        rows = [self._rows[seq_id] for seq_id in ids]
+        params = [row.params for row in rows]
+        extra = any(row.extra for row in rows)
+        chosen = logits
+        if extra and any(row.counts is not None or row.generated < row.mask_until
+                         for row in rows):
+            chosen = self._adjusted(logits, rows)
+        new = next_tokens(chosen, params, [row.generator for row in rows])
+        for seq_id, row, token in zip(ids, rows, new, strict=True):
+            tokens[seq_id] = row.last_token = token
+            row.generated += 1
+            if row.counts is not None:
+                row.counts[token] += 1
+        if extra:
+            asking = [i for i, p in enumerate(params) if p.logprobs is not None]
+            if asking:
+                found = token_logprobs(logits, asking, [new[i] for i in asking],
+                                       [params[i].logprobs or 0 for i in asking])
+                logprobs.update(zip((ids[i] for i in asking), found, strict=True))
+
+    @staticmethod
+    def _new_row(request: PrefillRequest, *, vocab: int) -> _Row:
+        params = request.params
+        counts = torch.zeros(vocab) if params.penalized else None
+        extra = params.changes_logits or params.logprobs is not None
+        mask_until = 0 if params.ignore_eos else params.min_tokens
+        return _Row(params, request.generator, mask_until=mask_until, counts=counts,
+                    extra=extra)
+
+    def _adjusted(self, logits: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
+        """A float32 copy of ``logits`` with each row's penalties applied and, for rows short
+        of their ``min_tokens`` (and not ignoring them), the end-of-sequence tokens masked."""
+        adjusted = logits.to(torch.float32, copy=True)
+        penalized = [(i, row.counts) for i, row in enumerate(rows) if row.counts is not None]
+        if penalized:
+            at = [i for i, _ in penalized]
+            counts = torch.stack([counts for _, counts in penalized])
+            apply_penalties(adjusted, at, counts, [rows[i].params for i in at])
+        short = [i for i, row in enumerate(rows) if row.generated < row.mask_until]
+        eos = [token for token in self._eos if token < adjusted.shape[-1]]
+        if short and eos:
+            mask_tokens(adjusted, short, eos)
+        return adjusted
 
 
 _POSITION_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})

@@ -68,6 +68,10 @@ class CausalLMRuntime(LMText):
     (the KV cache of running sequences comes on top).
     """
 
+    max_top_logprobs: int | None = None
+    """Most alternatives per token this runtime's engine reports; None: as many as the API
+    allows. (A runtime whose pipeline reports fewer sets it; the API refuses more.)"""
+
     def __init__(
         self,
         model_dir: Path,
@@ -122,7 +126,8 @@ class CausalLMRuntime(LMText):
         return Precision.BF16 if self.dtype == "bfloat16" else Precision.FP32
 
     def create_worker(self) -> StepWorker:
-        return StepWorker(self.model, materialized=self.materialized_cache)
+        return StepWorker(self.model, materialized=self.materialized_cache,
+                          eos_token_ids=self.eos_token_ids)
 
     def close(self) -> None:
         self.model = None
