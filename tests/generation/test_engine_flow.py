@@ -18,6 +18,7 @@ from tidegate.errors import (
 )
 from tidegate.generation import SamplingParams
 from tidegate.generation.engine import GenerationEngine
+from tidegate.generation.worker import StepWorker
 from tidegate.runtimes.causal_lm import CausalLMRuntime
 
 from .conftest import run_engine
@@ -218,7 +219,9 @@ class FlakyRuntime:
     eos_token_ids: frozenset[int]
     context_length: int
     vocab_size: int
-    materialized_cache: bool = False
+
+    def create_worker(self) -> StepWorker:
+        return StepWorker(self.model, eos_token_ids=self.eos_token_ids)
 
 
 def flaky(runtime: CausalLMRuntime, fail_on: set[int], poison: int | None = None) -> FlakyRuntime:

@@ -14,6 +14,7 @@ import torch
 from tidegate.generation import Delta, GenerationResult, SamplingParams
 from tidegate.generation.detok import TokenDecoder
 from tidegate.generation.engine import GenerationEngine
+from tidegate.generation.worker import StepWorker
 from tidegate.runtimes.causal_lm import CausalLMRuntime
 
 from .conftest import run_engine
@@ -43,9 +44,9 @@ class WithEos:
     def vocab_size(self) -> int:
         return self.runtime.vocab_size
 
-    @property
-    def materialized_cache(self) -> bool:
-        return self.runtime.materialized_cache
+    def create_worker(self) -> StepWorker:
+        return StepWorker(self.runtime.model, materialized=self.runtime.materialized_cache,
+                          eos_token_ids=self.eos_token_ids)
 
 
 def forward_logits(model: Any, ids: list[int]) -> torch.Tensor:
