@@ -1,59 +1,85 @@
-"""Generation benchmark: streamed completions from a small random GPT-2 over HTTP.
+"""Generation benchmark: tidegate's engines over HTTP against the OpenVINO pipeline's ceiling.
 
-Two measurements against ``tidegate serve`` with a ``causal-lm`` model (``bench.tiny_gpt2``):
+The model is a random-weight Llama of SmolLM2-135M's shape (``bench.bench_llama``). In one run:
 
-* **throughput**: N clients (1, 4, 16, 32) each keep one ``stream: true`` completion open at all
-  times, back to back, for a fixed window after a warm-up. Aggregate tokens/s counts the text
-  chunks that arrived inside the window, scaled by the tokens per chunk the final usage chunks
-  report (about 1). Time to first token is measured from the request's first byte sent;
-* **memory per idle stream**: with one decode slot (``max_num_seqs = 1``), one long generation
-  runs while 1,000 more streams wait for the slot. The server's RSS with only the running stream
-  open is subtracted from its RSS with all of them open and divided by 1,000, so the running
-  sequence's KV cache is in both and cancels out.
+* **throughput over HTTP**, each server configuration on its own fresh ``tidegate serve``
+  (:data:`SERVING_RUNS`: the torch engine in fp32, OpenVINO in its default precision and in
+  fp32): N clients each keep one streamed completion open, back to back
+  (``bench.stream_load``);
+* **the in-process ceiling** of the same OpenVINO pipeline (``bench.genai_ceiling``): a closed
+  loop keeping exactly N requests in flight with the same prompts and sampling, no HTTP;
+* **memory per idle stream** (OpenVINO, default precision, one decode slot): server RSS per
+  stream waiting for the slot, 1,000 of them (``bench.stream_load``).
+
+The in-process runs go first, with no server alive; the servers then run one at a time. The
+OpenVINO export is cached in tidegate's cache directory (``TIDEGATE_CACHE_DIR`` or the user
+cache), the same one the servers use, so only the first run pays for it.
 
 ``python -m bench.run_all --only generation`` runs it and renders it into BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
-import asyncio
-import statistics
-import time
-from collections.abc import Awaitable, Callable
+import json
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
+from bench.bench_llama import BenchLlama, build_bench_llama
+from bench.genai_ceiling import PipelineLoad, measure_pipeline
 from bench.http_load import HOST, ServerProcess, run_on_uvloop
-from bench.serving import (
-    raise_fd_limit,
-    read_metrics,
-    rss_kib,
-    server_pid,
-    sum_samples,
-    tidegate_from_toml,
-)
-from bench.sse_client import SseConnection, StreamRecord, StreamRejected
-from bench.tiny_gpt2 import TinyGpt2, build_tiny_gpt2
-from bench.workload import make_sentences
+from bench.serving import raise_fd_limit, tidegate_from_toml
+from bench.stream_load import IdleMemory, StreamLoad, measure_idle_memory, measure_streams
+from tidegate.config import GenerationConfig, default_cache_dir
+from tidegate.engines import Backend, Precision
 
 __all__ = [
-    "CONCURRENCY",
+    "MAX_NUM_SEQS",
+    "OPENVINO_AUTO",
+    "OPENVINO_FP32",
+    "PIPELINE_RUNS",
+    "SERVING_RUNS",
+    "TORCH_FP32",
     "GenerationResults",
     "GenerationSettings",
+    "HttpRun",
     "IdleMemory",
+    "Serving",
     "StreamLoad",
+    "render_config",
     "run_generation",
 ]
 
-MODEL_ID = "bench-gpt2"
-COMPLETIONS_PATH = "/v1/completions"
-CONCURRENCY = (1, 4, 16, 32)
-MAX_TOKENS = 64
-_IDLE_MAX_TOKENS = 400
-"""Long enough that the running sequence outlives the time it takes to open the idle ones."""
-_PROMPTS = 256
-_T = TypeVar("_T")
+MODEL_ID = "bench-llama"
+MAX_NUM_SEQS = 32
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Serving:
+    """One server configuration of the throughput runs: ``backend`` and ``precision``."""
+
+    backend: Backend
+    precision: Precision
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend.value} {self.precision.value}"
+
+
+TORCH_FP32 = Serving(backend=Backend.TORCH, precision=Precision.FP32)
+OPENVINO_AUTO = Serving(backend=Backend.OPENVINO, precision=Precision.AUTO)
+OPENVINO_FP32 = Serving(backend=Backend.OPENVINO, precision=Precision.FP32)
+SERVING_RUNS: tuple[tuple[Serving, tuple[int, ...]], ...] = (
+    (TORCH_FP32, (1, 16)),
+    (OPENVINO_AUTO, (1, 16, 32)),
+    (OPENVINO_FP32, (16,)),
+)
+"""Each server configuration and the stream counts measured on it."""
+PIPELINE_RUNS: tuple[tuple[Precision, tuple[int, ...]], ...] = (
+    (Precision.AUTO, (1, 16)),
+    (Precision.FP32, (16,)),
+)
+"""Each in-process pipeline precision and the in-flight request counts measured on it."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,314 +87,155 @@ class GenerationSettings:
     duration_s: float
     warmup_s: float
     idle_streams: int = 1000
-    concurrency: tuple[int, ...] = CONCURRENCY
+    servings: tuple[tuple[Serving, tuple[int, ...]], ...] = SERVING_RUNS
+    pipeline: tuple[tuple[Precision, tuple[int, ...]], ...] = PIPELINE_RUNS
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class StreamLoad:
-    concurrency: int
-    window_s: float
-    tokens: float
-    streams_completed: int
-    streams_started: int
-    tokens_per_chunk: float
-    ttft_p50_ms: float | None
-    ttft_p99_ms: float | None
-    errors: int
-    server_tokens_per_s: float | None
-    """From the server's ``tidegate_generation_tokens_total{kind="completion"}`` over the window."""
-    mean_decode_batch: float | None
-    mean_step_ms: float | None
-    """Mean engine step (prefill and/or decode) over the window, from /metrics."""
-    engine_busy: float | None
-    """Fraction of the window the engine spent inside steps."""
+class HttpRun:
+    """One server configuration's measurements."""
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.window_s
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class IdleMemory:
-    streams: int
-    rss_before_kib: int
-    rss_after_kib: int
-    waiting: float | None
-    running: float | None
-    all_open: bool
-    """The server counted (almost) every stream as waiting or running before RSS was read."""
-    opened_s: float
-    rss_closed_kib: int
-    drained: bool
-    errors: int
-
-    @property
-    def kib_per_stream(self) -> float:
-        return (self.rss_after_kib - self.rss_before_kib) / self.streams
+    serving: Serving
+    server: ServerProcess
+    served: str
+    """The engine and precision the server reports for the model (``GET /v1/models/{id}``)."""
+    loads: list[StreamLoad]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GenerationResults:
-    model: TinyGpt2
-    server: ServerProcess
+    model: BenchLlama
+    runs: list[HttpRun]
+    pipeline: list[PipelineLoad]
     memory_server: ServerProcess | None
-    loads: list[StreamLoad]
     memory: IdleMemory | None
     memory_error: str | None = None
+    errors: tuple[str, ...] = ()
+    """Configurations that could not be measured, and why."""
 
-    def load(self, concurrency: int) -> StreamLoad | None:
-        return next((x for x in self.loads if x.concurrency == concurrency), None)
+    def http(self, serving: Serving, concurrency: int) -> StreamLoad | None:
+        return next((load for run in self.runs if run.serving == serving
+                     for load in run.loads if load.concurrency == concurrency), None)
+
+    def run(self, serving: Serving) -> HttpRun | None:
+        return next((run for run in self.runs if run.serving == serving), None)
+
+    def in_process(self, precision: Precision, concurrency: int) -> PipelineLoad | None:
+        return next((x for x in self.pipeline
+                     if x.precision is precision and x.concurrency == concurrency), None)
 
 
-def render_config(model_dir: Path, **generation: int | float) -> str:
+def render_config(model_dir: Path, *, model_id: str = MODEL_ID, backend: Backend = Backend.AUTO,
+                  precision: Precision = Precision.AUTO, **generation: int | float) -> str:
     lines = [
         "[server]", f'host = "{HOST}"', 'log_level = "info"', "",
-        "[[models]]", f'id = "{MODEL_ID}"', 'runtime = "causal-lm"', f'source = "{model_dir}"',
+        "[[models]]", f'id = "{model_id}"', 'runtime = "causal-lm"', f'source = "{model_dir}"',
+        f'backend = "{backend.value}"', f'precision = "{precision.value}"',
         "[models.generation]",
         *(f"{key} = {value}" for key, value in generation.items()),
     ]
     return "\n".join(lines) + "\n"
 
 
-class _Bodies:
-    """Completion request bodies over the shared sentences, each with its own sampling seed."""
-
-    def __init__(self, max_tokens: int) -> None:
-        self._prompts = make_sentences(_PROMPTS)
-        self._max_tokens = max_tokens
-        self._next = 0
-
-    def __call__(self) -> dict[str, Any]:
-        index = self._next
-        self._next += 1
-        return {
-            "model": MODEL_ID, "prompt": self._prompts[index % len(self._prompts)],
-            "max_tokens": self._max_tokens, "temperature": 1.0, "seed": index, "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+def _served(server: ServerProcess) -> str:
+    """``backend precision`` of the model as the server reports it (``auto`` resolved)."""
+    url = f"{server.base_url}/v1/models/{MODEL_ID}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        data = json.loads(response.read())
+    details = data.get("details", data) if isinstance(data, dict) else {}
+    return f"{details.get('backend', '?')} {details.get('precision', '?')}"
 
 
-def _port(server: ServerProcess) -> int:
-    return int(server.base_url.rsplit(":", 1)[1])
+def _print_load(label: str, load: StreamLoad) -> None:
+    print(f"  {label}, {load.concurrency} streams: {load.tokens_per_s:.0f} tokens/s, TTFT p50 "
+          f"{load.ttft_p50_ms or 0:.1f} ms p99 {load.ttft_p99_ms or 0:.1f} ms, mean decode "
+          f"batch {load.mean_decode_batch or 0:.1f}, step {load.mean_step_ms or 0:.1f} ms, "
+          f"engine busy {load.engine_busy or 0:.0%}", flush=True)
 
 
-async def _metrics(server: ServerProcess) -> dict[str, float | None]:
-    samples = await asyncio.to_thread(read_metrics, server.base_url)
-    return {
-        "tokens": sum_samples(samples, "tidegate_generation_tokens_total", kind="completion"),
-        "batch_sum": sum_samples(samples, "tidegate_generation_decode_batch_size_sum"),
-        "batch_count": sum_samples(samples, "tidegate_generation_decode_batch_size_count"),
-        "step_sum": sum_samples(samples, "tidegate_generation_step_seconds_sum"),
-        "step_count": sum_samples(samples, "tidegate_generation_step_seconds_count"),
-        "running": sum_samples(samples, "tidegate_generation_running", model=MODEL_ID),
-        "waiting": sum_samples(samples, "tidegate_generation_waiting", model=MODEL_ID),
-    }
-
-
-async def _keep_streaming(
-    server: ServerProcess, bodies: _Bodies, records: list[StreamRecord], errors: list[str]
-) -> None:
-    async with SseConnection(HOST, _port(server)) as connection:
-        while True:
-            record = StreamRecord(started=time.perf_counter())
-            records.append(record)
-            try:
-                await connection.stream(COMPLETIONS_PATH, bodies(), record)
-            except (StreamRejected, OSError, asyncio.IncompleteReadError) as exc:
-                errors.append(str(exc))
-                await asyncio.sleep(0.05)  # a refusing server is not hammered in a tight loop
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-@dataclass(frozen=True, slots=True)
-class _Window:
-    """The measured interval and the server's metrics at both ends."""
-
-    start: float
-    end: float
-    before: dict[str, float | None]
-    after: dict[str, float | None]
-
-    def delta(self, key: str) -> float | None:
-        a, b = self.after[key], self.before[key]
-        return a - b if a is not None and b is not None else None
-
-    def holds(self, moment: float | None) -> bool:
-        return moment is not None and self.start <= moment < self.end
-
-
-def _summarize(
-    concurrency: int, records: list[StreamRecord], window: _Window, errors: int
-) -> StreamLoad:
-    completed = [r for r in records if r.finished is not None and r.completion_tokens is not None]
-    chunks_done = sum(len(r.chunk_times) for r in completed)
-    tokens_done = sum(r.completion_tokens or 0 for r in completed)
-    per_chunk = tokens_done / chunks_done if chunks_done else 1.0
-    chunks = sum(1 for r in records for t in r.chunk_times if window.holds(t))
-    ttfts = [r.ttft_s * 1000 for r in records if r.ttft_s is not None and window.holds(r.started)]
-    seconds = window.end - window.start
-    server_tokens = window.delta("tokens")
-    batch_sum, batch_count = window.delta("batch_sum"), window.delta("batch_count")
-    step_sum, step_count = window.delta("step_sum"), window.delta("step_count")
-    return StreamLoad(
-        concurrency=concurrency, window_s=seconds, tokens=chunks * per_chunk,
-        streams_completed=sum(1 for r in completed if window.holds(r.finished)),
-        streams_started=sum(1 for r in records if window.holds(r.started)),
-        tokens_per_chunk=per_chunk,
-        ttft_p50_ms=_percentile(ttfts, 0.50), ttft_p99_ms=_percentile(ttfts, 0.99),
-        errors=errors,
-        server_tokens_per_s=server_tokens / seconds if server_tokens is not None else None,
-        mean_decode_batch=(
-            batch_sum / batch_count if batch_sum is not None and batch_count else None
-        ),
-        mean_step_ms=step_sum / step_count * 1000 if step_sum is not None and step_count else None,
-        engine_busy=step_sum / seconds if step_sum is not None else None,
-    )
-
-
-async def _measure_streams(
-    server: ServerProcess, concurrency: int, settings: GenerationSettings
-) -> StreamLoad:
-    bodies = _Bodies(MAX_TOKENS)
-    records: list[StreamRecord] = []
-    errors: list[str] = []
-    workers = [
-        asyncio.create_task(_keep_streaming(server, bodies, records, errors))
-        for _ in range(concurrency)
-    ]
-    try:
-        await asyncio.sleep(settings.warmup_s)
-        before = await _metrics(server)
-        start = time.perf_counter()
-        await asyncio.sleep(settings.duration_s)
-        end = time.perf_counter()
-        after = await _metrics(server)
-    finally:
-        for worker in workers:
-            worker.cancel()
-        outcomes = await asyncio.gather(*workers, return_exceptions=True)
-    # A worker that died of anything but its cancellation stopped streaming early: say why.
-    errors += [f"worker died: {o!r}" for o in outcomes if isinstance(o, Exception)]
-    load = _summarize(concurrency, records, _Window(start, end, before, after), len(errors))
-    if errors:
-        print(f"    {len(errors)} failed streams, first: {errors[0]}", flush=True)
-    return load
-
-
-async def _wait_for(
-    probe: Callable[[], Awaitable[_T]], done: Callable[[_T], bool], *, timeout_s: float
-) -> tuple[_T, bool]:
-    """Poll ``probe`` (bounded, 4 times a second) until ``done`` holds for its value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await probe()
-        if done(value) or time.monotonic() >= deadline:
-            return value, done(value)
-        await asyncio.sleep(0.25)
-
-
-async def _settled_rss(pid: int) -> int:
-    samples = []
-    for _ in range(5):
-        samples.append(rss_kib(pid))
-        await asyncio.sleep(0.2)
-    return int(statistics.median(samples))
-
-
-async def _hold_stream(server: ServerProcess, body: dict[str, Any], record: StreamRecord,
-                       errors: list[str], opening: asyncio.Semaphore) -> None:
-    async with SseConnection(HOST, _port(server)) as connection:
+def _run_pipeline(model: BenchLlama, settings: GenerationSettings,
+                  errors: list[str]) -> list[PipelineLoad]:
+    generation = GenerationConfig(max_num_seqs=MAX_NUM_SEQS)
+    loads: list[PipelineLoad] = []
+    for precision, concurrency in settings.pipeline:
         try:
-            async with opening:  # bounds connects in progress, not open streams
-                await connection.connect()
-            await connection.stream(COMPLETIONS_PATH, body, record)
-        except (StreamRejected, OSError, asyncio.IncompleteReadError) as exc:
-            errors.append(str(exc))
+            measured = measure_pipeline(
+                model.path, default_cache_dir(), precision=precision, generation=generation,
+                concurrency=concurrency, warmup_s=settings.warmup_s,
+                duration_s=settings.duration_s)
+        except (RuntimeError, OSError) as exc:  # export, probe or engine: keep the other runs
+            errors.append(f"in-process pipeline {precision.value}: {type(exc).__name__}: {exc}")
+            print(f"  {errors[-1]}", flush=True)
+            continue
+        for load in measured:
+            print(f"  in-process pipeline {precision.value} ({load.resolved.value}), "
+                  f"{load.concurrency} in flight: {load.tokens_per_s:.0f} tokens/s, TTFT p50 "
+                  f"{load.ttft_p50_ms or 0:.1f} ms, step {load.mean_step_ms:.1f} ms", flush=True)
+        loads += measured
+    return loads
 
 
-async def _measure_idle_memory(server: ServerProcess, streams: int) -> IdleMemory:
-    pid = server_pid(server)
-    bodies = _Bodies(_IDLE_MAX_TOKENS)
-    warm = _Bodies(8)
-    async with SseConnection(HOST, _port(server)) as connection:
-        for _ in range(3):  # first-request costs (allocator pools, lazy imports) land before
-            await connection.stream(COMPLETIONS_PATH, warm(), StreamRecord(time.perf_counter()))
-    errors: list[str] = []
-    opening = asyncio.Semaphore(64)
-    holders: list[asyncio.Task[None]] = []
+def _run_http(model: BenchLlama, settings: GenerationSettings, workdir: Path,
+              errors: list[str]) -> list[HttpRun]:
+    runs: list[HttpRun] = []
+    for serving, concurrency in settings.servings:
+        config = render_config(model.path, backend=serving.backend,
+                               precision=serving.precision, max_num_seqs=MAX_NUM_SEQS)
+        name = f"generation-{serving.backend.value}-{serving.precision.value}"
+        try:
+            with tidegate_from_toml(config, workdir=workdir, name=name) as server:
+                served = _served(server)
+                print(f"  {serving.label}: serving on {served}", flush=True)
+                loads = []
+                for n in concurrency:
+                    loads.append(run_on_uvloop(measure_streams(
+                        server, n, model=MODEL_ID, warmup_s=settings.warmup_s,
+                        duration_s=settings.duration_s)))
+                    _print_load(serving.label, loads[-1])
+        except (RuntimeError, OSError) as exc:  # e.g. the server failed to become ready
+            errors.append(f"HTTP {serving.label}: {type(exc).__name__}: {exc}")
+            print(f"  {errors[-1]}", flush=True)
+            continue
+        runs.append(HttpRun(serving=serving, server=server, served=served, loads=loads))
+    return runs
 
-    def hold() -> None:
-        record = StreamRecord(started=time.perf_counter())
-        holders.append(asyncio.create_task(_hold_stream(server, bodies(), record, errors, opening)))
 
+def _run_idle_memory(
+    model: BenchLlama, settings: GenerationSettings, workdir: Path
+) -> tuple[ServerProcess | None, IdleMemory | None, str | None]:
+    # Every idle stream is a socket on both ends; children inherit the raised limit.
+    raise_fd_limit(settings.idle_streams * 2 + 1024)
+    config = render_config(model.path, backend=Backend.OPENVINO, precision=Precision.AUTO,
+                           max_num_seqs=1, max_waiting=settings.idle_streams * 2,
+                           stream_timeout_s=600)
+    server: ServerProcess | None = None
     try:
-        hold()  # the running sequence, part of the baseline
-        await _wait_for(lambda: _metrics(server), lambda m: (m["running"] or 0) >= 1, timeout_s=30)
-        before = await _settled_rss(pid)
-        opened_at = time.perf_counter()
-        for _ in range(streams):
-            hold()
-        # Sequences that finished meanwhile were replaced from the waiting queue: count open ones.
-        metrics, all_open = await _wait_for(
-            lambda: _metrics(server),
-            lambda m: (m["waiting"] or 0) + (m["running"] or 0)
-            >= sum(not h.done() for h in holders) > streams * 0.98,
-            timeout_s=120,
-        )
-        opened_s = time.perf_counter() - opened_at
-        after = await _settled_rss(pid)
-    finally:
-        for holder in holders:
-            holder.cancel()
-        await asyncio.gather(*holders, return_exceptions=True)
-    _, drained = await _wait_for(
-        lambda: _metrics(server),
-        lambda m: (m["waiting"] or 0) + (m["running"] or 0) == 0, timeout_s=60,
-    )
-    return IdleMemory(
-        streams=streams, rss_before_kib=before, rss_after_kib=after,
-        waiting=metrics["waiting"], running=metrics["running"], all_open=all_open,
-        opened_s=opened_s,
-        rss_closed_kib=await _settled_rss(pid), drained=drained, errors=len(errors),
-    )
+        with tidegate_from_toml(config, workdir=workdir, name="generation-idle") as server:
+            memory = run_on_uvloop(
+                measure_idle_memory(server, settings.idle_streams, model=MODEL_ID))
+    except (RuntimeError, LookupError, OSError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        print(f"  idle-stream memory failed: {error}", flush=True)
+        return server, None, error
+    print(f"  {memory.streams} idle streams: {memory.kib_per_stream:.1f} KiB each "
+          f"(RSS {memory.rss_before_kib} -> {memory.rss_after_kib} KiB; waiting "
+          f"{memory.waiting}, running {memory.running}; drained {memory.drained})", flush=True)
+    return server, memory, None
 
 
 def run_generation(settings: GenerationSettings, workdir: Path) -> GenerationResults:
-    """Build the model, then run both measurements, each against its own fresh server."""
-    model = build_tiny_gpt2(workdir / "bench-gpt2")
+    """Build the model, run the in-process pipeline (no server alive), then each server
+    configuration and the idle-stream memory, each against its own fresh server."""
+    model = build_bench_llama(workdir / "bench-llama")
     print(f"  model: {model.describe()}", flush=True)
-    loads: list[StreamLoad] = []
-    config = render_config(model.path, max_num_seqs=32)
-    with tidegate_from_toml(config, workdir=workdir, name="generation") as server:
-        for concurrency in settings.concurrency:
-            load = run_on_uvloop(_measure_streams(server, concurrency, settings))
-            loads.append(load)
-            print(f"  {concurrency} streams: {load.tokens_per_s:.0f} tokens/s, TTFT p50 "
-                  f"{load.ttft_p50_ms or 0:.1f} ms p99 {load.ttft_p99_ms or 0:.1f} ms, "
-                  f"mean decode batch {load.mean_decode_batch or 0:.1f}, step "
-                  f"{load.mean_step_ms or 0:.1f} ms, engine busy {load.engine_busy or 0:.0%}",
-                  flush=True)
-    # Every idle stream is a socket on both ends; children inherit the raised limit.
-    raise_fd_limit(settings.idle_streams * 2 + 1024)
-    memory_config = render_config(model.path, max_num_seqs=1,
-                                  max_waiting=settings.idle_streams * 2, stream_timeout_s=600)
+    errors: list[str] = []
+    pipeline = _run_pipeline(model, settings, errors)
+    runs = _run_http(model, settings, workdir, errors)
+    memory_server: ServerProcess | None = None
     memory: IdleMemory | None = None
-    memory_error: str | None = None
-    with tidegate_from_toml(memory_config, workdir=workdir, name="generation-idle") as idle:
-        try:
-            memory = run_on_uvloop(_measure_idle_memory(idle, settings.idle_streams))
-            print(f"  {memory.streams} idle streams: {memory.kib_per_stream:.1f} KiB each "
-                  f"(RSS {memory.rss_before_kib} -> {memory.rss_after_kib} KiB; waiting "
-                  f"{memory.waiting}, running {memory.running}; drained {memory.drained})",
-                  flush=True)
-        except (RuntimeError, LookupError, OSError) as exc:
-            memory_error = f"{type(exc).__name__}: {exc}"
-            print(f"  idle-stream memory failed: {memory_error}", flush=True)
-    return GenerationResults(model=model, server=server, memory_server=idle, loads=loads,
-                             memory=memory, memory_error=memory_error)
+    memory_error: str | None = "skipped"
+    if settings.idle_streams:
+        memory_server, memory, memory_error = _run_idle_memory(model, settings, workdir)
+    return GenerationResults(model=model, runs=runs, pipeline=pipeline,
+                             memory_server=memory_server, memory=memory,
+                             memory_error=memory_error, errors=tuple(errors))

@@ -12,9 +12,10 @@ Sections, in order (``--only`` picks some):
   (``bench.embeddings``);
 * ``trace``: model-cache policy replay (LRU, LFU, each with and without predictive
   preloading, and Belady) on Zipf and patterned traces (``bench.trace_replay``);
-* ``generation`` (about 1.5 minutes): streamed completions from a random-weight GPT-2 at 1, 4,
-  16 and 32 concurrent streams, and server memory per idle stream with 1,000 streams open
-  (``bench.generation``);
+* ``generation`` (about 5 minutes): streamed completions from a random-weight Llama of
+  SmolLM2-135M's shape over HTTP (torch engine fp32; OpenVINO in its default precision and in
+  fp32) against the OpenVINO pipeline's in-process ceiling, and server memory per idle stream
+  with 1,000 streams open (``bench.generation``);
 * ``gateway`` (not run by default, about 4 minutes): MiniLM and echo upstreams measured directly
   and through a tidegate gateway (``runtime = "remote"``) at 1, 10 and 64 connections, upstream
   connection reuse, and coalescing on vs off (``bench.gateway``);

@@ -385,7 +385,7 @@ def _soak_generation(settings: SoakSettings, workdir: Path) -> SoakRun:
 
     model = build_tiny_gpt2(workdir / "soak-gpt2")
     print(f"  model: {model.describe()}", flush=True)
-    config = render_config(model.path, max_num_seqs=GENERATION_SEQS,
+    config = render_config(model.path, model_id=GENERATION_MODEL, max_num_seqs=GENERATION_SEQS,
                            max_waiting=GENERATION_QUEUE)
     with tidegate_from_toml(config, workdir=workdir, name="soak-generation") as server:
         rss_start = rss_kib(_pid(server))
