@@ -13,8 +13,10 @@ from typing import Literal
 from tidegate.errors import InvalidRequest
 
 __all__ = [
+    "GREEDY_BELOW",
     "MAX_LOGPROBS",
     "MAX_STOP_STRINGS",
+    "MIN_TOP_P",
     "PENALTY_RANGE",
     "SEED_RANGE",
     "FinishReason",
@@ -27,6 +29,10 @@ FinishReason = Literal["stop", "length", "abort"]
 ran out; ``abort``: cancelled by the client, or dropped because its reader fell behind."""
 
 MAX_STOP_STRINGS = 16
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily."""
+MIN_TOP_P = 1e-6
+"""Smaller ``top_p`` values act as this one: only the most likely token is kept."""
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """The seeds a ``torch.Generator`` takes."""
 MAX_LOGPROBS = 20
@@ -108,6 +114,9 @@ class SamplingParams:
             raise InvalidRequest(
                 f"'top_p' must be greater than 0 and at most 1, got {top_p:g}", param="top_p"
             )
+        # Both engines compute in float32, where 5e-324 is 0: a top_p that small keeps only
+        # the most likely token, which MIN_TOP_P does too.
+        object.__setattr__(self, "top_p", max(top_p, MIN_TOP_P))
         object.__setattr__(self, "stop", _stop_tuple(self.stop))
         if self.seed is not None:
             seed = _integer("seed", self.seed)
@@ -144,7 +153,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or so close to it (below :data:`GREEDY_BELOW`) that sampling would
+        pick the most likely token anyway: dividing logits by it would overflow."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:
