@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.workload import make_sentences
 from tidegate.config import GenerationConfig
-from tidegate.engines import Precision, cpu_supports_bf16
+from tidegate.engines import Precision, Weights, cpu_supports_bf16
 
 __all__ = ["MAX_TOKENS", "PipelineLoad", "measure_pipeline", "prompts", "resolve_precision"]
 
@@ -158,13 +158,15 @@ def _closed_loop(runtime: Any, prompt_ids: Sequence[list[int]], concurrency: int
 def measure_pipeline(
     model_dir: Path, cache_dir: Path, *, precision: Precision, generation: GenerationConfig,
     concurrency: Sequence[int], warmup_s: float, duration_s: float,
+    weights: Weights = Weights.ORIGINAL,
 ) -> list[PipelineLoad]:
     """Load the pipeline once (exporting the model if the cache lacks it), then one closed
     loop per entry of ``concurrency``; the pipeline is released before returning."""
     from tidegate.runtimes.genai_lm import GenaiLMRuntime
 
     resolved = resolve_precision(precision)
-    runtime = GenaiLMRuntime(model_dir, cache_dir, precision=resolved, generation=generation)
+    runtime = GenaiLMRuntime(model_dir, cache_dir, precision=resolved, generation=generation,
+                             weights=weights)
     try:
         prompt_ids = [runtime.encode(text) for text in prompts()]
         loads = []

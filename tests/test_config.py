@@ -285,6 +285,15 @@ def test_cli_reports_config_errors_and_exits_2(
          "models[0].backend: must be one of 'auto', 'openvino', 'torch', got 'onnxruntime'"),
         ("runtime = 'causal-lm'\nsource = '/m'\nprecision = 'fp16'\n",
          "models[0].precision: must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
+        ("runtime = 'causal-lm'\nsource = '/m'\nweights = 'int4'\n",
+         "models[0].weights: 'int4' is not offered (it needs NNCF's calibrated compression); "
+         "use 'int8' or 'original'"),
+        ("runtime = 'causal-lm'\nsource = '/m'\nbackend = 'torch'\nweights = 'int8'\n",
+         "models[0].weights: 'int8' applies only to causal-lm models on OpenVINO (backend "
+         "'auto' or 'openvino')"),
+        ("weights = 'int8'\n",
+         "models[0].weights: 'int8' applies only to causal-lm models on OpenVINO (backend "
+         "'auto' or 'openvino')"),
         ("runtime = 'causal-lm'\nsource = '/m'\nbackend = 'torch'\nintra_op_threads = 2\n",
          "models[0].intra_op_threads: applies only to embedding models and causal-lm models on "
          "OpenVINO; the torch engine uses torch's process-wide thread pool (set OMP_NUM_THREADS "

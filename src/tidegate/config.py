@@ -31,7 +31,7 @@ from tidegate.configutil import (
     place,
     require_table,
 )
-from tidegate.engines import DEFAULT_MIN_COSINE, Backend, Precision
+from tidegate.engines import DEFAULT_MIN_COSINE, Backend, Precision, Weights
 from tidegate.errors import ConfigError
 from tidegate.kinds import RuntimeKind
 from tidegate.upstream.config import SECTIONS as UPSTREAM_SECTIONS
@@ -229,6 +229,9 @@ class ModelConfig:
     model exports and passes the load-time probe) or tidegate's torch engine."""
     precision: Precision = Precision.AUTO
     """``auto``: bf16 where the backend and CPU compute it natively, else fp32."""
+    weights: Weights = Weights.ORIGINAL
+    """Causal LMs on OpenVINO: ``int8`` stores linear layers' weights in int8 (smaller, faster
+    decoding; checked by the load-time probe with a wider tolerance)."""
     min_cosine: float = DEFAULT_MIN_COSINE
     """Reduced precision is kept only if every load-time probe vector stays this close to fp32."""
     depends_on: tuple[str, ...] = ()
@@ -308,6 +311,15 @@ class ModelConfig:
                 "'bf16' needs backend 'openvino' (or 'auto'); onnxruntime computes in fp32",
                 key="precision",
             )
+        if self.weights == "int4":
+            raise ConfigError("'int4' is not offered (it needs NNCF's calibrated compression); "
+                              "use 'int8' or 'original'", key="weights")
+        check_choice("weights", self.weights, tuple(w.value for w in Weights))
+        object.__setattr__(self, "weights", Weights(self.weights))
+        if self.weights is Weights.INT8 and (self.runtime != "causal-lm"
+                                             or self.backend is Backend.TORCH):
+            raise ConfigError("'int8' applies only to causal-lm models on OpenVINO "
+                              "(backend 'auto' or 'openvino')", key="weights")
         if isinstance(self.min_cosine, bool) or not isinstance(self.min_cosine, int | float) \
                 or not 0 < self.min_cosine <= 1:
             raise ConfigError(f"must be a number in (0, 1], got {self.min_cosine!r}",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-__all__ = ["DEFAULT_MIN_COSINE", "Backend", "Precision", "cpu_supports_bf16"]
+__all__ = ["DEFAULT_MIN_COSINE", "Backend", "Precision", "Weights", "cpu_supports_bf16"]
 
 DEFAULT_MIN_COSINE = 0.9999
 """Reduced precision must keep every load-time probe vector within this cosine of fp32."""
@@ -29,6 +29,15 @@ class Precision(StrEnum):
     """bf16 where the CPU computes it natively (and the load-time probe agrees), else fp32."""
     FP32 = "fp32"
     BF16 = "bf16"
+
+
+class Weights(StrEnum):
+    """``[[models]] weights``: how a causal LM's weights are stored on OpenVINO."""
+
+    ORIGINAL = "original"
+    """As exported: fp32 (computed in the model's ``precision``)."""
+    INT8 = "int8"
+    """int8 with a scale per output channel for every linear layer (embeddings stay fp32)."""
 
 
 _BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})

@@ -86,7 +86,8 @@ def test_models_show_their_backend_and_precision(server: ServerProcess, backend:
     local = [card for card in cards if card["id"] in (GPT2, LLAMA, ENDLESS)]
     assert len(local) == 3
     for card in local:
-        assert (card["backend"], card["precision"]) == (backend, "fp32")
+        assert (card["backend"], card["precision"], card["weights"]) == (
+            backend, "fp32", "original")
 
 
 def test_completion_matches_generate_and_streams_identically(

@@ -276,3 +276,23 @@ def test_penalties_and_min_tokens_match_the_torch_engine(
         run_engine(runtime, scenario, max_num_seqs=4)
         outputs[name] = got
     assert outputs["openvino"] == outputs["torch"]
+
+
+@pytest.mark.parametrize("family_dir", ["gpt2", "llama"], indirect=True)
+def test_int8_weights_are_smaller_and_pass_the_probe(family_dir: Path, genai_cache: Path) -> None:
+    from tidegate.engines import Weights
+    from tidegate.runtimes.genai_lm import INT8_PROBE_TOLERANCE, PROBE_TOLERANCE
+
+    original = GenaiLMRuntime(family_dir, genai_cache, precision=Precision.FP32,
+                              generation=_generation())
+    small = GenaiLMRuntime(family_dir, genai_cache, precision=Precision.FP32,
+                           generation=_generation(), weights=Weights.INT8)
+    assert small.export_dir == original.export_dir.with_name(original.export_dir.name + "-int8")
+    meta = json.loads((small.export_dir / "meta.json").read_text())
+    assert meta["int8_weights"] >= 2
+    assert small.memory_bytes < original.memory_bytes
+    assert original.probe.max_logprob_error < small.probe.max_logprob_error \
+        <= PROBE_TOLERANCE[Precision.FP32] + INT8_PROBE_TOLERANCE
+    prompts = [small.encode(text) for text in PROMPTS]
+    got = _greedy(small, prompts, 8)
+    assert all(len(tokens) > 0 for tokens in got)

@@ -134,7 +134,7 @@ def _served_details(served: ServedModel) -> dict[str, object]:
     if isinstance(served, TextGenerationModel):
         runtime = served.runtime
         return {"context_length": runtime.context_length, "backend": runtime.backend.value,
-                "precision": runtime.precision.value}
+                "precision": runtime.precision.value, "weights": runtime.weights.value}
     details: dict[str, object] = {
         "dimensions": served.dimensions,
         "max_input_tokens": served.max_input_tokens,

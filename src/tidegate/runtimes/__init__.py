@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from tidegate.config import ModelConfig
-from tidegate.engines import Backend, Precision, cpu_supports_bf16
+from tidegate.engines import Backend, Precision, Weights, cpu_supports_bf16
 from tidegate.kinds import RuntimeKind
 from tidegate.runtimes.base import BatchedRuntime, EmbeddingRuntime, Prepared
 from tidegate.runtimes.echo import EchoRuntime
@@ -92,12 +92,14 @@ def _load_causal_lm(model: ModelConfig, cache_dir: Path, _: Mapping[str, ModelHa
             precision = Precision.BF16 if cpu_supports_bf16() else Precision.FP32
         try:
             return GenaiLMRuntime(model_dir, cache_dir, precision=precision,
-                                  generation=model.generation, threads=model.intra_op_threads)
+                                  generation=model.generation, threads=model.intra_op_threads,
+                                  weights=model.weights)
         except Exception as exc:
             if model.backend is Backend.OPENVINO or isinstance(exc, FileNotFoundError):
                 raise
-            log.warning("model %s: serving it on the torch engine, not OpenVINO GenAI: %s",
-                        model.id, exc)
+            kept = "" if model.weights is Weights.ORIGINAL else " with its original weights"
+            log.warning("model %s: serving it on the torch engine%s, not OpenVINO GenAI: %s",
+                        model.id, kept, exc)
     # The torch engine's auto precision is fp32: measured faster there than bf16 on CPUs
     # without AMX (BENCHMARKS.md).
     dtype: Dtype = "bfloat16" if model.precision is Precision.BF16 else "float32"

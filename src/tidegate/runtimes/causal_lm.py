@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from tidegate.engines import Backend, Precision
+from tidegate.engines import Backend, Precision, Weights
 from tidegate.generation.detok import TokenDecoder, fast_decoder
 from tidegate.generation.worker import StepWorker, check_packed_steps
 from tidegate.runtimes.linear_layout import convert_linears
@@ -120,6 +120,7 @@ class CausalLMRuntime(LMText):
                  self.converted_linears)
 
     backend = Backend.TORCH
+    weights = Weights.ORIGINAL
 
     @property
     def precision(self) -> Precision:

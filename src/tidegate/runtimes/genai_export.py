@@ -37,7 +37,10 @@ __all__ = [
     "ExporterMissing",
     "default_exporter_dir",
     "ensure_genai_export",
+    "files_intact",
     "install_exporter",
+    "land",
+    "staging_dir",
 ]
 
 log = logging.getLogger("tidegate.runtimes.export")
@@ -116,8 +119,11 @@ def _is_valid(entry: Path) -> bool:
     if not isinstance(meta, dict) or meta.get("format") != GENAI_FORMAT:
         return False
     files = meta.get("files")
-    if not isinstance(files, dict) or not set(_NEEDED) <= set(files):
-        return False
+    return isinstance(files, dict) and set(_NEEDED) <= set(files) and files_intact(entry, files)
+
+
+def files_intact(entry: Path, files: dict[str, dict[str, object]]) -> bool:
+    """Every file ``meta.json`` recorded is there with its size and SHA-256."""
     for name, recorded in files.items():
         path = entry / name
         if not path.is_file() or path.stat().st_size != recorded.get("bytes"):
@@ -125,6 +131,27 @@ def _is_valid(entry: Path) -> bool:
         if sha256_file(path) != recorded.get("sha256"):
             return False
     return True
+
+
+def staging_dir(entry: Path) -> Path:
+    """An empty directory beside ``entry`` to build it in (this process's own)."""
+    staging = entry.with_name(entry.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def land(staging: Path, entry: Path, meta: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Record every file of ``staging`` (size, SHA-256) in its ``meta.json`` with ``meta``,
+    then put it in ``entry``'s place; returns the files recorded."""
+    files: dict[str, dict[str, object]] = {
+        path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(staging.iterdir()) if path.is_file()}
+    (staging / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=2),
+                                       encoding="utf-8")
+    shutil.rmtree(entry, ignore_errors=True)
+    os.replace(staging, entry)
+    return files
 
 
 def ensure_genai_export(model_dir: Path, cache_dir: Path, *, exporter_dir: Path | None = None,
@@ -154,8 +181,7 @@ def ensure_genai_export(model_dir: Path, cache_dir: Path, *, exporter_dir: Path 
 
 def _export(model_dir: Path, entry: Path, exporter: Path) -> None:
     started = time.perf_counter()
-    staging = entry.with_name(entry.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_dir(entry)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(exporter), env.get("PYTHONPATH", "")) if p)
@@ -172,16 +198,11 @@ def _export(model_dir: Path, entry: Path, exporter: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-3:]
         raise ExportFailed(f"optimum-intel could not export {model_dir}: " + " | ".join(tail))
-    files = {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-             for path in sorted(staging.iterdir()) if path.is_file()}
-    missing = [name for name in _NEEDED if name not in files]
+    missing = [name for name in _NEEDED if not (staging / name).is_file()]
     if missing:
         shutil.rmtree(staging, ignore_errors=True)
         raise ExportFailed(f"the export of {model_dir} lacks {', '.join(missing)}")
-    meta = {"format": GENAI_FORMAT, "exporter": exporter_version(exporter), "files": files,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    shutil.rmtree(entry, ignore_errors=True)
-    os.replace(staging, entry)
+    land(staging, entry, {"format": GENAI_FORMAT, "exporter": exporter_version(exporter),
+                          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     log.info("exported %s for OpenVINO GenAI in %.1fs", model_dir,
              time.perf_counter() - started)

@@ -25,14 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from tidegate.config import GenerationConfig
-from tidegate.engines import Backend, Precision
+from tidegate.engines import Backend, Precision, Weights
 from tidegate.generation.detok import fast_decoder
 from tidegate.generation.genai_worker import GenaiWorker, generation_config
 from tidegate.generation.params import SamplingParams
+from tidegate.runtimes.genai_compress import ensure_int8_weights
 from tidegate.runtimes.genai_export import ensure_genai_export
 from tidegate.runtimes.lm_text import LMText, eos_token_ids
 
-__all__ = ["DEFAULT_KV_TOKENS", "KV_BLOCK_TOKENS", "PROBE_TOLERANCE", "GenaiLMRuntime",
+__all__ = ["DEFAULT_KV_TOKENS", "INT8_PROBE_TOLERANCE", "KV_BLOCK_TOKENS", "PROBE_TOLERANCE",
+           "GenaiLMRuntime",
            "ProbeMismatch", "kv_bytes_per_token"]
 
 log = logging.getLogger("tidegate.runtimes.genai")
@@ -45,6 +47,8 @@ KV_BLOCK_TOKENS = 32
 """Tokens per KV-cache block of the pipeline on CPU."""
 PROBE_TOLERANCE: dict[Precision, float] = {Precision.FP32: 2e-3, Precision.BF16: 0.15}
 """Largest log-probability error (nats) the load-time probe accepts, per precision."""
+INT8_PROBE_TOLERANCE = 0.5
+"""Added to the precision's tolerance when the weights are int8."""
 _PROBE_PROMPTS = ("The quick brown fox jumps over the lazy dog.",
                   "Serving many models in limited memory",
                   "1, 2, 3, 4,")
@@ -110,6 +114,7 @@ class GenaiLMRuntime(LMText):
         precision: Precision,
         generation: GenerationConfig,
         threads: int | None = None,
+        weights: Weights = Weights.ORIGINAL,
         exporter_dir: Path | None = None,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -136,15 +141,18 @@ class GenaiLMRuntime(LMText):
             log.warning("%s: kv_cache_bytes=%d holds %d tokens, less than one full context "
                         "(%d); longer sequences are refused", model_dir, self.kv_cache_bytes,
                         blocks * KV_BLOCK_TOKENS, self.context_length)
+        self.weights = weights
         self.export_dir = ensure_genai_export(model_dir, cache_dir, exporter_dir=exporter_dir)
+        if weights is Weights.INT8:
+            self.export_dir = ensure_int8_weights(self.export_dir)
         self.pipeline: Any = _pipeline(self.export_dir, precision, generation, blocks, threads)
-        weights = (self.export_dir / "openvino_model.bin").stat().st_size
-        self.memory_bytes = weights + self.kv_cache_bytes
+        weights_bytes = (self.export_dir / "openvino_model.bin").stat().st_size
+        self.memory_bytes = weights_bytes + self.kv_cache_bytes
         self.probe = self._probe()
-        log.info("loaded %s on OpenVINO GenAI (%s, weights %d bytes, KV cache %d bytes in %d "
+        log.info("loaded %s on OpenVINO GenAI (%s, %s weights: %d bytes, KV cache %d bytes in %d "
                  "blocks, context %d, probe error %.2g nats)", model_dir, precision.value,
-                 weights, self.kv_cache_bytes, blocks, self.context_length,
-                 max(self.probe.max_logprob_error, self.probe.max_choice_gap))
+                 self.weights.value, weights_bytes, self.kv_cache_bytes, blocks,
+                 self.context_length, max(self.probe.max_logprob_error, self.probe.max_choice_gap))
 
     def create_worker(self) -> GenaiWorker:
         return GenaiWorker(self.pipeline, eos_token_ids=self.eos_token_ids,
@@ -175,10 +183,12 @@ class GenaiLMRuntime(LMText):
                     gap = max(gap, float(row.max()) - float(row[token]))
         del model
         result = ProbeResult(max_logprob_error=error, max_choice_gap=gap)
-        tolerance = PROBE_TOLERANCE[self.precision]
+        tolerance = PROBE_TOLERANCE[self.precision] + (
+            INT8_PROBE_TOLERANCE if self.weights is Weights.INT8 else 0.0)
         if max(error, gap) > tolerance:
             raise ProbeMismatch(
-                f"{self.model_dir}: OpenVINO GenAI ({self.precision.value}) differs from "
+                f"{self.model_dir}: OpenVINO GenAI ({self.precision.value}, "
+                f"{self.weights.value} weights) differs from "
                 f"transformers on the load-time probe: log-probabilities by up to {error:.3g} "
                 f"nats, chosen tokens up to {gap:.3g} nats below the best (tolerance "
                 f"{tolerance:g})")
