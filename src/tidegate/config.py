@@ -353,9 +353,6 @@ class ServerConfig:
     """A client must send a request's whole body within this after its headers; else 408."""
     max_connections: int = 1024
     """Open connections beyond this are answered 503 (``code: too_many_connections``) and closed."""
-    idle_trim_s: float = 2.0
-    """After this many seconds with no request in flight (following some traffic), freed heap
-    memory is returned to the OS (``malloc_trim``, glibc). 0 turns it off."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -372,7 +369,6 @@ class ServerConfig:
         check_number("header_timeout_s", self.header_timeout_s)
         check_number("body_timeout_s", self.body_timeout_s)
         check_integer("max_connections", self.max_connections)
-        check_number("idle_trim_s", self.idle_trim_s, allow_zero=True)
         if not isinstance(self.access_log, bool):
             raise ConfigError(f"must be true or false, got {self.access_log!r}", key="access_log")
 

@@ -27,7 +27,6 @@ from tidegate.api.common import (
 from tidegate.api.drain import Drain
 from tidegate.api.errors import error_response, http_error_handler
 from tidegate.api.guard import run_guarded
-from tidegate.api.memtrim import IdleTrimmer
 from tidegate.api.openapi import encode_openapi
 from tidegate.api.schemas import (
     EmbeddingRequest,
@@ -196,17 +195,9 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await model_manager.start()
-        trimmer = None
-        if config.server.idle_trim_s > 0:
-            trimmer = asyncio.create_task(
-                IdleTrimmer(config.server.idle_trim_s).run(drain), name="idle-trim")
         try:
             yield
         finally:
-            if trimmer is not None:
-                trimmer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await trimmer
             await model_manager.aclose()
 
     routes = [

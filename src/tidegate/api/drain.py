@@ -33,7 +33,7 @@ class DrainStatistics:
 class Drain:
     """The app's in-flight requests and its draining flag (one per app, one event loop)."""
 
-    __slots__ = ("_cut", "_cut_count", "_drained", "_tasks", "draining", "entered",
+    __slots__ = ("_cut", "_cut_count", "_drained", "_tasks", "draining",
                  "shutdown_timeout_s")
 
     def __init__(self, *, shutdown_timeout_s: float) -> None:
@@ -43,8 +43,6 @@ class Drain:
         self._cut: set[asyncio.Task[object]] = set()
         self._drained = 0
         self._cut_count = 0
-        self.entered = 0
-        """Requests ever in flight (read by the idle memory trimmer)."""
 
     def __repr__(self) -> str:
         stats = self.statistics()
@@ -53,7 +51,6 @@ class Drain:
 
     def enter(self, task: asyncio.Task[object]) -> None:
         self._tasks.add(task)
-        self.entered += 1
 
     def leave(self, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
