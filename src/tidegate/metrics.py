@@ -15,6 +15,7 @@ This module collects; the components it reads never import it (the histogram is 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
@@ -33,7 +34,7 @@ from tidegate.generation.stats import EngineStatistics, GenerationMetrics
 from tidegate.histogram import Histogram, HistogramSnapshot
 from tidegate.upstream.stats import UpstreamStatistics
 
-__all__ = ["CacheMetrics", "Metrics", "UpstreamSource"]
+__all__ = ["CacheMetrics", "Metrics", "RouteMetrics", "UpstreamSource"]
 
 
 class UpstreamSource(Protocol):
@@ -72,6 +73,30 @@ class CacheMetrics:
     def preload_hit_rate(self) -> float | None:
         settled = self.preload_hits + self.preload_wasted
         return self.preload_hits / settled if settled else None
+
+
+class RouteMetrics:
+    """Requests answered, by route, model and status, counted by the routes that report them
+    (``/tokenize``, ``/detokenize``). ``model`` is empty when the request named no configured
+    model: a client's model names never become labels."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, int]] = Counter()
+
+    def count(self, route: str, model: str, status: int) -> None:
+        self.requests[route, model, status] += 1
+
+
+class _RouteCollector:
+    def __init__(self, routes: RouteMetrics) -> None:
+        self._routes = routes
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("tidegate_route_requests", "Requests answered, by route, "
+                                       "model and status", labels=["route", "model", "status"])
+        for (route, model, status), count in sorted(self._routes.requests.items()):
+            requests.add_metric([route, model, str(status)], count)
+        yield requests
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -306,10 +331,12 @@ class Metrics:
         self._generation: dict[str, GenerationMetrics] = {}
         self._engines: dict[str, Callable[[], EngineStatistics]] = {}
         self._upstreams: dict[str, UpstreamSource] = {}
+        self.routes = RouteMetrics()
         self.registry.register(_BatchCollector(self._batching))
         self.registry.register(_CacheCollector(self.cache))
         self.registry.register(_GenerationCollector(self._generation, self._engines))
         self.registry.register(_UpstreamCollector(self._upstreams))
+        self.registry.register(_RouteCollector(self.routes))
 
     def for_batcher(self, model: str) -> BatchMetrics:
         """The (persistent) batching instruments of ``model``."""

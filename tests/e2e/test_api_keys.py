@@ -23,7 +23,8 @@ RPM = "tg-rpm-0123456789abcdefghijklmnopqr"    # 2 requests per minute
 TPM = "tg-tpm-0123456789abcdefghijklmnopqr"    # 20 tokens per minute
 GEN = "tg-gen-0123456789abcdefghijklmnopqr"    # generation usage, 10000 tokens per minute
 HANGUP = "tg-hangup-0123456789abcdefghijklmn"  # streams then hangs up
-SECRETS = (FULL, NARROW, RPM, TPM, GEN, HANGUP)
+TOK = "tg-tok-0123456789abcdefghijklmnopqr"    # tokenizer routes: 100 requests, 5 tokens a minute
+SECRETS = (FULL, NARROW, RPM, TPM, GEN, HANGUP, TOK)
 GPT2 = "tiny-gpt2"
 
 
@@ -74,6 +75,12 @@ id = "hangup"
 hash = "{hash_key(HANGUP)}"
 tokens_per_minute = 100000
 
+[[auth.keys]]
+id = "tok"
+hash = "{hash_key(TOK)}"
+requests_per_minute = 100
+tokens_per_minute = 5
+
 [[models]]
 id = "{GPT2}"
 runtime = "causal-lm"
@@ -109,7 +116,7 @@ def test_missing_or_unknown_key_is_401_invalid_api_key(server: ServerProcess) ->
         assert FULL not in response.text
     for path in ("/v1/models", "/v1/models/echo-a"):
         assert httpx.get(server.url + path).status_code == 401
-    for route in ("/v1/completions", "/v1/chat/completions"):
+    for route in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
         assert httpx.post(server.url + route, json={}).status_code == 401  # before the body
     with client(server, "tg-wrong") as c, pytest.raises(openai.AuthenticationError) as caught:
         c.embeddings.create(model="echo-a", input="hi")
@@ -182,6 +189,34 @@ def test_tokens_per_minute_counts_usage_after_the_request(server: ServerProcess)
     assert int(refused.headers["retry-after"]) >= 1
 
 
+def test_tokenizer_routes_count_as_requests_but_charge_no_tokens(server: ServerProcess) -> None:
+    headers = {"Authorization": f"Bearer {TOK}"}
+    long = " ".join(["word"] * 50)  # far more tokens than the key's 5 a minute
+    for expected_left in (99, 98, 97):
+        response = httpx.post(server.url + "/tokenize", headers=headers, timeout=30,
+                              json={"model": GPT2, "prompt": long})
+        assert response.status_code == 200, response.text
+        assert response.json()["count"] > 5
+        assert response.headers["x-ratelimit-remaining-requests"] == str(expected_left)
+        assert response.headers["x-ratelimit-remaining-tokens"] == "5"
+    back = httpx.post(server.url + "/detokenize", headers=headers, timeout=30,
+                      json={"model": GPT2, "tokens": response.json()["tokens"]})
+    assert back.status_code == 200 and back.json()["prompt"] == long
+    unknown = httpx.post(server.url + "/tokenize", headers=headers,
+                         json={"model": "nope", "prompt": "x"})
+    assert unknown.status_code == 404  # admitted first, as on every route: counted too
+    assert samples(server, "tidegate_api_key_requests_total")['key="tok"'] == 5
+    assert samples(server, "tidegate_api_key_tokens_total")['key="tok",kind="prompt"'] == 0
+    # A key's models apply as on every route: another model is unknown to it.
+    narrow = {"Authorization": f"Bearer {NARROW}"}
+    hidden = httpx.post(server.url + "/tokenize", headers=narrow,
+                        json={"model": GPT2, "prompt": "x"})
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
+    echo = httpx.post(server.url + "/tokenize", headers=narrow,
+                      json={"model": "echo-a", "prompt": "x"})
+    assert echo.status_code == 400 and echo.json()["error"]["code"] == "wrong_model_type"
+
+
 def samples(server: ServerProcess, name: str) -> dict[str, float]:
     text = httpx.get(server.url + "/metrics").text
     return {labels: float(value) for labels, value in
@@ -229,7 +264,7 @@ def test_metrics_are_labelled_by_id_and_no_key_appears_anywhere(server: ServerPr
     embed(server, FULL)
     embed(server, "tg-never-configured")
     requests = samples(server, "tidegate_api_key_requests_total")
-    ids = ("full", "narrow", "rpm", "tpm", "gen", "hangup")
+    ids = ("full", "narrow", "rpm", "tpm", "gen", "hangup", "tok")
     assert set(requests) == {f'key="{k}"' for k in ids}
     assert requests['key="full"'] >= 1
     limited = samples(server, "tidegate_api_key_rate_limited_total")

@@ -99,6 +99,7 @@ def test_document_is_valid_openapi_31(api_schema: Any, document: dict[str, Any])
         ("GET", "/v1/models/{model_id}"), ("GET", "/health/live"), ("GET", "/health/ready"),
         ("GET", "/health"), ("GET", "/metrics"), ("GET", "/openapi.json"),
         ("POST", "/admin/models/{model_id}/load"), ("POST", "/admin/models/{model_id}/unload"),
+        ("POST", "/tokenize"), ("POST", "/detokenize"),
     }
     # The limits and examples are the server's own.
     embedding = document["components"]["schemas"]["EmbeddingRequest"]
@@ -167,6 +168,23 @@ def _validate(api_schema: Any, method: str, path: str, response: httpx.Response,
      400, "json"),
     ("POST", "/v1/completions", {"model": GPT2, "prompt": "x", "logit_bias": {"1": 5}},
      400, "json"),
+    # Tokenizer routes: every kind of model, both inputs, and their errors.
+    ("POST", "/tokenize", {"model": EMBED, "prompt": "a cat", "return_token_strs": True},
+     200, "json"),
+    ("POST", "/tokenize", {"model": GPT2, "prompt": "The quick", "add_special_tokens": False},
+     200, "json"),
+    ("POST", "/tokenize", {"model": GPT2_TORCH, "add_generation_prompt": False,
+                           "messages": [{"role": "user", "content": "hi"}]}, 200, "json"),
+    ("POST", "/tokenize", {"model": EMBED, "messages": [{"role": "user", "content": "hi"}]},
+     400, "json"),
+    ("POST", "/tokenize", {"model": "echo", "prompt": "x"}, 400, "json"),
+    ("POST", "/tokenize", {"model": GPT2}, 400, "json"),
+    ("POST", "/tokenize", {"model": "nope", "prompt": "x"}, 404, "json"),
+    ("POST", "/detokenize", {"model": EMBED, "tokens": [101, 1037, 102]}, 200, "json"),
+    ("POST", "/detokenize", {"model": GPT2, "tokens": [1, 2, 3.0]}, 200, "json"),
+    ("POST", "/detokenize", {"model": GPT2, "tokens": [10**9]}, 400, "json"),
+    ("POST", "/detokenize", {"model": GPT2, "tokens": "1 2"}, 400, "json"),
+    ("POST", "/detokenize", {"model": "nope", "tokens": []}, 404, "json"),
     ("GET", "/v1/models", None, 200, "json"),
     ("GET", f"/v1/models/{EMBED}", None, 200, "json"),
     ("GET", f"/v1/models/{GPT2}", None, 200, "json"),
@@ -218,7 +236,8 @@ def test_error_statuses_conform(api_schema: Any, server: ServerProcess) -> None:
 
 FUZZED = ["POST /v1/embeddings", "POST /v1/completions", "POST /v1/chat/completions",
           "GET /v1/models", "GET /v1/models/{model_id}", "GET /health/live",
-          "GET /health/ready", "GET /health", "GET /metrics", "GET /openapi.json"]
+          "GET /health/ready", "GET /health", "GET /metrics", "GET /openapi.json",
+          "POST /tokenize", "POST /detokenize"]
 
 
 def test_fuzzed_operations_are_every_non_admin_route(api_schema: Any) -> None:
@@ -233,7 +252,9 @@ def test_fuzzed_operations_are_every_non_admin_route(api_schema: Any) -> None:
 # right kind, mostly), so their bodies reach the models' own checks and computations.
 MODELS = {"/v1/embeddings": [EMBED, "echo", EMBED, GPT2, None],
           "/v1/completions": [GPT2, GPT2, GPT2, EMBED, None],
-          "/v1/chat/completions": [GPT2, GPT2, GPT2, EMBED, None]}
+          "/v1/chat/completions": [GPT2, GPT2, GPT2, EMBED, None],
+          "/tokenize": [GPT2, GPT2_TORCH, EMBED, "echo", None],
+          "/detokenize": [GPT2, EMBED, GPT2_TORCH, "echo", None]}
 RUNS = [(label, GenerationMode.POSITIVE) for label in FUZZED] + [
     (label, GenerationMode.NEGATIVE) for label in FUZZED if label.startswith("POST")]
 

@@ -48,6 +48,26 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(gpt2_dir: Path) -> Non
     assert runtime.chat_prompt(MESSAGES) == "<system>Be terse.<user>Hi<assistant>"
     ids = runtime.encode_chat(MESSAGES)
     assert runtime.tokenizer.decode(ids) == "<system>Be terse.<user>Hi<assistant>"
+    assert runtime.chat_prompt(MESSAGES, add_generation_prompt=False) == (
+        "<system>Be terse.<user>Hi")
+    assert runtime.tokenize_chat(MESSAGES, add_generation_prompt=False) == runtime.encode(
+        "<system>Be terse.<user>Hi")
+
+
+def test_as_a_chat_tokenizer(gpt2: CausalLMRuntime) -> None:
+    from tidegate.runtimes.tokenization import ChatTokenizer
+
+    tokenizer: ChatTokenizer = gpt2
+    assert tokenizer.max_model_len == 256
+    assert tokenizer.max_token_id == len(gpt2.tokenizer) - 1
+    ids = tokenizer.tokenize("The fox", add_special_tokens=True)
+    assert ids == gpt2.encode("The fox")
+    assert tokenizer.detokenize(ids) == "The fox"
+    assert tokenizer.token_strs(ids) == gpt2.tokenizer.convert_ids_to_tokens(ids)
+    assert "".join(tokenizer.token_strs(ids)) == "TheĠfox"  # byte-level, as the vocabulary has it
+    assert tokenizer.tokenize_chat(MESSAGES) == gpt2.encode_chat(MESSAGES)
+    assert tokenizer.tokenize_chat(MESSAGES, add_generation_prompt=False) == gpt2.encode(
+        "system: Be terse.\nuser: Hi\n")
 
 
 def test_refuses_missing_dirs_and_unsupported_caches(

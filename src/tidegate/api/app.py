@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from tidegate.api import admin, generation
+from tidegate.api import admin, generation, tokenize
 from tidegate.api.auth import admit, authenticate, check_model
 from tidegate.api.common import (
     AppState,
@@ -212,6 +212,9 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
         Route("/openapi.json", openapi_route(encode_openapi(config)), methods=["GET"]),
         Route("/v1/completions", generation.completions, methods=["POST"]),
         Route("/v1/chat/completions", generation.chat_completions, methods=["POST"]),
+        # vLLM's tokenizer routes, at its paths (no /v1).
+        Route("/tokenize", tokenize.tokenize, methods=["POST"]),
+        Route("/detokenize", tokenize.detokenize, methods=["POST"]),
         Route("/admin/models/{model_id:path}/load", admin.admin_load, methods=["POST"]),
         Route("/admin/models/{model_id:path}/unload", admin.admin_unload, methods=["POST"]),
     ]

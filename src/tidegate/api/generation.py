@@ -40,7 +40,7 @@ from tidegate.models.manager import ModelManager
 from tidegate.models.served import RemoteModel, TextGenerationModel
 from tidegate.upstream.client import UpstreamStream
 
-__all__ = ["chat_completions", "completions"]
+__all__ = ["chat_completions", "completions", "parse_messages"]
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
 
@@ -72,7 +72,8 @@ def _text_content(content: object, index: int) -> str:
     raise InvalidRequest(f"messages[{index}].content must be a string.", param="messages")
 
 
-def _messages(value: object) -> list[dict[str, str]]:
+def parse_messages(value: object) -> list[dict[str, str]]:
+    """Chat messages as ``role``/``content`` strings; 400 naming ``messages``."""
     if not isinstance(value, list) or not value:
         raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
     messages = []
@@ -103,7 +104,7 @@ def parse_generation_request(body: bytes, endpoint: Endpoint) -> GenerationReque
         raise InvalidRequest("Missing required parameter: 'model'.", param="model")
     prompt = messages = None
     if endpoint == "chat":
-        messages = _messages(data.get("messages"))
+        messages = parse_messages(data.get("messages"))
     else:
         if "prompt" not in data:
             raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")

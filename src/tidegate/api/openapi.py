@@ -399,6 +399,72 @@ def _schemas(config: Config) -> dict[str, Schema]:
                            "description": "Each model's status."},
             },
         },
+        **_tokenizer_schemas(),
+    }
+
+
+def _tokenizer_schemas() -> dict[str, Schema]:
+    """``/tokenize`` and ``/detokenize`` (vLLM's shapes), as ``api.tokenize`` parses them."""
+    token_ids = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+    common: Schema = {
+        "model": {"type": "string", "minLength": 1},
+        "add_special_tokens": _nullable({"type": "boolean", "description":
+                                         "Default: true for a prompt; for messages, as a chat "
+                                         "completion (none with a chat template)."}),
+        "return_token_strs": _nullable({"type": "boolean", "description":
+                                        "Add `token_strs`: each id's vocabulary entry."}),
+    }
+    return {
+        "TokenizePromptRequest": {
+            "type": "object",
+            "required": ["model", "prompt"],
+            "properties": {**common, "prompt": {"type": "string"}},
+        },
+        "TokenizeChatRequest": {
+            "type": "object",
+            "required": ["model", "messages"],
+            "properties": {
+                **common,
+                "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage"),
+                             "description": "Causal LMs only (an embedding model: 400)."},
+                "add_generation_prompt": _nullable({"type": "boolean", "description":
+                                                    "Open the assistant's turn (default)."}),
+                "continue_final_message": _local_only({"type": "boolean"}, "false"),
+                "chat_template": _local_only({"type": "string"}, "null"),
+                "chat_template_kwargs": _local_only({"type": "object"}, "an empty object"),
+                "tools": _local_only({"type": "array", "items": {"type": "object"}},
+                                     "an empty list"),
+            },
+        },
+        "TokenizeRequest": {"oneOf": [_ref("TokenizePromptRequest"),
+                                      _ref("TokenizeChatRequest")],
+                            "description": "A `prompt`, or chat `messages`, not both."},
+        "TokenizeResponse": {
+            "type": "object",
+            "required": ["count", "max_model_len", "tokens"],
+            "properties": {
+                "count": {"type": "integer", "minimum": 0},
+                "max_model_len": {"type": "integer", "minimum": 1, "description":
+                                  "A causal LM's context length; an embedding model's "
+                                  "max_input_tokens (longer inputs are truncated when "
+                                  "embedded, not here)."},
+                "tokens": token_ids,
+                "token_strs": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "DetokenizeRequest": {
+            "type": "object",
+            "required": ["model", "tokens"],
+            "properties": {"model": {"type": "string", "minLength": 1},
+                           "tokens": {**token_ids, "description":
+                                      "Ids within the model's vocabulary (else 400)."}},
+        },
+        "DetokenizeResponse": {
+            "type": "object",
+            "required": ["prompt"],
+            "properties": {"prompt": {"type": "string", "description":
+                                      "The text, special tokens written out."}},
+        },
     }
 
 
@@ -533,6 +599,7 @@ def _paths(config: Config) -> dict[str, Any]:
             "tags": ["health"],
             "responses": {"200": _ok("OpenAPI 3.1.", {"type": "object"})},
         }},
+        **_tokenizer_paths(config),
         "/admin/models/{model_id}/load": {"post": {
             "summary": "Load a model now (waits for the load)",
             "operationId": "adminLoad",
@@ -550,6 +617,33 @@ def _paths(config: Config) -> dict[str, Any]:
             "security": [{"adminToken": []}, {}],
             "responses": {"200": _ok("The model's object, now unloaded.", _ref("Model")),
                           **_errors(401, 403, 404, 500, 503, 504)},
+        }},
+    }
+
+
+def _tokenizer_paths(config: Config) -> dict[str, Any]:
+    tokenized = {RuntimeKind.EMBEDDING, RuntimeKind.CAUSAL_LM, RuntimeKind.REMOTE}
+    model = next((m.id for m in config.models if m.runtime in tokenized), None)
+    tokenize_example = None if model is None else {"model": model, "prompt": "Hello world"}
+    detokenize_example = None if model is None else {"model": model, "tokens": [1, 2, 3]}
+    return {
+        "/tokenize": {"post": {
+            "summary": "Tokenize a prompt or chat messages with the model's own tokenizer",
+            "operationId": "tokenize",
+            "tags": ["tokenizer"],
+            "requestBody": _body("TokenizeRequest", tokenize_example),
+            "responses": {"200": _ok("The token ids (a remote model: its upstream's answer).",
+                                     _ref("TokenizeResponse")),
+                          **_errors(*_INFERENCE_ERRORS)},
+        }},
+        "/detokenize": {"post": {
+            "summary": "Turn token ids back into text with the model's own tokenizer",
+            "operationId": "detokenize",
+            "tags": ["tokenizer"],
+            "requestBody": _body("DetokenizeRequest", detokenize_example),
+            "responses": {"200": _ok("The text (a remote model: its upstream's answer).",
+                                     _ref("DetokenizeResponse")),
+                          **_errors(*_INFERENCE_ERRORS)},
         }},
     }
 
@@ -584,7 +678,8 @@ def build_openapi(config: Config) -> dict[str, Any]:
                                               "routes serve loopback clients only."},
             },
         },
-        "tags": [{"name": name} for name in ("inference", "models", "health", "admin")],
+        "tags": [{"name": name}
+                 for name in ("inference", "tokenizer", "models", "health", "admin")],
     }
 
 

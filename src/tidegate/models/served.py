@@ -5,8 +5,9 @@
 * :class:`TextGenerationModel`: a causal LM behind the continuous-batching engine.
 * :class:`RemoteModel`: upstream replicas; embeddings batched, completions relayed by the API.
 
-Routes ask the model for the capability they need (:meth:`embedder`, :meth:`generator`); a model
-of the wrong kind answers with a 400 ``wrong_model_type`` error.
+Routes ask the model for the capability they need (:meth:`embedder`, :meth:`generator`,
+:meth:`tokenizer`, :meth:`chat_tokenizer`); a model of the wrong kind answers with a 400
+``wrong_model_type`` error (``param: messages`` for chat messages to an embedding model).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tidegate.errors import InvalidRequest
 from tidegate.kinds import ModelKind
 from tidegate.metrics import Metrics
 from tidegate.runtimes import AnyRuntime, BatchedRuntime, EmbeddingRuntime
+from tidegate.runtimes.tokenization import ChatTokenizer, TextTokenizer
 
 if TYPE_CHECKING:
     from tidegate.generation.engine import GenerationEngine
@@ -79,6 +81,15 @@ class _Served(ABC):
     @abstractmethod
     def generator(self) -> TextGenerationModel | RemoteModel:
         """This model as a text generator; 400 ``wrong_model_type`` if it is not one."""
+
+    @abstractmethod
+    def tokenizer(self) -> TextTokenizer | RemoteModel:
+        """This model's own tokenizer (a remote model: its upstream's, through the API);
+        400 ``wrong_model_type`` if it has none."""
+
+    @abstractmethod
+    def chat_tokenizer(self) -> ChatTokenizer | RemoteModel:
+        """This model's tokenizer with its chat format; 400 if it has none."""
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -152,6 +163,23 @@ class EmbeddingModel(Embedder[BatchedRuntime]):
             "Use /v1/embeddings.", param="model", code="wrong_model_type",
         )
 
+    def tokenizer(self) -> TextTokenizer | RemoteModel:
+        runtime = self.runtime
+        if isinstance(runtime, TextTokenizer):
+            return runtime
+        raise InvalidRequest(
+            f"Model '{self.id}' ({self.config.runtime.value} runtime) has no tokenizer; "
+            "/tokenize and /detokenize serve embedding models and causal LMs.",
+            param="model", code="wrong_model_type",
+        )
+
+    def chat_tokenizer(self) -> ChatTokenizer | RemoteModel:
+        self.tokenizer()  # 400 naming the model first if it has no tokenizer at all
+        raise InvalidRequest(
+            f"Model '{self.id}' is an embedding model; it has no chat format. "
+            "Send 'prompt' instead of 'messages'.", param="messages", code="wrong_model_type",
+        )
+
     def check_dimensions(self, requested: int) -> None:
         if requested != self.dimensions:
             raise InvalidRequest(
@@ -186,6 +214,12 @@ class RemoteModel(Embedder["RemoteRuntime"]):
         return self.runtime.client
 
     def generator(self) -> TextGenerationModel | RemoteModel:
+        return self
+
+    def tokenizer(self) -> TextTokenizer | RemoteModel:
+        return self
+
+    def chat_tokenizer(self) -> ChatTokenizer | RemoteModel:
         return self
 
     def check_dimensions(self, requested: int) -> None:
@@ -234,6 +268,12 @@ class TextGenerationModel(_Served):
 
     def generator(self) -> TextGenerationModel | RemoteModel:
         return self
+
+    def tokenizer(self) -> TextTokenizer | RemoteModel:
+        return self.runtime
+
+    def chat_tokenizer(self) -> ChatTokenizer | RemoteModel:
+        return self.runtime
 
     async def start(self) -> None:
         from tidegate.generation.engine import GenerationEngine

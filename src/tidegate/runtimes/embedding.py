@@ -57,7 +57,8 @@ class TextEmbeddingRuntime:
     The engine is OpenVINO (bf16 where the CPU computes it natively and the load-time probe
     agrees, see ``precision_guard``) or ONNX Runtime fp32, per ``backend`` and ``precision``.
     ``usage`` token counts are the tokens the model actually saw: special tokens included,
-    after truncation to ``max_input_tokens``.
+    after truncation to ``max_input_tokens``. It is also the model's
+    :class:`~tidegate.runtimes.tokenization.TextTokenizer`, which does not truncate.
     """
 
     inline = False
@@ -85,6 +86,11 @@ class TextEmbeddingRuntime:
         self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self._tokenizer.enable_truncation(self.max_input_tokens)
         self._tokenizer.no_padding()
+        # /tokenize reports whole inputs: a second instance, since settings are per instance.
+        self._untruncated = Tokenizer.from_file(str(tokenizer_file))
+        self._untruncated.no_truncation()
+        self._untruncated.no_padding()
+        self.max_token_id: int = max(self._untruncated.get_vocab(with_added_tokens=True).values())
         pad_id = self._tokenizer.token_to_id("[PAD]")
         self._pad_id = pad_id if pad_id is not None else 0
 
@@ -115,6 +121,21 @@ class TextEmbeddingRuntime:
         else:
             encodings = self._tokenizer.encode_batch(list(texts))
         return [Prepared(len(e.ids), e.ids) for e in encodings]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.max_input_tokens
+
+    def tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        ids: list[int] = self._untruncated.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        text: str = self._untruncated.decode(list(token_ids), skip_special_tokens=False)
+        return text
+
+    def token_strs(self, token_ids: Sequence[int]) -> list[str]:
+        return [self._untruncated.id_to_token(i) or "" for i in token_ids]
 
     def _pad(self, payloads: Sequence[Any]) -> tuple[IntArray, IntArray]:
         longest = max(len(ids) for ids in payloads)
