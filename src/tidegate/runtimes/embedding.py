@@ -14,8 +14,8 @@ import numpy.typing as npt
 from tidegate.engines import DEFAULT_MIN_COSINE, Backend, Precision, cpu_supports_bf16
 from tidegate.runtimes.base import EngineInfo, Prepared
 from tidegate.runtimes.encoders import Encoder, IntArray
-from tidegate.runtimes.padding import plan_groups
-from tidegate.runtimes.precision_guard import choose_engine, probe_texts
+from tidegate.runtimes.padding import pad_batch, run_in_groups
+from tidegate.runtimes.precision_guard import choose_engine, cosine_tolerance, probe_texts
 
 __all__ = [
     "TextEmbeddingRuntime",
@@ -91,17 +91,17 @@ class TextEmbeddingRuntime:
         probe = self.prepare(probe_texts(self.max_input_tokens))
         choice = choose_engine(
             model_id or model_dir.name, model_dir, cache_dir, backend=backend,
-            precision=precision, threads=intra_op_threads, threshold=min_cosine,
+            precision=precision, threads=intra_op_threads, tolerance=cosine_tolerance(min_cosine),
             probe=self._pad([p.payload for p in probe]), bf16_supported=bf16_supported,
         )
         self.encoder: Encoder = choice.encoder
         self.backend = choice.encoder.backend
         self.precision = choice.encoder.precision
-        self.probe_min_cosine = choice.probe_min_cosine
+        self.probe_min_cosine = choice.probe
         self.precision_fell_back = choice.fell_back
         self.engine_info = EngineInfo(
             backend=self.backend.value, precision=self.precision.value,
-            probe_min_cosine=self.probe_min_cosine,
+            probe_key="probe_min_cosine", probe=self.probe_min_cosine,
         )
         self.dimensions = choice.encoder.dimensions or self._probe_dimensions()
         self.memory_bytes = choice.encoder.memory_bytes
@@ -116,26 +116,17 @@ class TextEmbeddingRuntime:
             encodings = self._tokenizer.encode_batch(list(texts))
         return [Prepared(len(e.ids), e.ids) for e in encodings]
 
-    def _pad(self, payloads: Sequence[Any]) -> tuple[IntArray, IntArray]:
-        longest = max(len(ids) for ids in payloads)
-        input_ids = np.full((len(payloads), longest), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(payloads), longest), dtype=np.int64)
-        for row, ids in enumerate(payloads):
-            input_ids[row, : len(ids)] = ids
-            mask[row, : len(ids)] = 1
-        return input_ids, mask
+    def _pad(self, payloads: Sequence[Any]) -> tuple[IntArray, ...]:
+        return pad_batch(payloads, self._pad_id)
 
     def run_batch(self, payloads: Sequence[Any]) -> npt.NDArray[np.float32]:
         """One vector per payload, in order. Sequences of very different lengths run as
-        separate forward calls (``padding.plan_groups``), so short ones are not padded to the
-        longest; a batch of similar lengths stays one call."""
-        groups = plan_groups([len(ids) for ids in payloads])
-        if len(groups) == 1:
-            return self.encoder.infer(*self._pad(payloads))
-        vectors = np.empty((len(payloads), self.dimensions), dtype=np.float32)
-        for group in groups:
-            vectors[group] = self.encoder.infer(*self._pad([payloads[i] for i in group]))
-        return vectors
+        separate forward calls (``padding.run_in_groups``), so short ones are not padded to the
+        longest."""
+        def run(indices: Sequence[int]) -> npt.NDArray[np.float32]:
+            return self.encoder.infer(*self._pad([payloads[i] for i in indices]))
+
+        return run_in_groups([len(ids) for ids in payloads], run)
 
     def close(self) -> None:
         self.encoder.close()
