@@ -180,3 +180,22 @@ def windowed_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     else:
         model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, **shape))
     return save_model(model, byte_tokenizer, tmp_path_factory.mktemp(request.param))
+
+
+# -- tiny random-weight BERT cross-encoders (the bundled MiniLM tokenizer) -----------------------
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One relevance logit (sentence-transformers' usual CrossEncoder head)."""
+    from bench.tiny_cross_encoder import build_cross_encoder
+
+    return build_cross_encoder(tmp_path_factory.mktemp("cross-encoder"))
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_2label_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two labels (irrelevant, relevant): scored by the softmax's last column."""
+    from bench.tiny_cross_encoder import CrossEncoderShape, build_cross_encoder
+
+    return build_cross_encoder(tmp_path_factory.mktemp("cross-encoder-2"),
+                               CrossEncoderShape(num_labels=2), seed=99)

@@ -295,9 +295,9 @@ def test_cli_reports_config_errors_and_exits_2(
          "models[0].weights: 'int8' applies only to causal-lm models on OpenVINO (backend "
          "'auto' or 'openvino')"),
         ("runtime = 'causal-lm'\nsource = '/m'\nbackend = 'torch'\nintra_op_threads = 2\n",
-         "models[0].intra_op_threads: applies only to embedding models and causal-lm models on "
-         "OpenVINO; the torch engine uses torch's process-wide thread pool (set OMP_NUM_THREADS "
-         "before starting tidegate)"),
+         "models[0].intra_op_threads: applies only to embedding, cross-encoder and causal-lm "
+         "models on OpenVINO; the torch engine uses torch's process-wide thread pool (set "
+         "OMP_NUM_THREADS before starting tidegate)"),
     ],
 )
 def test_bad_backend_or_precision_names_the_key_and_the_choices(

@@ -31,7 +31,13 @@ from tidegate.configutil import (
     place,
     require_table,
 )
-from tidegate.engines import DEFAULT_MIN_COSINE, Backend, Precision, Weights
+from tidegate.engines import (
+    DEFAULT_MAX_SCORE_ERROR,
+    DEFAULT_MIN_COSINE,
+    Backend,
+    Precision,
+    Weights,
+)
 from tidegate.errors import ConfigError
 from tidegate.kinds import RuntimeKind
 from tidegate.upstream.config import SECTIONS as UPSTREAM_SECTIONS
@@ -69,11 +75,13 @@ LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 BACKENDS: Mapping[RuntimeKind, tuple[Backend, ...]] = {
     RuntimeKind.EMBEDDING: (Backend.AUTO, Backend.OPENVINO, Backend.ONNXRUNTIME),
     RuntimeKind.CAUSAL_LM: (Backend.AUTO, Backend.OPENVINO, Backend.TORCH),
+    RuntimeKind.CROSS_ENCODER: (Backend.AUTO, Backend.OPENVINO, Backend.ONNXRUNTIME),
 }
 """The ``backend`` values each runtime accepts; the others take only ``auto``."""
 PRECISIONS: Mapping[RuntimeKind, tuple[Precision, ...]] = {
     RuntimeKind.EMBEDDING: (Precision.AUTO, Precision.FP32, Precision.BF16),
     RuntimeKind.CAUSAL_LM: (Precision.AUTO, Precision.FP32, Precision.BF16),
+    RuntimeKind.CROSS_ENCODER: (Precision.AUTO, Precision.FP32, Precision.BF16),
 }
 """The ``precision`` values each runtime accepts."""
 
@@ -218,6 +226,7 @@ class ModelConfig:
     runtime: RuntimeKind = RuntimeKind.EMBEDDING
     source: str | None = None
     """``embedding``: a local model directory (``None``: the bundled all-MiniLM-L6-v2).
+    ``causal-lm``, ``cross-encoder``: a local model directory (required).
     ``python``: ``"package.module:ClassName"``."""
     max_input_tokens: int | None = None
     """Truncate inputs to this many tokens; ``None`` means the model's own limit."""
@@ -234,6 +243,9 @@ class ModelConfig:
     decoding; checked by the load-time probe with a wider tolerance)."""
     min_cosine: float = DEFAULT_MIN_COSINE
     """Reduced precision is kept only if every load-time probe vector stays this close to fp32."""
+    max_score_error: float = DEFAULT_MAX_SCORE_ERROR
+    """Cross-encoders: reduced precision is kept only if every load-time probe score (raw
+    logit) stays within this absolute difference of fp32."""
     depends_on: tuple[str, ...] = ()
     """Models loaded before this one and kept loaded while it is."""
     priority: int = 0
@@ -260,8 +272,9 @@ class ModelConfig:
         object.__setattr__(self, "runtime", RuntimeKind(self.runtime))
         if self.source is not None and not isinstance(self.source, str):
             raise ConfigError(f"must be a string, got {self.source!r}", key="source")
-        if self.runtime == "causal-lm" and not self.source:
-            raise ConfigError("must be a local model directory for causal-lm", key="source")
+        if self.runtime in ("causal-lm", "cross-encoder") and not self.source:
+            raise ConfigError(f"must be a local model directory for {self.runtime}",
+                              key="source")
         if self.runtime == "python" and (not self.source or ":" not in self.source):
             raise ConfigError("must be 'module:ClassName' for a python model", key="source")
         if isinstance(self.depends_on, list):
@@ -291,11 +304,11 @@ class ModelConfig:
         if self.intra_op_threads is not None:
             check_integer("intra_op_threads", self.intra_op_threads)
             torch_lm = self.runtime == "causal-lm" and self.backend is Backend.TORCH
-            if self.runtime not in ("embedding", "causal-lm") or torch_lm:
+            if self.runtime not in ("embedding", "cross-encoder", "causal-lm") or torch_lm:
                 raise ConfigError(
-                    "applies only to embedding models and causal-lm models on OpenVINO; the "
-                    "torch engine uses torch's process-wide thread pool (set OMP_NUM_THREADS "
-                    "before starting tidegate)", key="intra_op_threads",
+                    "applies only to embedding, cross-encoder and causal-lm models on OpenVINO; "
+                    "the torch engine uses torch's process-wide thread pool (set "
+                    "OMP_NUM_THREADS before starting tidegate)", key="intra_op_threads",
                 )
 
 
@@ -324,6 +337,10 @@ class ModelConfig:
                 or not 0 < self.min_cosine <= 1:
             raise ConfigError(f"must be a number in (0, 1], got {self.min_cosine!r}",
                               key="min_cosine")
+        if isinstance(self.max_score_error, bool) \
+                or not isinstance(self.max_score_error, int | float) or self.max_score_error <= 0:
+            raise ConfigError(f"must be a number > 0, got {self.max_score_error!r}",
+                              key="max_score_error")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

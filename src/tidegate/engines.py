@@ -6,10 +6,20 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-__all__ = ["DEFAULT_MIN_COSINE", "Backend", "Precision", "Weights", "cpu_supports_bf16"]
+__all__ = [
+    "DEFAULT_MAX_SCORE_ERROR",
+    "DEFAULT_MIN_COSINE",
+    "Backend",
+    "Precision",
+    "Weights",
+    "cpu_supports_bf16",
+]
 
 DEFAULT_MIN_COSINE = 0.9999
 """Reduced precision must keep every load-time probe vector within this cosine of fp32."""
+DEFAULT_MAX_SCORE_ERROR = 1e-3
+"""Reduced precision must keep every load-time probe score (a cross-encoder's raw logit)
+within this absolute difference of fp32."""
 
 
 class Backend(StrEnum):

@@ -25,6 +25,8 @@ class RuntimeKind(StrEnum):
     """OpenAI-compatible upstream replicas."""
     CAUSAL_LM = "causal-lm"
     """A local Hugging Face causal LM on PyTorch."""
+    CROSS_ENCODER = "cross-encoder"
+    """A local sequence-classification model scoring (query, document) pairs: reranking."""
 
 
 class ModelKind(StrEnum):
@@ -36,3 +38,5 @@ class ModelKind(StrEnum):
     """Local text generation, through the continuous-batching engine."""
     REMOTE = "remote"
     """Both, from upstream replicas: vectors batched, completions relayed."""
+    RERANK = "rerank"
+    """Local relevance scores of (query, document) pairs, through the model's batcher."""

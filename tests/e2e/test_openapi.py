@@ -33,6 +33,8 @@ EMBED = "all-minilm-l6-v2"
 GPT2 = "tiny-gpt2"
 GPT2_TORCH = "tiny-gpt2-torch"
 """The same model on the torch engine, which reports alternative tokens' logprobs."""
+RERANK = "tiny-reranker"
+"""The only cross-encoder: it serves the rerank requests that name no model."""
 CONFIG = """
 [server]
 max_body_bytes = 65536
@@ -57,6 +59,11 @@ id = "{gpt2_torch}"
 runtime = "causal-lm"
 source = "{gpt2_dir}"
 backend = "torch"
+
+[[models]]
+id = "{rerank}"
+runtime = "cross-encoder"
+source = "{rerank_dir}"
 """
 EXAMPLES = 25
 """Generated requests per operation and mode: enough to cover each parameter's types and bounds,
@@ -67,8 +74,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path,
-           gpt2_dir: Path) -> Iterator[ServerProcess]:
-    config = CONFIG.format(embed=EMBED, gpt2=GPT2, gpt2_torch=GPT2_TORCH, gpt2_dir=gpt2_dir)
+           gpt2_dir: Path, cross_encoder_dir: Path) -> Iterator[ServerProcess]:
+    config = CONFIG.format(embed=EMBED, gpt2=GPT2, gpt2_torch=GPT2_TORCH, gpt2_dir=gpt2_dir,
+                           rerank=RERANK, rerank_dir=cross_encoder_dir)
     with run_server(tmp_path_factory.mktemp("openapi"), config, cache_dir) as proc:
         yield proc
 
@@ -100,6 +108,7 @@ def test_document_is_valid_openapi_31(api_schema: Any, document: dict[str, Any])
         ("GET", "/health"), ("GET", "/metrics"), ("GET", "/openapi.json"),
         ("POST", "/admin/models/{model_id}/load"), ("POST", "/admin/models/{model_id}/unload"),
         ("POST", "/tokenize"), ("POST", "/detokenize"),
+        ("POST", "/v1/rerank"), ("POST", "/rerank"),
     }
     # The limits and examples are the server's own.
     embedding = document["components"]["schemas"]["EmbeddingRequest"]
@@ -185,6 +194,19 @@ def _validate(api_schema: Any, method: str, path: str, response: httpx.Response,
     ("POST", "/detokenize", {"model": GPT2, "tokens": [10**9]}, 400, "json"),
     ("POST", "/detokenize", {"model": GPT2, "tokens": "1 2"}, 400, "json"),
     ("POST", "/detokenize", {"model": "nope", "tokens": []}, 404, "json"),
+    # Reranking: Cohere's shape on both routes, TEI's on /rerank, and their errors.
+    ("POST", "/v1/rerank", {"model": RERANK, "query": "q", "documents": ["a", {"text": "b"}],
+                            "top_n": 1, "return_documents": True}, 200, "json"),
+    ("POST", "/rerank", {"query": "q", "documents": ["a", "b"]}, 200, "json"),
+    ("POST", "/rerank", {"query": "q", "texts": ["a", "b"], "raw_scores": True,
+                         "return_text": True}, 200, "json"),
+    ("POST", "/rerank", {"query": "q", "texts": ["long " * 600], "truncate": False},
+     400, "json"),
+    ("POST", "/v1/rerank", {"model": RERANK, "query": "q", "documents": []}, 400, "json"),
+    ("POST", "/v1/rerank", {"model": EMBED, "query": "q", "documents": ["a"]}, 400, "json"),
+    ("POST", "/v1/rerank", {"model": "nope", "query": "q", "documents": ["a"]}, 404, "json"),
+    ("POST", "/rerank", {"query": "q", "texts": ["a"] * 17}, 413, "json"),
+    ("GET", f"/v1/models/{RERANK}", None, 200, "json"),
     ("GET", "/v1/models", None, 200, "json"),
     ("GET", f"/v1/models/{EMBED}", None, 200, "json"),
     ("GET", f"/v1/models/{GPT2}", None, 200, "json"),
@@ -235,6 +257,7 @@ def test_error_statuses_conform(api_schema: Any, server: ServerProcess) -> None:
 
 
 FUZZED = ["POST /v1/embeddings", "POST /v1/completions", "POST /v1/chat/completions",
+          "POST /v1/rerank", "POST /rerank",
           "GET /v1/models", "GET /v1/models/{model_id}", "GET /health/live",
           "GET /health/ready", "GET /health", "GET /metrics", "GET /openapi.json",
           "POST /tokenize", "POST /detokenize"]
@@ -254,7 +277,9 @@ MODELS = {"/v1/embeddings": [EMBED, "echo", EMBED, GPT2, None],
           "/v1/completions": [GPT2, GPT2, GPT2, EMBED, None],
           "/v1/chat/completions": [GPT2, GPT2, GPT2, EMBED, None],
           "/tokenize": [GPT2, GPT2_TORCH, EMBED, "echo", None],
-          "/detokenize": [GPT2, EMBED, GPT2_TORCH, "echo", None]}
+          "/detokenize": [GPT2, EMBED, GPT2_TORCH, "echo", None],
+          "/v1/rerank": [RERANK, RERANK, RERANK, EMBED, None],
+          "/rerank": [RERANK, RERANK, RERANK, GPT2, None]}
 RUNS = [(label, GenerationMode.POSITIVE) for label in FUZZED] + [
     (label, GenerationMode.NEGATIVE) for label in FUZZED if label.startswith("POST")]
 

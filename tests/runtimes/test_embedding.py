@@ -54,16 +54,17 @@ def test_token_counts_include_special_tokens_and_truncation(minilm: Any, model_d
 def test_its_tokenizer_reports_whole_inputs_without_truncating(minilm: Any) -> None:
     from tidegate.runtimes.tokenization import TextTokenizer
 
-    assert isinstance(minilm, TextTokenizer)
-    assert minilm.max_model_len == 256
-    assert minilm.max_token_id == 30521
-    ids = minilm.tokenize("A cat sits on the mat.", add_special_tokens=True)
-    assert minilm.token_strs(ids) == ["[CLS]", "a", "cat", "sits", "on", "the", "mat", ".",
-                                      "[SEP]"]
-    assert minilm.tokenize("A cat sits on the mat.", add_special_tokens=False) == ids[1:-1]
-    assert minilm.detokenize(ids) == "[CLS] a cat sits on the mat. [SEP]"
-    assert minilm.detokenize(ids[1:-1]) == "a cat sits on the mat."
-    assert len(minilm.tokenize("long " * 600, add_special_tokens=True)) == 602
+    tokenizer = minilm.text_tokenizer
+    assert isinstance(tokenizer, TextTokenizer)
+    assert tokenizer.max_model_len == 256
+    assert tokenizer.max_token_id == 30521
+    ids = tokenizer.tokenize("A cat sits on the mat.", add_special_tokens=True)
+    assert tokenizer.token_strs(ids) == ["[CLS]", "a", "cat", "sits", "on", "the", "mat", ".",
+                                         "[SEP]"]
+    assert tokenizer.tokenize("A cat sits on the mat.", add_special_tokens=False) == ids[1:-1]
+    assert tokenizer.detokenize(ids) == "[CLS] a cat sits on the mat. [SEP]"
+    assert tokenizer.detokenize(ids[1:-1]) == "a cat sits on the mat."
+    assert len(tokenizer.tokenize("long " * 600, add_special_tokens=True)) == 602
     assert [p.tokens for p in minilm.prepare(["long " * 600])] == [256]  # embedding truncates
 
 

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from tidegate.api import admin, generation, tokenize
+from tidegate.api import admin, generation, rerank, tokenize
 from tidegate.api.auth import admit, authenticate, check_model
 from tidegate.api.common import (
     AppState,
@@ -217,6 +217,10 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
         Route("/detokenize", tokenize.detokenize, methods=["POST"]),
         Route("/admin/models/{model_id:path}/load", admin.admin_load, methods=["POST"]),
         Route("/admin/models/{model_id:path}/unload", admin.admin_unload, methods=["POST"]),
+    ]
+    routes += [
+        Route("/v1/rerank", rerank.v1_rerank, methods=["POST"]),
+        Route("/rerank", rerank.rerank, methods=["POST"]),
     ]
     handlers: dict[Any, Any] = {HTTPException: http_error_handler}
     fast_routes: dict[tuple[str, str], Handler] = {

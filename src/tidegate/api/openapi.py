@@ -21,7 +21,7 @@ from tidegate._version import __version__
 from tidegate.api.generation_params import MAX_COMPLETION_LOGPROBS
 from tidegate.config import Config
 from tidegate.generation.params import MAX_LOGPROBS, MAX_STOP_STRINGS, PENALTY_RANGE, SEED_RANGE
-from tidegate.kinds import RuntimeKind
+from tidegate.kinds import ModelKind, RuntimeKind
 
 __all__ = ["build_openapi", "encode_openapi"]
 
@@ -367,7 +367,7 @@ def _schemas(config: Config) -> dict[str, Schema]:
                 "depends_on": {"type": "array", "items": {"type": "string"}},
                 "error": {"type": "string"},
                 "skipped": {"type": "string"},
-                "kind": {"type": "string", "enum": ["embedding", "generation", "remote"]},
+                "kind": {"type": "string", "enum": [kind.value for kind in ModelKind]},
                 "load_seconds": {"type": "number"},
                 "dimensions": {"type": "integer"},
                 "max_input_tokens": _nullable({"type": "integer"}),
@@ -375,6 +375,10 @@ def _schemas(config: Config) -> dict[str, Schema]:
                 "backend": {"type": "string"},
                 "precision": {"type": "string"},
                 "probe_min_cosine": {"type": "number"},
+                "probe_max_score_error": {"type": "number",
+                                          "description": "Cross-encoders: bf16 vs fp32 raw "
+                                                         "scores on the load-time probe."},
+                "num_labels": {"type": "integer", "description": "Cross-encoders: 1 or 2."},
                 "upstream": {"type": "object", "description": "Replicas and their health."},
             },
         },
@@ -648,6 +652,111 @@ def _tokenizer_paths(config: Config) -> dict[str, Any]:
     }
 
 
+# -- reranking -----------------------------------------------------------------------------------
+
+def _rerank_schemas(config: Config) -> dict[str, Schema]:
+    max_inputs = config.server.max_inputs_per_request
+    model = {"type": "string", "description": "A cross-encoder model. Optional when exactly one "
+                                              "is configured (it then serves)."}
+    document = {"anyOf": [{"type": "string"},
+                          {"type": "object", "required": ["text"],
+                           "properties": {"text": {"type": "string"}}}]}
+    score = {"type": "number", "description": "The model's sigmoid (1 label) or softmax's last "
+                                              "column (2 labels); TEI's raw_scores: the logit."}
+    index = {"type": "integer", "minimum": 0, "description": "The document's position."}
+    return {
+        "RerankRequest": {
+            "type": "object",
+            "required": ["query", "documents"],
+            "properties": {
+                "model": _nullable(model),
+                "query": {"type": "string"},
+                "documents": {"type": "array", "minItems": 1, "maxItems": max_inputs,
+                              "items": document},
+                "top_n": _nullable({"type": "integer", "minimum": 1}),
+                "return_documents": _nullable({"type": "boolean"}),
+            },
+            "description": "Cohere / Jina's shape. Each (query, document) pair is cut to the "
+                           "model's limit (the document, not the query, where possible).",
+        },
+        "RerankResponse": {
+            "type": "object",
+            "required": ["id", "model", "results", "usage"],
+            "properties": {
+                "id": {"type": "string"},
+                "model": {"type": "string"},
+                "results": {"type": "array", "description": "Best first; `top_n` of them.",
+                            "items": {
+                                "type": "object",
+                                "required": ["index", "relevance_score"],
+                                "properties": {
+                                    "index": index,
+                                    "relevance_score": score,
+                                    "document": {"type": "object", "required": ["text"],
+                                                 "properties": {"text": {"type": "string"}}},
+                                },
+                            }},
+                "usage": {"type": "object", "required": ["total_tokens"],
+                          "properties": {"total_tokens": {"type": "integer", "minimum": 0}}},
+            },
+        },
+        "TeiRerankRequest": {
+            "type": "object",
+            "required": ["query", "texts"],
+            "properties": {
+                "model": _nullable(model),
+                "query": {"type": "string"},
+                "texts": {"type": "array", "minItems": 1, "maxItems": max_inputs,
+                          "items": {"type": "string"}},
+                "raw_scores": _nullable({"type": "boolean"}),
+                "return_text": _nullable({"type": "boolean"}),
+                "truncate": _nullable({"type": "boolean", "description":
+                                       "Default true; false: a pair over the model's limit is "
+                                       "a 400 naming `texts`."}),
+            },
+            "description": "Hugging Face TEI's shape (a body with `texts` and no `documents`).",
+        },
+        "TeiRerankResponse": {
+            "type": "array", "description": "Best first.",
+            "items": {"type": "object", "required": ["index", "score"],
+                      "properties": {"index": index, "score": score,
+                                     "text": {"type": "string"}}},
+        },
+    }
+
+
+def _rerank_paths(config: Config) -> dict[str, Any]:
+    reranker = next((m.id for m in config.models if m.runtime is RuntimeKind.CROSS_ENCODER),
+                    None)
+    example = (None if reranker is None else
+               {"model": reranker, "query": "what do cats eat?", "top_n": 1,
+                "documents": ["Cats are carnivores.", "The stock market fell."]})
+    cohere = {"schema": _ref("RerankRequest")}
+    if example is not None:
+        cohere["example"] = example
+    errors = _errors(*_INFERENCE_ERRORS)
+    return {
+        "/v1/rerank": {"post": {
+            "summary": "Score documents against a query with a cross-encoder (Cohere / Jina)",
+            "operationId": "createRerank",
+            "tags": ["inference"],
+            "requestBody": {"required": True, "content": {JSON: cohere}},
+            "responses": {"200": _ok("The documents' scores, best first.",
+                                     _ref("RerankResponse")), **errors},
+        }},
+        "/rerank": {"post": {
+            "summary": "Rerank in Cohere's shape (`documents`) or TEI's (`texts`)",
+            "operationId": "rerank",
+            "tags": ["inference"],
+            "requestBody": {"required": True, "content": {JSON: {"schema": {"anyOf": [
+                _ref("RerankRequest"), _ref("TeiRerankRequest")]}}}},
+            "responses": {"200": _ok("Cohere's object for `documents`, TEI's list for `texts`.",
+                                     {"anyOf": [_ref("RerankResponse"),
+                                                _ref("TeiRerankResponse")]}), **errors},
+        }},
+    }
+
+
 def build_openapi(config: Config) -> dict[str, Any]:
     """The document for a server with this config."""
     return {
@@ -663,9 +772,9 @@ def build_openapi(config: Config) -> dict[str, Any]:
                 "method_not_allowed`, with `Allow`), in the same shape."
             ),
         },
-        "paths": _paths(config),
+        "paths": {**_paths(config), **_rerank_paths(config)},
         "components": {
-            "schemas": _schemas(config),
+            "schemas": {**_schemas(config), **_rerank_schemas(config)},
             "headers": {
                 "Retry-After": {"description": "Seconds to wait before retrying.",
                                 "schema": {"type": "string"}},

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from tidegate.config import ModelConfig
 from tidegate.kinds import ModelKind
 from tidegate.models.policy import EntryView, decayed
-from tidegate.models.served import RemoteModel, ServedModel, TextGenerationModel
+from tidegate.models.served import RemoteModel, RerankModel, ServedModel, TextGenerationModel
 from tidegate.runtimes.base import EngineInfo
 
 __all__ = ["Entry", "ModelSnapshot", "ModelState"]
@@ -135,14 +135,15 @@ def _served_details(served: ServedModel) -> dict[str, object]:
         runtime = served.runtime
         return {"context_length": runtime.context_length, "backend": runtime.backend.value,
                 "precision": runtime.precision.value, "weights": runtime.weights.value}
-    details: dict[str, object] = {
-        "dimensions": served.dimensions,
-        "max_input_tokens": served.max_input_tokens,
-    }
+    details: dict[str, object] = {"max_input_tokens": served.max_input_tokens}
+    if isinstance(served, RerankModel):
+        details["num_labels"] = served.runtime.num_labels
+    else:
+        details["dimensions"] = served.dimensions
     engine = getattr(served.runtime, "engine_info", None)
     if isinstance(engine, EngineInfo):
-        details.update(backend=engine.backend, precision=engine.precision,
-                       probe_min_cosine=round(engine.probe_min_cosine, 6))
+        details.update(backend=engine.backend, precision=engine.precision)
+        details[engine.probe_key] = round(engine.probe, 8)
     if isinstance(served, RemoteModel):
         details["upstream"] = served.upstream.describe()
     return details

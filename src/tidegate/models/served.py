@@ -4,10 +4,12 @@
 * :class:`EmbeddingModel`: a local embedding runtime behind a batcher.
 * :class:`TextGenerationModel`: a causal LM behind the continuous-batching engine.
 * :class:`RemoteModel`: upstream replicas; embeddings batched, completions relayed by the API.
+* :class:`RerankModel`: a local cross-encoder behind a batcher, one item per (query, document).
 
 Routes ask the model for the capability they need (:meth:`embedder`, :meth:`generator`,
-:meth:`tokenizer`, :meth:`chat_tokenizer`); a model of the wrong kind answers with a 400
-``wrong_model_type`` error (``param: messages`` for chat messages to an embedding model).
+:meth:`tokenizer`, :meth:`chat_tokenizer`, :meth:`reranker`); a model of the wrong kind
+answers with a 400 ``wrong_model_type`` error (``param: messages`` for chat messages to an
+embedding model).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from tidegate.config import BatchingConfig, ModelConfig
 from tidegate.errors import InvalidRequest
 from tidegate.kinds import ModelKind
 from tidegate.metrics import Metrics
-from tidegate.runtimes import AnyRuntime, BatchedRuntime, EmbeddingRuntime
+from tidegate.runtimes import AnyRuntime, BatchedRuntime, EmbeddingRuntime, RerankRuntime
+from tidegate.runtimes.base import Prepared
+from tidegate.runtimes.cross_encoder import relevance_scores
 from tidegate.runtimes.tokenization import ChatTokenizer, TextTokenizer
 
 if TYPE_CHECKING:
@@ -43,6 +47,8 @@ __all__ = [
     "EmbeddingModel",
     "EmbeddingResult",
     "RemoteModel",
+    "RerankModel",
+    "RerankResult",
     "ServedModel",
     "TextGenerationModel",
     "served_model",
@@ -59,6 +65,37 @@ RT_co = TypeVar("RT_co", bound=EmbeddingRuntime, covariant=True)
 class EmbeddingResult:
     vectors: list[Vector]
     prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RerankResult:
+    scores: list[float]
+    """One per document, in the documents' order."""
+    tokens: int
+    """The pairs' tokens as the model saw them (the request's usage)."""
+
+
+def _wrong_type(model_id: str, what: str, cannot: str, use: str) -> InvalidRequest:
+    return InvalidRequest(f"Model '{model_id}' is {what}; it {cannot}. Use {use}.",
+                          param="model", code="wrong_model_type")
+
+
+def _no_chat_format(model_id: str, what: str) -> InvalidRequest:
+    return InvalidRequest(f"Model '{model_id}' is {what}; it has no chat format. Send 'prompt' "
+                          "instead of 'messages'.", param="messages", code="wrong_model_type")
+
+
+def _local_compute(
+    config: ModelConfig, runtime: BatchedRuntime | RerankRuntime
+) -> tuple[Compute[Vector], ThreadPoolExecutor | None]:
+    """A local runtime's batches: in its own worker threads, or on the loop when ``inline``."""
+    if runtime.inline:
+        return on_loop(runtime.run_batch), None
+    executor = ThreadPoolExecutor(
+        max_workers=config.batching.resolved(remote=False).concurrency,
+        thread_name_prefix=f"tidegate-{config.id}",
+    )
+    return in_executor(runtime.run_batch, executor), executor
 
 
 class _Served(ABC):
@@ -92,6 +129,10 @@ class _Served(ABC):
         """This model's tokenizer with its chat format; 400 if it has none."""
 
     @abstractmethod
+    def reranker(self) -> RerankModel:
+        """This model as a cross-encoder; 400 ``wrong_model_type`` if it is not one."""
+
+    @abstractmethod
     async def start(self) -> None: ...
 
     @abstractmethod
@@ -114,6 +155,10 @@ class Embedder(_Served, Generic[RT_co]):
 
     def embedder(self) -> Embedder[EmbeddingRuntime]:
         return self
+
+    def reranker(self) -> RerankModel:
+        raise _wrong_type(self.id, "an embedding model", "cannot rerank",
+                          "/v1/embeddings, or a cross-encoder model for /v1/rerank")
 
     @property
     def dimensions(self) -> int:
@@ -146,39 +191,20 @@ class EmbeddingModel(Embedder[BatchedRuntime]):
     kind = ModelKind.EMBEDDING
 
     def __init__(self, config: ModelConfig, runtime: BatchedRuntime, metrics: Metrics) -> None:
-        batching = config.batching.resolved(remote=False)
-        self._executor: ThreadPoolExecutor | None = None
-        if runtime.inline:
-            compute: Compute[Vector] = on_loop(runtime.run_batch)
-        else:
-            self._executor = ThreadPoolExecutor(
-                max_workers=batching.concurrency, thread_name_prefix=f"tidegate-{config.id}"
-            )
-            compute = in_executor(runtime.run_batch, self._executor)
-        super().__init__(config, runtime, metrics, compute=compute, batching=batching)
+        compute, self._executor = _local_compute(config, runtime)
+        super().__init__(config, runtime, metrics, compute=compute,
+                         batching=config.batching.resolved(remote=False))
 
     def generator(self) -> TextGenerationModel | RemoteModel:
-        raise InvalidRequest(
-            f"Model '{self.id}' is an embedding model; it cannot generate text. "
-            "Use /v1/embeddings.", param="model", code="wrong_model_type",
-        )
+        raise _wrong_type(self.id, "an embedding model", "cannot generate text",
+                          "/v1/embeddings")
 
     def tokenizer(self) -> TextTokenizer | RemoteModel:
-        runtime = self.runtime
-        if isinstance(runtime, TextTokenizer):
-            return runtime
-        raise InvalidRequest(
-            f"Model '{self.id}' ({self.config.runtime.value} runtime) has no tokenizer; "
-            "/tokenize and /detokenize serve embedding models and causal LMs.",
-            param="model", code="wrong_model_type",
-        )
+        return _text_tokenizer(self)
 
     def chat_tokenizer(self) -> ChatTokenizer | RemoteModel:
         self.tokenizer()  # 400 naming the model first if it has no tokenizer at all
-        raise InvalidRequest(
-            f"Model '{self.id}' is an embedding model; it has no chat format. "
-            "Send 'prompt' instead of 'messages'.", param="messages", code="wrong_model_type",
-        )
+        raise _no_chat_format(self.id, "an embedding model")
 
     def check_dimensions(self, requested: int) -> None:
         if requested != self.dimensions:
@@ -260,11 +286,8 @@ class TextGenerationModel(_Served):
         return self._engine
 
     def embedder(self) -> Embedder[EmbeddingRuntime]:
-        raise InvalidRequest(
-            f"Model '{self.id}' is a text-generation model; it does not produce embeddings. "
-            "Use /v1/completions or /v1/chat/completions.", param="model",
-            code="wrong_model_type",
-        )
+        raise _wrong_type(self.id, "a text-generation model", "does not produce embeddings",
+                          "/v1/completions or /v1/chat/completions")
 
     def generator(self) -> TextGenerationModel | RemoteModel:
         return self
@@ -274,6 +297,10 @@ class TextGenerationModel(_Served):
 
     def chat_tokenizer(self) -> ChatTokenizer | RemoteModel:
         return self.runtime
+
+    def reranker(self) -> RerankModel:
+        raise _wrong_type(self.id, "a text-generation model", "cannot rerank",
+                          "/v1/completions or /v1/chat/completions")
 
     async def start(self) -> None:
         from tidegate.generation.engine import GenerationEngine
@@ -292,11 +319,101 @@ class TextGenerationModel(_Served):
         self.runtime.close()
 
 
-ServedModel = EmbeddingModel | TextGenerationModel | RemoteModel
+class RerankModel(_Served):
+    """A local cross-encoder: each (query, document) pair is one item of the model's batcher,
+    so a request of 100 documents is 100 items, batched with other requests' pairs."""
+
+    kind = ModelKind.RERANK
+
+    def __init__(self, config: ModelConfig, runtime: RerankRuntime, metrics: Metrics) -> None:
+        super().__init__(config, metrics)
+        self.runtime = runtime
+        compute, self._executor = _local_compute(config, runtime)
+        self.batcher: Batcher[Vector] = Batcher(
+            model=config.id, compute=compute, config=config.batching.resolved(remote=False),
+            metrics=metrics.for_batcher(config.id),
+        )
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.runtime.max_input_tokens
+
+    def embedder(self) -> Embedder[EmbeddingRuntime]:
+        raise _wrong_type(self.id, "a cross-encoder (reranking) model",
+                          "does not produce embeddings", "/v1/rerank or /rerank")
+
+    def generator(self) -> TextGenerationModel | RemoteModel:
+        raise _wrong_type(self.id, "a cross-encoder (reranking) model", "cannot generate text",
+                          "/v1/rerank or /rerank")
+
+    def tokenizer(self) -> TextTokenizer | RemoteModel:
+        return _text_tokenizer(self)
+
+    def chat_tokenizer(self) -> ChatTokenizer | RemoteModel:
+        self.tokenizer()
+        raise _no_chat_format(self.id, "a cross-encoder")
+
+    def reranker(self) -> RerankModel:
+        return self
+
+    async def rerank(
+        self, query: str, documents: Sequence[str], *, raw: bool = False, truncate: bool = True,
+        param: str = "documents",
+    ) -> RerankResult:
+        """Score each document against ``query``: the model's sigmoid / softmax, or its raw
+        logit with ``raw``. With ``truncate`` false, a pair over the model's limit is a 400
+        naming ``param`` instead of being cut."""
+        self.batcher.check_room(len(documents))  # a full queue refuses before tokenizing
+        prepared = await self._prepare(query, documents)
+        if not truncate:
+            self._check_lengths(prepared, param)
+        rows = await self.batcher.submit(prepared)
+        scores = relevance_scores(np.stack(rows), raw=raw)
+        return RerankResult(scores.tolist(), sum(p.tokens for p in prepared))
+
+    async def _prepare(self, query: str, documents: Sequence[str]) -> list[Prepared]:
+        if len(documents) <= _INLINE_PREPARE_MAX:
+            return self.runtime.prepare_pairs(query, documents)
+        return await asyncio.to_thread(self.runtime.prepare_pairs, query, documents)
+
+    def _check_lengths(self, prepared: Sequence[Prepared], param: str) -> None:
+        for index, item in enumerate(prepared):
+            if item.payload.truncated:
+                raise InvalidRequest(
+                    f"'{param}'[{index}] with the query exceeds model '{self.id}''s limit of "
+                    f"{self.max_input_tokens} tokens; shorten it, or send 'truncate': true.",
+                    param=param,
+                )
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self.runtime.close()
+
+
+def _text_tokenizer(model: EmbeddingModel | RerankModel) -> TextTokenizer:
+    """A local batched model's tokenizer (its runtime's ``text_tokenizer``), else 400."""
+    found = getattr(model.runtime, "text_tokenizer", None)
+    if isinstance(found, TextTokenizer):
+        return found
+    raise InvalidRequest(
+        f"Model '{model.id}' ({model.config.runtime.value} runtime) has no tokenizer; "
+        "/tokenize and /detokenize serve embedding models, cross-encoders and causal LMs.",
+        param="model", code="wrong_model_type",
+    )
+
+
+ServedModel = EmbeddingModel | TextGenerationModel | RemoteModel | RerankModel
 
 
 def served_model(config: ModelConfig, runtime: AnyRuntime, metrics: Metrics) -> ServedModel:
     """The served type for ``runtime``'s kind (not started: await its ``start()``)."""
+    if isinstance(runtime, RerankRuntime):
+        return RerankModel(config, runtime, metrics)
     if isinstance(runtime, BatchedRuntime):
         return EmbeddingModel(config, runtime, metrics)
     from tidegate.runtimes.remote import RemoteRuntime

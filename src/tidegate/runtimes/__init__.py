@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Union
 from tidegate.config import ModelConfig
 from tidegate.engines import Backend, Precision, Weights, cpu_supports_bf16
 from tidegate.kinds import RuntimeKind
-from tidegate.runtimes.base import BatchedRuntime, EmbeddingRuntime, Prepared
+from tidegate.runtimes.base import BatchedRuntime, EmbeddingRuntime, Prepared, RerankRuntime
 from tidegate.runtimes.echo import EchoRuntime
 from tidegate.runtimes.python import ModelHandle, load_python_model
 
@@ -30,10 +30,13 @@ __all__ = [
     "Loader",
     "ModelHandle",
     "Prepared",
+    "RerankRuntime",
     "create_runtime",
 ]
 
-AnyRuntime = Union[BatchedRuntime, "CausalLMRuntime", "GenaiLMRuntime", "RemoteRuntime"]
+AnyRuntime = Union[
+    BatchedRuntime, RerankRuntime, "CausalLMRuntime", "GenaiLMRuntime", "RemoteRuntime"
+]
 
 log = logging.getLogger("tidegate.runtimes")
 Loader = Callable[[ModelConfig, Path, Mapping[str, ModelHandle]], AnyRuntime]
@@ -53,6 +56,22 @@ def _load_embedding(
         precision=model.precision, min_cosine=model.min_cosine,
         max_input_tokens=model.max_input_tokens,
         intra_op_threads=model.intra_op_threads,
+    )
+
+
+def _load_cross_encoder(
+    model: ModelConfig, cache_dir: Path, _: Mapping[str, ModelHandle]
+) -> AnyRuntime:
+    from tidegate.runtimes.cross_encoder import CrossEncoderRuntime
+
+    assert model.source is not None  # validated by ModelConfig
+    model_dir = Path(model.source).expanduser()
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model source {model_dir} is not a directory")
+    return CrossEncoderRuntime(
+        model_dir, cache_dir, model_id=model.id, backend=model.backend,
+        precision=model.precision, max_score_error=model.max_score_error,
+        max_input_tokens=model.max_input_tokens, intra_op_threads=model.intra_op_threads,
     )
 
 
@@ -114,6 +133,7 @@ LOADERS: Mapping[RuntimeKind, Loader] = {
     RuntimeKind.PYTHON: _load_python,
     RuntimeKind.REMOTE: _load_remote,
     RuntimeKind.CAUSAL_LM: _load_causal_lm,
+    RuntimeKind.CROSS_ENCODER: _load_cross_encoder,
 }
 
 

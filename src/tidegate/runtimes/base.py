@@ -1,5 +1,6 @@
-"""What the embedding runtimes offer the batcher and the API: ``EmbeddingRuntime`` is what every
-one has (local or remote), ``BatchedRuntime`` a local one that computes a batch in a thread."""
+"""What the batched runtimes offer the batcher and the API: ``EmbeddingRuntime`` is what every
+embedding runtime has (local or remote), ``BatchedRuntime`` a local one that computes a batch in
+a thread, ``RerankRuntime`` a local cross-encoder scoring (query, document) pairs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BatchedRuntime", "EmbeddingRuntime", "EngineInfo", "Prepared"]
+__all__ = ["BatchedRuntime", "EmbeddingRuntime", "EngineInfo", "Prepared", "RerankRuntime"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +29,12 @@ class EngineInfo:
 
     backend: str
     precision: str
-    probe_min_cosine: float
-    """Reduced precision vs fp32 on the probe set; 1.0 when the model computes in fp32."""
+    probe_key: str
+    """The card's key for :attr:`probe`: ``probe_min_cosine`` (embeddings) or
+    ``probe_max_score_error`` (cross-encoders)."""
+    probe: float
+    """Reduced precision vs fp32 on the probe set; the exact figure (cosine 1.0, error 0.0)
+    when the model computes in fp32."""
 
 
 class EmbeddingRuntime(Protocol):
@@ -59,3 +64,21 @@ class BatchedRuntime(EmbeddingRuntime, Protocol):
     ) -> npt.NDArray[np.float32] | list[npt.NDArray[np.float32]]:
         """One vector per payload: a 2-D array's rows, or a list of 1-D arrays."""
         ...
+
+
+@runtime_checkable
+class RerankRuntime(Protocol):
+    """A local cross-encoder: ``prepare_pairs`` tokenizes a query with each document (one
+    batcher item per pair); ``run_batch``, in the model's executor thread, returns each pair's
+    raw logits (a row of ``num_labels``)."""
+
+    inline: bool
+    max_input_tokens: int
+    memory_bytes: int
+    num_labels: int
+
+    def prepare_pairs(self, query: str, documents: Sequence[str]) -> list[Prepared]: ...
+
+    def run_batch(self, payloads: Sequence[Any]) -> npt.NDArray[np.float32]: ...
+
+    def close(self) -> None: ...

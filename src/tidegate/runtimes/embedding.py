@@ -14,8 +14,9 @@ import numpy.typing as npt
 from tidegate.engines import DEFAULT_MIN_COSINE, Backend, Precision, cpu_supports_bf16
 from tidegate.runtimes.base import EngineInfo, Prepared
 from tidegate.runtimes.encoders import Encoder, IntArray
-from tidegate.runtimes.padding import plan_groups
-from tidegate.runtimes.precision_guard import choose_engine, probe_texts
+from tidegate.runtimes.padding import pad_batch, run_in_groups
+from tidegate.runtimes.precision_guard import choose_engine, cosine_tolerance, probe_texts
+from tidegate.runtimes.tokenization import FileTokenizer
 
 __all__ = [
     "TextEmbeddingRuntime",
@@ -51,6 +52,22 @@ def model_token_limit(model_dir: Path) -> int:
     return positions if isinstance(positions, int) and positions > 0 else 512
 
 
+def open_tokenizers(model_dir: Path, max_input_tokens: int | None
+                    ) -> tuple[Any, FileTokenizer, int]:
+    """A local encoder model's ``tokenizer.json`` twice: one instance for the runtime to
+    configure (truncation, pairs), and its untruncated :class:`FileTokenizer` for /tokenize;
+    plus the input limit (``max_input_tokens`` capped by the model's own)."""
+    from tokenizers import Tokenizer
+
+    tokenizer_file = model_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"{model_dir} has no tokenizer.json (a fast tokenizer)")
+    native_limit = model_token_limit(model_dir)
+    limit = min(max_input_tokens or native_limit, native_limit)
+    return (Tokenizer.from_file(str(tokenizer_file)),
+            FileTokenizer(tokenizer_file, max_model_len=limit), limit)
+
+
 class TextEmbeddingRuntime:
     """Tokenize with ``tokenizers``, run the exported pooled+normalized graph on an engine.
 
@@ -76,38 +93,28 @@ class TextEmbeddingRuntime:
         intra_op_threads: int | None = None,
         bf16_supported: Callable[[], bool] = cpu_supports_bf16,
     ) -> None:
-        from tokenizers import Tokenizer
-
-        tokenizer_file = model_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"{model_dir} has no tokenizer.json (a fast tokenizer)")
-        native_limit = model_token_limit(model_dir)
-        self.max_input_tokens = min(max_input_tokens or native_limit, native_limit)
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self._tokenizer, self.text_tokenizer, self.max_input_tokens = open_tokenizers(
+            model_dir, max_input_tokens)
         self._tokenizer.enable_truncation(self.max_input_tokens)
         self._tokenizer.no_padding()
         # /tokenize reports whole inputs: a second instance, since settings are per instance.
-        self._untruncated = Tokenizer.from_file(str(tokenizer_file))
-        self._untruncated.no_truncation()
-        self._untruncated.no_padding()
-        self.max_token_id: int = max(self._untruncated.get_vocab(with_added_tokens=True).values())
         pad_id = self._tokenizer.token_to_id("[PAD]")
         self._pad_id = pad_id if pad_id is not None else 0
 
         probe = self.prepare(probe_texts(self.max_input_tokens))
         choice = choose_engine(
             model_id or model_dir.name, model_dir, cache_dir, backend=backend,
-            precision=precision, threads=intra_op_threads, threshold=min_cosine,
+            precision=precision, threads=intra_op_threads, tolerance=cosine_tolerance(min_cosine),
             probe=self._pad([p.payload for p in probe]), bf16_supported=bf16_supported,
         )
         self.encoder: Encoder = choice.encoder
         self.backend = choice.encoder.backend
         self.precision = choice.encoder.precision
-        self.probe_min_cosine = choice.probe_min_cosine
+        self.probe_min_cosine = choice.probe
         self.precision_fell_back = choice.fell_back
         self.engine_info = EngineInfo(
             backend=self.backend.value, precision=self.precision.value,
-            probe_min_cosine=self.probe_min_cosine,
+            probe_key="probe_min_cosine", probe=self.probe_min_cosine,
         )
         self.dimensions = choice.encoder.dimensions or self._probe_dimensions()
         self.memory_bytes = choice.encoder.memory_bytes
@@ -122,41 +129,17 @@ class TextEmbeddingRuntime:
             encodings = self._tokenizer.encode_batch(list(texts))
         return [Prepared(len(e.ids), e.ids) for e in encodings]
 
-    @property
-    def max_model_len(self) -> int:
-        return self.max_input_tokens
-
-    def tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        ids: list[int] = self._untruncated.encode(text, add_special_tokens=add_special_tokens).ids
-        return ids
-
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        text: str = self._untruncated.decode(list(token_ids), skip_special_tokens=False)
-        return text
-
-    def token_strs(self, token_ids: Sequence[int]) -> list[str]:
-        return [self._untruncated.id_to_token(i) or "" for i in token_ids]
-
-    def _pad(self, payloads: Sequence[Any]) -> tuple[IntArray, IntArray]:
-        longest = max(len(ids) for ids in payloads)
-        input_ids = np.full((len(payloads), longest), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(payloads), longest), dtype=np.int64)
-        for row, ids in enumerate(payloads):
-            input_ids[row, : len(ids)] = ids
-            mask[row, : len(ids)] = 1
-        return input_ids, mask
+    def _pad(self, payloads: Sequence[Any]) -> tuple[IntArray, ...]:
+        return pad_batch(payloads, self._pad_id)
 
     def run_batch(self, payloads: Sequence[Any]) -> npt.NDArray[np.float32]:
         """One vector per payload, in order. Sequences of very different lengths run as
-        separate forward calls (``padding.plan_groups``), so short ones are not padded to the
-        longest; a batch of similar lengths stays one call."""
-        groups = plan_groups([len(ids) for ids in payloads])
-        if len(groups) == 1:
-            return self.encoder.infer(*self._pad(payloads))
-        vectors = np.empty((len(payloads), self.dimensions), dtype=np.float32)
-        for group in groups:
-            vectors[group] = self.encoder.infer(*self._pad([payloads[i] for i in group]))
-        return vectors
+        separate forward calls (``padding.run_in_groups``), so short ones are not padded to the
+        longest."""
+        def run(indices: Sequence[int]) -> npt.NDArray[np.float32]:
+            return self.encoder.infer(*self._pad([payloads[i] for i in indices]))
+
+        return run_in_groups([len(ids) for ids in payloads], run)
 
     def close(self) -> None:
         self.encoder.close()

@@ -1,6 +1,7 @@
-"""The engines under an embedding model: each runs the pooled, L2-normalized graph on a padded
-batch of token ids. OpenVINO is the default on x86 (bf16 where the CPU computes it natively);
-ONNX Runtime fp32 is the alternative. Both read the same exported graph (``onnx_export``)."""
+"""The engines under an encoder model: each runs an exported graph (``onnx_export``: an
+embedding model's pooled, L2-normalized vectors, or a cross-encoder's logits) on a padded batch
+of token ids. OpenVINO is the default on x86 (bf16 where the CPU computes it natively); ONNX
+Runtime fp32 is the alternative. Both read the same exported graph."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tidegate.engines import Backend, Precision
-from tidegate.runtimes.onnx_export import ensure_onnx
+from tidegate.runtimes.onnx_export import GraphKind, ensure_onnx
 from tidegate.runtimes.openvino_export import compiled_cache_dir, ensure_openvino_ir
 
 __all__ = ["Encoder", "OnnxEncoder", "OpenVinoEncoder", "open_encoder"]
@@ -25,14 +26,17 @@ IntArray = npt.NDArray[np.int64]
 
 
 class Encoder(Protocol):
-    """A compiled embedding graph: ids and mask (batch x length, int64) -> unit vectors."""
+    """A compiled graph: ids, mask and (for a scores graph of a model with segment embeddings)
+    token types, each batch x length int64, -> one row per sequence (a unit vector, or logits)."""
 
     backend: Backend
     precision: Precision
     memory_bytes: int
     dimensions: int
+    """The output row's length (vector size, or number of labels)."""
 
-    def infer(self, input_ids: IntArray, attention_mask: IntArray) -> npt.NDArray[np.float32]: ...
+    def infer(self, input_ids: IntArray, attention_mask: IntArray,
+              token_type_ids: IntArray | None = None) -> npt.NDArray[np.float32]: ...
 
     def close(self) -> None: ...
 
@@ -41,13 +45,22 @@ def _threads(requested: int | None) -> int:
     return requested or len(os.sched_getaffinity(0))
 
 
+def _feeds(input_ids: IntArray, attention_mask: IntArray,
+           token_type_ids: IntArray | None) -> dict[str, IntArray]:
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        feeds["token_type_ids"] = token_type_ids
+    return feeds
+
+
 class OnnxEncoder:
     """ONNX Runtime, fp32, on the CPU execution provider."""
 
     backend = Backend.ONNXRUNTIME
     precision = Precision.FP32
 
-    def __init__(self, model_dir: Path, cache_dir: Path, *, threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path, cache_dir: Path, *, threads: int | None = None,
+                 graph_kind: GraphKind = "embedding") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -56,21 +69,21 @@ class OnnxEncoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning worker threads burn the cores the event loop needs between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        graph = ensure_onnx(model_dir, cache_dir)
+        graph = ensure_onnx(model_dir, cache_dir, graph=graph_kind)
         try:
             session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # a graph that verified but does not load: rebuild once
             log.warning("ONNX Runtime could not load %s (%s); re-exporting", graph, exc)
-            graph = ensure_onnx(model_dir, cache_dir, force=True)
+            graph = ensure_onnx(model_dir, cache_dir, graph=graph_kind, force=True)
             session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self._session: Any = session
         self.graph_path = graph
         self.memory_bytes = graph.stat().st_size
         self.dimensions = int(session.get_outputs()[0].shape[1] or 0)
 
-    def infer(self, input_ids: IntArray, attention_mask: IntArray) -> npt.NDArray[np.float32]:
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-        outputs = self._session.run(None, feeds)
+    def infer(self, input_ids: IntArray, attention_mask: IntArray,
+              token_type_ids: IntArray | None = None) -> npt.NDArray[np.float32]:
+        outputs = self._session.run(None, _feeds(input_ids, attention_mask, token_type_ids))
         result: npt.NDArray[np.float32] = outputs[0]
         return result
 
@@ -89,7 +102,7 @@ class OpenVinoEncoder:
 
     def __init__(
         self, model_dir: Path, cache_dir: Path, *, precision: Precision,
-        threads: int | None = None,
+        threads: int | None = None, graph_kind: GraphKind = "embedding",
     ) -> None:
         import openvino as ov
 
@@ -103,12 +116,12 @@ class OpenVinoEncoder:
             "INFERENCE_NUM_THREADS": _threads(threads),
             "INFERENCE_PRECISION_HINT": "bf16" if precision is Precision.BF16 else "f32",
         }
-        ir = ensure_openvino_ir(model_dir, cache_dir)
+        ir = ensure_openvino_ir(model_dir, cache_dir, graph_kind=graph_kind)
         try:
             compiled = core.compile_model(str(ir), "CPU", settings)
         except Exception as exc:  # an IR that verified but does not compile: rebuild once
             log.warning("OpenVINO could not compile %s (%s); converting again", ir, exc)
-            ir = ensure_openvino_ir(model_dir, cache_dir, force=True)
+            ir = ensure_openvino_ir(model_dir, cache_dir, graph_kind=graph_kind, force=True)
             compiled = core.compile_model(str(ir), "CPU", settings)
         self._compiled: Any = compiled
         self._local = threading.local()
@@ -116,13 +129,14 @@ class OpenVinoEncoder:
         self.memory_bytes = ir.with_suffix(".bin").stat().st_size
         self.dimensions = int(compiled.outputs[0].get_partial_shape()[1].get_length())
 
-    def infer(self, input_ids: IntArray, attention_mask: IntArray) -> npt.NDArray[np.float32]:
+    def infer(self, input_ids: IntArray, attention_mask: IntArray,
+              token_type_ids: IntArray | None = None) -> npt.NDArray[np.float32]:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
         # share_inputs: no copy in; the output is copied out (the request reuses its buffer).
         outputs = request.infer(
-            {"input_ids": input_ids, "attention_mask": attention_mask}, share_inputs=True
+            _feeds(input_ids, attention_mask, token_type_ids), share_inputs=True
         )
         result: npt.NDArray[np.float32] = outputs[0]
         return result
@@ -134,11 +148,13 @@ class OpenVinoEncoder:
 
 def open_encoder(
     backend: Backend, precision: Precision, model_dir: Path, cache_dir: Path,
-    *, threads: int | None = None,
+    *, threads: int | None = None, graph_kind: GraphKind = "embedding",
 ) -> Encoder:
-    """Compile ``model_dir``'s graph on a resolved backend (not AUTO) in a resolved precision."""
+    """Compile ``model_dir``'s ``graph_kind`` graph on a resolved backend (not AUTO) in a
+    resolved precision."""
     if backend is Backend.OPENVINO:
-        return OpenVinoEncoder(model_dir, cache_dir, precision=precision, threads=threads)
+        return OpenVinoEncoder(model_dir, cache_dir, precision=precision, threads=threads,
+                               graph_kind=graph_kind)
     if backend is Backend.ONNXRUNTIME and precision is Precision.FP32:
-        return OnnxEncoder(model_dir, cache_dir, threads=threads)
-    raise ValueError(f"no embedding engine for backend {backend} in {precision}")
+        return OnnxEncoder(model_dir, cache_dir, threads=threads, graph_kind=graph_kind)
+    raise ValueError(f"no encoder engine for backend {backend} in {precision}")

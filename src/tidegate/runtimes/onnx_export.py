@@ -1,11 +1,15 @@
-"""Export a sentence-embedding model to one ONNX graph, once, into a verified cache.
+"""Export an encoder model to one ONNX graph, once, into a verified cache.
 
-The graph takes ``input_ids`` and ``attention_mask`` and returns L2-normalized pooled embeddings,
-so a batch is one ONNX Runtime call. ONNX Runtime fp32 measured about 1.2-2x PyTorch fp32 for
+Two graphs (:data:`GraphKind`): ``embedding`` takes ``input_ids`` and ``attention_mask`` and
+returns L2-normalized pooled embeddings; ``scores`` (a sequence-classification model, the
+cross-encoder runtime) takes those and ``token_type_ids`` when the model has segment embeddings,
+and returns the classification logits ``[batch, num_labels]``. Either way a batch is one
+ONNX Runtime call. ONNX Runtime fp32 measured about 1.2-2x PyTorch fp32 for
 MiniLM on 2 cores (BENCHMARKS.md) with outputs equal to 1e-7.
 
 Cache layout (``<cache_dir>/onnx/<fingerprint>/``): ``model.onnx`` and ``meta.json``. The
-fingerprint hashes the model directory's files, so a changed model gets a new entry. ``meta.json``
+fingerprint hashes the model directory's files (and the graph kind, for graphs other than
+``embedding``), so a changed model gets a new entry. ``meta.json``
 records the graph's SHA-256; a missing, truncated or corrupt graph fails that check and is
 rebuilt. Exports are serialized across processes with a lock file and written atomically.
 """
@@ -26,9 +30,11 @@ from typing import Any, Literal
 
 __all__ = [
     "EXPORT_FORMAT",
+    "GraphKind",
     "PoolingMode",
     "ensure_onnx",
     "file_lock",
+    "graph_inputs",
     "model_fingerprint",
     "read_pooling",
     "sha256_file",
@@ -40,6 +46,8 @@ EXPORT_FORMAT = 1
 """Bumped when the exported graph changes shape or semantics; old cache entries are ignored."""
 
 PoolingMode = Literal["mean", "cls"]
+GraphKind = Literal["embedding", "scores"]
+"""``embedding``: pooled, normalized vectors; ``scores``: a sequence classifier's logits."""
 _HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
 
 
@@ -52,9 +60,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """A hash of every config, vocabulary and weight file under ``model_dir``."""
-    digest = hashlib.sha256(f"tidegate-export-{EXPORT_FORMAT}".encode())
+def model_fingerprint(model_dir: Path, graph: GraphKind = "embedding") -> str:
+    """A hash of every config, vocabulary and weight file under ``model_dir``, and of the graph
+    kind (left out for ``embedding``, so entries exported before there were two stay valid)."""
+    salt = "" if graph == "embedding" else f"-{graph}"
+    digest = hashlib.sha256(f"tidegate-export-{EXPORT_FORMAT}{salt}".encode())
     for path in sorted(model_dir.rglob("*")):
         if path.is_file() and path.suffix in _HASHED_SUFFIXES:
             digest.update(str(path.relative_to(model_dir)).encode())
@@ -73,6 +83,19 @@ def read_pooling(model_dir: Path) -> PoolingMode:
     if config.get("pooling_mode_mean_tokens", True):
         return "mean"
     raise ValueError(f"{config_path}: only mean or CLS pooling is supported")
+
+
+def graph_inputs(model_dir: Path, graph: GraphKind) -> tuple[str, ...]:
+    """The graph's input names, in order: ``token_type_ids`` only for a scores graph of a model
+    with segment embeddings (BERT's ``type_vocab_size`` 2), where a pair's second text is
+    segment 1."""
+    names = ("input_ids", "attention_mask")
+    if graph == "embedding":
+        return names
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    type_vocab = config.get("type_vocab_size", 0) if isinstance(config, dict) else 0
+    return (*names, "token_type_ids") if isinstance(type_vocab, int) and type_vocab > 1 else names
 
 
 @contextlib.contextmanager
@@ -98,29 +121,78 @@ def _is_valid(entry: Path) -> bool:
     return bool(sha256_file(graph) == meta.get("onnx_sha256"))
 
 
-def ensure_onnx(model_dir: Path, cache_dir: Path, *, force: bool = False) -> Path:
-    """Return the path of a verified ONNX graph for ``model_dir``, exporting it if needed."""
-    entry = cache_dir / "onnx" / model_fingerprint(model_dir)
-    graph = entry / "model.onnx"
+def ensure_onnx(
+    model_dir: Path, cache_dir: Path, *, graph: GraphKind = "embedding", force: bool = False
+) -> Path:
+    """Return the path of a verified ONNX ``graph`` for ``model_dir``, exporting it if needed."""
+    entry = cache_dir / "onnx" / model_fingerprint(model_dir, graph)
     if not force and _is_valid(entry):
-        return graph
+        return entry / "model.onnx"
     with file_lock(entry.with_suffix(".lock")):
         if not force and _is_valid(entry):  # another process exported while we waited
-            return graph
-        if graph.exists() or (entry / "meta.json").exists():
+            return entry / "model.onnx"
+        if (entry / "model.onnx").exists() or (entry / "meta.json").exists():
             log.warning("ONNX cache entry %s is corrupt or incomplete; rebuilding it", entry)
-        _export(model_dir, entry)
-    return graph
+        _export(model_dir, entry, graph)
+    return entry / "model.onnx"
 
 
-def _export(model_dir: Path, entry: Path) -> None:
+def _export(model_dir: Path, entry: Path, graph: GraphKind) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     import torch  # heavy: imported only when a graph must be built
-    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    inputs = graph_inputs(model_dir, graph)
+    module, output, pooling = (
+        _embedding_module(model_dir) if graph == "embedding" else _scores_module(model_dir)
+    )
+    entry.mkdir(parents=True, exist_ok=True)
+    tmp_graph = entry / f"model.onnx.tmp{os.getpid()}"
+    sample = torch.ones((2, 8), dtype=torch.long)  # ones: a valid token type for every model
+    # The tracer warns about shapes it treats as constants; the dynamic axes cover them, and the
+    # output is checked against the PyTorch model by the test suite.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            tuple(sample for _ in inputs),
+            str(tmp_graph),
+            input_names=list(inputs),
+            output_names=[output],
+            dynamic_axes={
+                **{name: {0: "batch", 1: "sequence"} for name in inputs},
+                output: {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+    meta = {
+        "format": EXPORT_FORMAT,
+        "source": str(model_dir),
+        "graph": graph,
+        "pooling": pooling,
+        "torch": torch.__version__,
+        "onnx_bytes": tmp_graph.stat().st_size,
+        "onnx_sha256": sha256_file(tmp_graph),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (entry / "meta.json").unlink(missing_ok=True)
+    os.replace(tmp_graph, entry / "model.onnx")
+    tmp_meta = entry / f"meta.json.tmp{os.getpid()}"
+    tmp_meta.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    os.replace(tmp_meta, entry / "meta.json")
+    log.info(
+        "exported %s to %s in %.1fs", model_dir, entry, time.perf_counter() - started
+    )
+
+
+def _embedding_module(model_dir: Path) -> tuple[Any, str, PoolingMode]:
+    """The encoder with its pooling and L2 normalization, as one module."""
+    import torch
+    from transformers import AutoModel
+
     pooling = read_pooling(model_dir)
     model = AutoModel.from_pretrained(
         str(model_dir), attn_implementation="eager", dtype=torch.float32
@@ -142,41 +214,27 @@ def _export(model_dir: Path, entry: Path) -> None:
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
-    entry.mkdir(parents=True, exist_ok=True)
-    tmp_graph = entry / f"model.onnx.tmp{os.getpid()}"
-    sample = torch.ones((2, 8), dtype=torch.long)
-    # The tracer warns about shapes it treats as constants; the dynamic axes cover them, and the
-    # output is checked against the PyTorch model by the test suite.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _Pooled(model),
-            (sample, sample),
-            str(tmp_graph),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["embeddings"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "sequence"},
-                "attention_mask": {0: "batch", 1: "sequence"},
-                "embeddings": {0: "batch"},
-            },
-            opset_version=17,
-            dynamo=False,
-        )
-    meta = {
-        "format": EXPORT_FORMAT,
-        "source": str(model_dir),
-        "pooling": pooling,
-        "torch": torch.__version__,
-        "onnx_bytes": tmp_graph.stat().st_size,
-        "onnx_sha256": sha256_file(tmp_graph),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    (entry / "meta.json").unlink(missing_ok=True)
-    os.replace(tmp_graph, entry / "model.onnx")
-    tmp_meta = entry / f"meta.json.tmp{os.getpid()}"
-    tmp_meta.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(tmp_meta, entry / "meta.json")
-    log.info(
-        "exported %s to %s in %.1fs", model_dir, entry, time.perf_counter() - started
-    )
+    return _Pooled(model), "embeddings", pooling
+
+
+def _scores_module(model_dir: Path) -> tuple[Any, str, None]:
+    """A sequence classifier returning its logits (activation left to the caller: raw scores
+    are one of the answers)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir), attn_implementation="eager", dtype=torch.float32
+    ).eval()
+
+    class _Logits(torch.nn.Module):
+        def __init__(self, classifier: Any) -> None:
+            super().__init__()
+            self.classifier = classifier
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            names = ("input_ids", "attention_mask", "token_type_ids")
+            logits: torch.Tensor = self.classifier(**dict(zip(names, inputs, strict=False))).logits
+            return logits
+
+    return _Logits(model), "logits", None

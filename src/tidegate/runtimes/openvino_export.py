@@ -1,4 +1,4 @@
-"""Convert the exported embedding graph to OpenVINO IR, once, into a verified cache.
+"""Convert an exported graph (embedding or scores) to OpenVINO IR, once, into a verified cache.
 
 The ONNX graph (``onnx_export``) is the one source: OpenVINO reads it and saves its own IR
 (``model.xml`` + ``model.bin``, weights kept in fp32 so every precision compiles from it) under
@@ -16,7 +16,13 @@ import os
 import time
 from pathlib import Path
 
-from tidegate.runtimes.onnx_export import ensure_onnx, file_lock, model_fingerprint, sha256_file
+from tidegate.runtimes.onnx_export import (
+    GraphKind,
+    ensure_onnx,
+    file_lock,
+    model_fingerprint,
+    sha256_file,
+)
 
 __all__ = ["IR_FORMAT", "compiled_cache_dir", "ensure_openvino_ir"]
 
@@ -49,12 +55,15 @@ def _is_valid(entry: Path) -> bool:
     return True
 
 
-def ensure_openvino_ir(model_dir: Path, cache_dir: Path, *, force: bool = False) -> Path:
-    """Return the path of a verified ``model.xml`` for ``model_dir``, converting it if needed."""
-    entry = cache_dir / "openvino" / model_fingerprint(model_dir)
+def ensure_openvino_ir(
+    model_dir: Path, cache_dir: Path, *, graph_kind: GraphKind = "embedding", force: bool = False
+) -> Path:
+    """Return the path of a verified ``model.xml`` for ``model_dir``'s ``graph_kind`` graph,
+    converting it if needed."""
+    entry = cache_dir / "openvino" / model_fingerprint(model_dir, graph_kind)
     if not force and _is_valid(entry):
         return entry / "model.xml"
-    graph = ensure_onnx(model_dir, cache_dir)
+    graph = ensure_onnx(model_dir, cache_dir, graph=graph_kind)
     with file_lock(entry.with_suffix(".lock")):
         if not force and _is_valid(entry):  # another process converted while we waited
             return entry / "model.xml"

@@ -11,9 +11,10 @@ short inputs and in a thread for long ones, so they must be safe to call from se
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ChatTokenizer", "TextTokenizer"]
+__all__ = ["ChatTokenizer", "FileTokenizer", "TextTokenizer"]
 
 
 @runtime_checkable
@@ -54,3 +55,29 @@ class ChatTokenizer(TextTokenizer, Protocol):
         prompts the model with. ``add_special_tokens=None``: none for a chat template (it
         writes its own), the model's usual ones for the default format."""
         ...
+
+
+class FileTokenizer:
+    """A :class:`TextTokenizer` over a ``tokenizer.json`` (the ``tokenizers`` library), with
+    its truncation and padding turned off: what embedding models and cross-encoders report.
+    Their own encoding (truncating, pairing) uses another instance."""
+
+    def __init__(self, tokenizer_file: Path, *, max_model_len: int) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer: Any = Tokenizer.from_file(str(tokenizer_file))
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self.max_model_len = max_model_len
+        self.max_token_id: int = max(self._tokenizer.get_vocab(with_added_tokens=True).values())
+
+    def tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        text: str = self._tokenizer.decode(list(token_ids), skip_special_tokens=False)
+        return text
+
+    def token_strs(self, token_ids: Sequence[int]) -> list[str]:
+        return [self._tokenizer.id_to_token(i) or "" for i in token_ids]
