@@ -22,13 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.http_load import run_wrk, tidegate_from_toml, write_bodies
+from bench.report import Check
 from bench.tiny_cross_encoder import MINILM_L6, build_cross_encoder
 from bench.workload import make_sentences
 from tidegate.engines import Backend, Precision
 from tidegate.runtimes.cross_encoder import CrossEncoderRuntime
 
-__all__ = ["RerankSettings", "main", "run"]
+__all__ = ["RERANK_TARGET", "RerankSettings", "main", "rerank_checks", "rerank_markdown",
+           "run", "run_section"]
 
+RERANK_TARGET = 0.85
+"""HTTP pairs/s over the in-process ceiling, same engine and precision."""
+SECTION_BACKENDS = (Backend.AUTO, Backend.ONNXRUNTIME)
 PASSAGES_PER_REQUEST = 64
 _SENTENCES_PER_PASSAGE = 7  # 7 sentences of ~12 words: ~100 tokens
 _BODIES = 8
@@ -100,6 +105,56 @@ def run(settings: RerankSettings, workdir: Path) -> dict[str, object]:
             "ceiling_pairs_per_s": round(raw, 1), "http_pairs_per_s": round(http, 1),
             "ratio": round(http / raw, 3), "non_2xx": result.non_2xx,
             "p50_ms": round(result.p50_ms, 1), "p99_ms": round(result.p99_ms, 1)}
+
+
+def run_section(duration_s: float, workdir: Path) -> list[dict[str, object]]:
+    """The ``rerank`` section of ``python -m bench.run_all``: each of
+    :data:`SECTION_BACKENDS`, one after the other."""
+    figures = []
+    for backend in SECTION_BACKENDS:
+        settings = RerankSettings(backend=backend, duration_s=int(duration_s))
+        figures.append(run(settings, workdir / f"rerank-{backend.value}"))
+        print(f"  rerank {backend.value}: {figures[-1]}", flush=True)
+    return figures
+
+
+def rerank_checks(figures: list[dict[str, object]] | None) -> list[Check]:
+    """One check per engine: HTTP pairs/s >= RERANK_TARGET x the in-process ceiling."""
+    checks = []
+    for index, backend in enumerate(SECTION_BACKENDS):
+        check = Check(key=f"r{index + 1}",
+                      title=f"rerank, backend {backend.value}: HTTP pairs/s vs in-process ceiling",
+                      target=f"ratio >= {RERANK_TARGET}")
+        if figures is not None and index < len(figures):
+            row = figures[index]
+            ratio = float(str(row["ratio"]))
+            check = Check(key=check.key, title=check.title, target=check.target, ratio=ratio,
+                          passed=ratio >= RERANK_TARGET,
+                          measured=(f"{row['http_pairs_per_s']} vs {row['ceiling_pairs_per_s']} "
+                                    f"pairs/s ({row['backend']} {row['precision']})"))
+        checks.append(check)
+    return checks
+
+
+def rerank_markdown(figures: list[dict[str, object]]) -> list[str]:
+    lines = [
+        "## Reranking (random-weight MiniLM-L6-sized BERT cross-encoder)", "",
+        "Command: `python -m bench.run_all --only rerank` (one engine: `python -m bench.rerank "
+        "--backend auto`). One query against 64 passages of ~100 tokens per request, 4 wrk "
+        "connections on `POST /v1/rerank`; the ceiling is the same engine and precision in "
+        "process (tokenize + forward per request, back to back), measured just before the "
+        "server. `auto` keeps bf16 only if the load-time probe's scores stay within "
+        "`max_score_error` of fp32; a random-weight model may not.", "",
+        "| backend asked | served as | tokens/pair | ceiling pairs/s | HTTP pairs/s | ratio "
+        "| p50 / p99 ms | non-2xx |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for backend, row in zip(SECTION_BACKENDS, figures, strict=False):
+        lines.append(
+            f"| {backend.value} | {row['backend']} {row['precision']} | {row['tokens_per_pair']} "
+            f"| {row['ceiling_pairs_per_s']} | {row['http_pairs_per_s']} | {row['ratio']} "
+            f"| {row['p50_ms']} / {row['p99_ms']} | {row['non_2xx']} |")
+    return [*lines, ""]
 
 
 def main() -> None:

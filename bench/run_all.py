@@ -23,7 +23,8 @@ Sections, in order (``--only`` picks some):
   for 60 s (``--soak-s``) against a bounded queue, for embeddings and generation, with its
   status, latency-bound, RSS, log and recovery checks (``bench.soak``).
 
-Every section but ``gateway`` and ``soak`` runs by default; ``--only generation gateway`` runs
+Every section but ``gateway`` and ``soak`` runs by default (``rerank``: a cross-encoder over
+``/v1/rerank`` against its in-process ceiling, ``bench.rerank``); ``--only generation gateway`` runs
 just those two, ``--all`` every section. Then the target checks are printed as PASS/MISS with
 their ratios (SKIP for sections not run).
 """
@@ -75,13 +76,15 @@ from bench.report import (
     format_load_table,
     render_markdown,
 )
+from bench.rerank import rerank_checks, rerank_markdown, run_section
 from bench.soak import SoakResults, SoakSettings, format_soak, run_soak, soak_checks, soak_markdown
 from bench.trace_replay import report as trace_report
 from bench.workload import embedding_bodies, make_sentences
 
 __all__ = ["main"]
 
-DEFAULT_SECTIONS = ("ceiling", "minilm", "nobatch", "echo", "engines", "trace", "generation")
+DEFAULT_SECTIONS = ("ceiling", "minilm", "nobatch", "echo", "engines", "trace", "generation",
+                    "rerank")
 SECTIONS = (*DEFAULT_SECTIONS, "gateway", "soak")
 MODEL_ID = "all-minilm-l6-v2"
 ECHO_ID = "echo"
@@ -105,11 +108,14 @@ class AllResults:
     gateway: GatewayResults | None = None
     engines: EngineResults | None = None
     soak: SoakResults | None = None
+    rerank: list[dict[str, object]] | None = None
 
     def checks(self) -> list[Check]:
-        """The engine, generation, gateway and soak targets (SKIP for a section not run)."""
+        """The engine, generation, rerank, gateway and soak targets (SKIP for a section not
+        run)."""
         return [*engine_checks(self.engines), *generation_checks(self.generation),
-                *gateway_checks(self.gateway), *soak_checks(self.soak)]
+                *rerank_checks(self.rerank), *gateway_checks(self.gateway),
+                *soak_checks(self.soak)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +220,9 @@ def run(settings: RunSettings) -> AllResults:
                 GenerationSettings(duration_s=settings.duration_s, warmup_s=settings.warmup_s),
                 workdir.path,
             )
+        if "rerank" in settings.sections:
+            print("== rerank (cross-encoder)", flush=True)
+            results.rerank = run_section(settings.duration_s, workdir.path)
         if "gateway" in settings.sections:
             print("== gateway (tidegate -> tidegate)", flush=True)
             results.gateway = run_gateway(
@@ -236,6 +245,8 @@ def _extra_markdown(results: AllResults) -> list[str]:
         lines += engines_markdown(results.engines)
     if results.generation is not None:
         lines += generation_markdown(results.generation, generation_checks(results.generation))
+    if results.rerank is not None:
+        lines += rerank_markdown(results.rerank)
     if results.gateway is not None:
         lines += gateway_markdown(results.gateway, gateway_checks(results.gateway))
     if results.soak is not None:
