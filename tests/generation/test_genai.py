@@ -296,3 +296,26 @@ def test_int8_weights_are_smaller_and_pass_the_probe(family_dir: Path, genai_cac
     prompts = [small.encode(text) for text in PROMPTS]
     got = _greedy(small, prompts, 8)
     assert all(len(tokens) > 0 for tokens in got)
+
+
+def test_a_prompt_larger_than_the_kv_cache_fails_naming_the_knob(
+        gpt2_dir: Path, genai_cache: Path) -> None:
+    from transformers import AutoConfig
+
+    from tidegate.errors import RuntimeFailure
+
+    per_token = kv_bytes_per_token(AutoConfig.from_pretrained(gpt2_dir), Precision.FP32)
+    runtime = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.FP32,
+                             generation=_generation(kv_cache_bytes=per_token * KV_BLOCK_TOKENS))
+    long_prompt = runtime.encode(" ".join(PROMPTS * 3))
+    assert KV_BLOCK_TOKENS < len(long_prompt) < runtime.context_length - 8
+
+    async def scenario(engine: GenerationEngine) -> None:
+        with pytest.raises(RuntimeFailure, match="kv_cache_bytes"):
+            await engine.submit(long_prompt, SamplingParams(max_tokens=4)).collect()
+        # The engine goes on: a prompt that fits is served.
+        short = runtime.encode(PROMPTS[1])
+        result = await engine.submit(short, SamplingParams(max_tokens=2)).collect()
+        assert result.completion_tokens == 2
+
+    run_engine(runtime, scenario)

@@ -73,10 +73,13 @@ class GenaiWorker:
 
     def __init__(self, pipeline: Any, *, eos_token_ids: Collection[int],
                  vocab_size: int) -> None:
+        import openvino
         import openvino_genai
 
         self._pipeline = pipeline
+        self._tensor = openvino.Tensor
         self._running = openvino_genai.GenerationStatus.RUNNING
+        self._ignored = openvino_genai.GenerationStatus.IGNORED
         self._eos = frozenset(eos_token_ids)
         self._vocab_size = vocab_size
         self._handles: dict[int, Any] = {}
@@ -92,8 +95,6 @@ class GenaiWorker:
         self._backlog.clear()
 
     def step(self, plan: StepPlan) -> StepOutcome:
-        import openvino as ov
-
         for seq_id in plan.drop:
             handle = self._handles.pop(seq_id, None)
             self._backlog.pop(seq_id, None)
@@ -105,7 +106,7 @@ class GenaiWorker:
         for request in plan.prefill:
             try:
                 self._handles[request.seq_id] = self._pipeline.add_request(
-                    request.seq_id, ov.Tensor(np.array([request.prompt_ids], dtype=np.int64)),
+                    request.seq_id, self._tensor(np.array([request.prompt_ids], dtype=np.int64)),
                     self._config(request))
                 if request.params.logprobs is not None:
                     self._reports_logprobs.add(request.seq_id)
@@ -124,10 +125,11 @@ class GenaiWorker:
                 tokens[seq_id] = token
                 if logprob is not None and seq_id in self._reports_logprobs:
                     logprobs[seq_id] = TokenLogprob(logprob)
-            elif handle.get_status() != self._running:
-                failed[seq_id] = _ended_reason(handle)
+            elif (status := handle.get_status()) != self._running:
+                failed[seq_id] = _ended_reason(status, ignored=status == self._ignored)
         for seq_id in failed:
             self._handles.pop(seq_id, None)
+            self._backlog.pop(seq_id, None)
             self._reports_logprobs.discard(seq_id)
         return StepOutcome(decoded=decoded, tokens=tokens, failed=failed, logprobs=logprobs)
 
@@ -145,12 +147,11 @@ class GenaiWorker:
         return backlog
 
 
-def _ended_reason(handle: Any) -> str:
+def _ended_reason(status: Any, *, ignored: bool) -> str:
     """Why the pipeline ended a request the engine still runs: it never does on its own
     (lengths and end-of-sequence tokens are the engine's), except for a prompt that cannot fit
     the KV cache (``IGNORED``)."""
-    status = handle.get_status()
-    if str(status).endswith("IGNORED"):
+    if ignored:
         return ("the prompt does not fit the model's KV cache (kv_cache_bytes); shorten it or "
                 "raise kv_cache_bytes")
     return f"the OpenVINO pipeline ended the request ({status})"
