@@ -71,7 +71,8 @@ class ServerProcess:
 
 @contextmanager
 def run_server(
-    tmp_path: Path, config_toml: str, cache_dir: Path, *, wait: str | None = "/health/ready"
+    tmp_path: Path, config_toml: str, cache_dir: Path, *, wait: str | None = "/health/ready",
+    args: tuple[str, ...] = (), wait_s: float = 120.0,
 ) -> Iterator[ServerProcess]:
     port = free_port()
     config = tmp_path / "tidegate.toml"
@@ -81,13 +82,13 @@ def run_server(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tidegate", "serve", "--config", str(config),
-             "--port", str(port)],
+             "--port", str(port), *args],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     server = ServerProcess(proc, port, log_path)
     try:
         if wait:
-            server.wait_ready(wait)
+            server.wait_ready(wait, timeout_s=wait_s)
         yield server
     finally:
         server.stop()

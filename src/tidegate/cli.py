@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", choices=get_args(LogLevel),
         help=f"log verbosity (default {defaults.log_level})",
     )
+    serve.add_argument(
+        "--ray", nargs="?", const="", metavar="ADDRESS",
+        help="deploy on Ray Serve (pip install 'tidegate[ray]'): 'auto' or a cluster address "
+             "joins a running cluster; without one, a local single-node Ray is started")
+    serve.add_argument(
+        "--ingress", choices=["tidegate", "serve"], default="tidegate",
+        help="with --ray: where requests enter: tidegate's own server in this process "
+             "(default, measured faster) or Serve's HTTP proxy")
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True)
     create = keys.add_parser(
@@ -164,10 +172,26 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     _configure_logging(config.server.log_level)
     _warn_if_open(config)
+    if args.ray is not None:
+        return _serve_on_ray(config, args)
     from tidegate.server import serve
 
     # The server drains on a signal and returns; one before it took over is a normal exit too.
     serve(config)
+    return 0
+
+
+def _serve_on_ray(config: Config, args: argparse.Namespace) -> int:
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError:
+        print("tidegate: --ray needs Ray Serve: pip install 'tidegate[ray]'", file=sys.stderr)
+        return 2
+    from tidegate.cluster.deploy import serve_on_ray
+    from tidegate.cluster.wire import Ingress
+
+    serve_on_ray(config, address=args.ray or None, ingress=Ingress(args.ingress))
     return 0
 
 

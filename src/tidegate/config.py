@@ -60,6 +60,7 @@ __all__ = [
     "LogLevel",
     "ModelConfig",
     "RuntimeKind",
+    "ScalingConfig",
     "ServerConfig",
     "check_precisions",
     "default_cache_dir",
@@ -219,6 +220,65 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ScalingConfig:
+    """One model's replicas on Ray Serve (``[models.scaling]``; ``tidegate serve --ray`` only,
+    a single-process server ignores it). Give ``replicas`` for a fixed count, or
+    ``min_replicas`` / ``max_replicas`` for Serve's autoscaler; neither: one replica, or for a
+    ``preload = "lazy"`` model, 0 to 1 (scaled from zero on its first request)."""
+
+    replicas: int | None = None
+    """A fixed number of replicas (no autoscaling)."""
+    min_replicas: int | None = None
+    """Autoscaling: the fewest replicas (0: scale to zero when idle)."""
+    max_replicas: int | None = None
+    """Autoscaling: the most replicas."""
+    target_ongoing_requests: float = 2.0
+    """Autoscaling: the requests in flight per replica the autoscaler steers toward."""
+    upscale_delay_s: float = 30.0
+    """Autoscaling: how long demand must stay above target before a replica is added."""
+    downscale_delay_s: float = 600.0
+    """Autoscaling: how long demand must stay below target before a replica is removed."""
+    look_back_period_s: float = 30.0
+    """Autoscaling: the window over which requests in flight are averaged."""
+    num_cpus: float = 1.0
+    """CPUs each replica reserves from Ray (a fraction lets replicas share a node's cores)."""
+    memory_bytes: int | None = None
+    """Memory each replica reserves from Ray; ``None``: the model's ``memory_bytes`` if set."""
+    max_ongoing_requests: int | None = None
+    """Requests one replica takes at once (beyond it, they wait at the ingress). ``None``:
+    the model's own queue bound (``max_queue_items``, or ``max_num_seqs + max_waiting``)."""
+    max_queued_requests: int = 1024
+    """Requests waiting at the ingress for a replica; beyond it, 503 with Retry-After."""
+
+    def __post_init__(self) -> None:
+        if self.replicas is not None:
+            check_integer("replicas", self.replicas)
+            if self.min_replicas is not None or self.max_replicas is not None:
+                raise ConfigError("give either 'replicas' (a fixed count) or 'min_replicas' / "
+                                  "'max_replicas' (autoscaling), not both", key="replicas")
+        if self.min_replicas is not None:
+            check_integer("min_replicas", self.min_replicas, minimum=0)
+        if self.max_replicas is not None:
+            check_integer("max_replicas", self.max_replicas)
+        if (self.min_replicas is not None and self.max_replicas is not None
+                and self.min_replicas > self.max_replicas):
+            raise ConfigError(f"must be <= max_replicas ({self.max_replicas}), got "
+                              f"{self.min_replicas}", key="min_replicas")
+        for name in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s",
+                     "look_back_period_s", "num_cpus"):
+            check_number(name, getattr(self, name), allow_zero=name == "num_cpus")
+        if self.memory_bytes is not None:
+            check_integer("memory_bytes", self.memory_bytes)
+        if self.max_ongoing_requests is not None:
+            check_integer("max_ongoing_requests", self.max_ongoing_requests)
+        check_integer("max_queued_requests", self.max_queued_requests)
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
     """One served model."""
 
@@ -264,6 +324,8 @@ class ModelConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """For ``causal-lm`` models: the engine's limits."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """On Ray Serve (``tidegate serve --ray``): this model's replicas and their resources."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id.strip():
@@ -604,6 +666,8 @@ def _build_model(data: object, index: int) -> ModelConfig:
         values["batching"] = build_dataclass(
             BatchingConfig, values["batching"], f"{where}.batching"
         )
+    if "scaling" in values:
+        values["scaling"] = build_dataclass(ScalingConfig, values["scaling"], f"{where}.scaling")
     if "generation" in values:
         if isinstance(values["generation"], Mapping) and "dtype" in values["generation"]:
             raise ConfigError(

@@ -26,7 +26,7 @@ from types import FrameType
 
 import uvicorn
 
-from tidegate.api.app import create_app
+from tidegate.api.app import TidegateApp, create_app
 from tidegate.api.common import AppState
 from tidegate.api.drain import Drain
 from tidegate.config import Config, ServerConfig
@@ -122,11 +122,13 @@ class _DrainingServer(uvicorn.Server):
                         count, self._timeout_s)
 
 
-def serve(config: Config) -> None:
+def serve(config: Config, *, app: TidegateApp | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then drain (see the module's docstring) and return.
-    Models load in the background; /health/live answers at once."""
+    Models load in the background; /health/live answers at once. ``app``: another tidegate
+    app to serve (the Ray ingress); by default, the single-process one for ``config``."""
     server = config.server
-    app = create_app(config)
+    if app is None:
+        app = create_app(config)
     state: AppState = app.state.tidegate
     uv_config = uvicorn.Config(
         app,

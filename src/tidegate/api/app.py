@@ -41,7 +41,7 @@ from tidegate.models.manager import ModelManager, RuntimeFactory
 from tidegate.models.served import EmbeddingResult
 from tidegate.runtimes import create_runtime
 
-__all__ = ["AppState", "create_app"]
+__all__ = ["AppState", "TidegateApp", "create_app", "openapi_route"]
 
 
 
@@ -122,7 +122,7 @@ def openapi_route(document: bytes) -> Handler:
     return openapi
 
 
-class _TidegateApp(Starlette):
+class TidegateApp(Starlette):
     """Starlette, with the hot routes dispatched straight to their handlers.
 
     ``POST /v1/embeddings``, ``/v1/completions`` and ``/v1/chat/completions`` skip Starlette's
@@ -182,7 +182,8 @@ async def _refuse(drain: Drain, scope: Scope, receive: Receive, send: Send) -> N
     await response(scope, receive, send)
 
 
-def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runtime) -> Starlette:
+def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runtime
+               ) -> TidegateApp:
     """Build the app. Models start loading when the app starts (ASGI lifespan)."""
     app_metrics = Metrics()
     drain = Drain(shutdown_timeout_s=config.server.shutdown_timeout_s)
@@ -228,7 +229,7 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
         ("POST", "/v1/completions"): generation.completions,
         ("POST", "/v1/chat/completions"): generation.chat_completions,
     }
-    app = _TidegateApp(routes=routes, exception_handlers=handlers, lifespan=lifespan,
+    app = TidegateApp(routes=routes, exception_handlers=handlers, lifespan=lifespan,
                        fast_routes=fast_routes, drain=drain)
     app.state.tidegate = AppState(config=config, manager=model_manager, metrics=app_metrics,
                                   drain=drain, keys=keys)

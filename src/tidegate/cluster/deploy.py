@@ -1,0 +1,296 @@
+"""``tidegate serve --ray``: the config as Serve applications, and their lifecycle.
+
+Each model is its own Serve application (``tidegate.<model>``, see
+:func:`~tidegate.cluster.wire.app_name`) with one deployment of
+:class:`~tidegate.cluster.replica.ModelReplica`, sized by ``[models.scaling]``; they are
+deployed dependencies first, then by ``priority``. A small actor, the hub, collects the
+replicas' reports. Requests enter through :class:`~tidegate.cluster.wire.Ingress`: tidegate's
+own server in this process (the default), or Serve's proxy in front of the ingress app as one
+more deployment. On SIGINT/SIGTERM the ingress drains as a single-process server does, then the
+applications are deleted (Serve drains their replicas) and, if this process started Ray, Ray is
+stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from tidegate.cluster.hub import HUB_NAMESPACE, MetricsHub, hub_name
+from tidegate.cluster.ingress import ReplicaStream, create_ingress_app
+from tidegate.cluster.replica import ModelReplica
+from tidegate.cluster.wire import (
+    INGRESS_APP,
+    Forwarded,
+    Ingress,
+    ReplicaReport,
+    ResponseHead,
+    app_name,
+    deploy_order,
+    deployment_options,
+)
+from tidegate.config import Config
+from tidegate.errors import UpstreamBadGateway, UpstreamTimeout, UpstreamUnavailable
+
+__all__ = ["HandleReplicas", "deploy_models", "remove_models", "serve_on_ray"]
+
+log = logging.getLogger("tidegate.cluster")
+
+_REPORTS_TTL_S = 0.5
+"""How long the ingress reuses the hub's reports (a scrape storm costs the hub one call)."""
+
+_RUNTIME_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true"}}
+
+
+def _replica_died() -> tuple[type[BaseException], ...]:
+    from ray import exceptions
+
+    return (exceptions.ActorDiedError, exceptions.ActorUnavailableError,
+            exceptions.RayActorError, exceptions.NodeDiedError, exceptions.ObjectLostError,
+            exceptions.OwnerDiedError)
+
+
+class _HandleStream:
+    """A replica's streamed answer through a Serve streaming handle."""
+
+    def __init__(self, head: ResponseHead, generator: Any, model: str) -> None:
+        self.head = head
+        self._generator = generator
+        self._model = model
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._generator:
+                yield chunk
+        except _replica_died() as exc:
+            raise UpstreamBadGateway(
+                f"The replica serving model '{self._model}' was lost mid-stream: "
+                f"{type(exc).__name__}.", model=self._model, replica=None) from None
+
+    async def aclose(self) -> None:
+        self._generator.cancel()
+
+
+class HandleReplicas:
+    """:class:`~tidegate.cluster.ingress.Replicas` on Serve's deployment handles: each call
+    bounded by its timeout, a lost replica a 503 with Retry-After (retried once first when it
+    died before answering), Serve's full queue a 503."""
+
+    def __init__(self, config: Config, hub: str) -> None:
+        from ray import serve
+
+        self._handles: dict[str, Any] = {m.id: serve.get_app_handle(app_name(m.id))
+                                         for m in config.models}
+        self._streams: dict[str, Any] = {model: handle.options(stream=True)
+                         for model, handle in self._handles.items()}
+        self._hub_name = hub
+        self._hub: Any = None
+        self._reports: tuple[float, Sequence[ReplicaReport]] = (0.0, ())
+
+    def _failure(self, model: str, exc: BaseException) -> Exception:
+        from ray.serve.exceptions import BackPressureError
+
+        if isinstance(exc, BackPressureError):
+            return UpstreamUnavailable(
+                f"Every replica of model '{model}' is busy and its queue is full "
+                "([models.scaling] max_queued_requests).", model=model, replica=None,
+                retry_after_s=1)
+        if isinstance(exc, _replica_died()):
+            return UpstreamUnavailable(
+                f"The replica serving model '{model}' was lost ({type(exc).__name__}); Serve "
+                "is replacing it.", model=model, replica=None, retry_after_s=1)
+        return UpstreamBadGateway(f"The replica serving model '{model}' failed: "
+                                  f"{type(exc).__name__}.", model=model, replica=None)
+
+    async def call(self, model: str, request: Forwarded, timeout_s: float
+                   ) -> tuple[ResponseHead, bytes]:
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import BackPressureError
+
+        deadline = time.monotonic() + timeout_s
+        for attempt in (1, 2):
+            response: Any = self._handles[model].forward_unary.remote(request)
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    head, body = await response
+                return head, body
+            except TimeoutError:
+                response.cancel()
+                raise UpstreamTimeout(f"No replica of model '{model}' answered within "
+                                      f"{timeout_s:g}s.", model=model, replica=None) from None
+            except (RayError, BackPressureError) as exc:
+                if attempt == 1 and isinstance(exc, _replica_died()):
+                    log.warning("a replica of %s was lost before answering; retrying once",
+                                model)
+                    continue
+                raise self._failure(model, exc) from None
+        raise AssertionError("unreachable")
+
+    async def stream(self, model: str, request: Forwarded, timeout_s: float
+                     ) -> ReplicaStream:
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import BackPressureError
+
+        generator: Any = self._streams[model].forward.remote(request)
+        try:
+            async with asyncio.timeout(timeout_s):
+                head = await generator.__anext__()
+        except TimeoutError:
+            generator.cancel()
+            raise UpstreamTimeout(f"No replica of model '{model}' answered within "
+                                  f"{timeout_s:g}s.", model=model, replica=None) from None
+        except (RayError, BackPressureError) as exc:
+            raise self._failure(model, exc) from None
+        assert isinstance(head, ResponseHead)
+        return _HandleStream(head, generator, model)
+
+    async def reports(self) -> Sequence[ReplicaReport]:
+        at, reports = self._reports
+        if time.monotonic() - at < _REPORTS_TTL_S:
+            return reports
+        try:
+            if self._hub is None:
+                import ray
+
+                self._hub = ray.get_actor(self._hub_name, namespace=HUB_NAMESPACE)
+            async with asyncio.timeout(2.0):
+                reports = await self._hub.reports.remote()
+        except Exception as exc:  # the hub is gone: no replica is known to be serving
+            log.warning("the metrics hub did not answer: %s", exc)
+            self._hub = None
+            reports = ()
+        self._reports = (time.monotonic(), reports)
+        return reports
+
+
+# -- deploying -----------------------------------------------------------------------------------
+
+
+def deploy_models(config: Config, *, hub: str) -> list[str]:
+    """Deploy every model (dependencies first) and wait until each is running; returns the
+    Serve applications' names."""
+    from ray import serve
+
+    logging_config = {"log_level": config.server.log_level.upper(),
+                      "enable_access_log": config.server.access_log}
+    names = []
+    for model in deploy_order(config):
+        options = deployment_options(config, model)
+        options["ray_actor_options"] = {**options["ray_actor_options"],
+                                        "runtime_env": _RUNTIME_ENV}
+        deployment: Any = serve.deployment(ModelReplica, **options)
+        name = app_name(model.id)
+        log.info("deploying %s as Serve application %s", model.id, name)
+        serve.run(deployment.bind(config, model.id, hub), name=name, route_prefix=None,
+                  logging_config=logging_config)
+        names.append(name)
+    return names
+
+
+def _deploy_serve_ingress(config: Config, hub: str) -> None:
+    """tidegate's ingress app as a deployment behind Serve's HTTP proxy."""
+    from ray import serve
+
+    def build() -> Any:
+        return create_ingress_app(config, HandleReplicas(config, hub))
+
+    ingress: Any = serve.deployment(serve.ingress(build)(), name="ingress",
+                               ray_actor_options={"num_cpus": 0, "runtime_env": _RUNTIME_ENV},
+                               max_ongoing_requests=config.server.max_connections)
+    serve.run(ingress.bind(), name=INGRESS_APP, route_prefix="/",
+              logging_config={"log_level": config.server.log_level.upper(),
+                              "enable_access_log": config.server.access_log})
+
+
+def remove_models(names: Sequence[str], *, timeout_s: float) -> None:
+    """Delete the applications (Serve drains their replicas), waiting at most ``timeout_s``."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    for name in reversed(names):
+        try:
+            serve.delete(name, _blocking=False)
+        except Exception as exc:
+            log.warning("could not delete Serve application %s: %s", name, exc)
+    left = set(names)
+    while left and time.monotonic() < deadline:
+        try:
+            left &= set(serve.status().applications)
+        except Exception as exc:
+            log.warning("could not read Serve's status: %s", exc)
+            return
+        if left:
+            time.sleep(0.2)
+    if left:
+        log.warning("Serve applications still being deleted after %gs: %s", timeout_s,
+                    ", ".join(sorted(left)))
+
+
+@contextlib.contextmanager
+def _ray(address: str | None) -> Iterator[None]:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # address None: a local single-node Ray, stopped again when we exit.
+        ray.init(address=address, include_dashboard=False, namespace=HUB_NAMESPACE,
+                 logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve_on_ray(config: Config, *, address: str | None, ingress: Ingress) -> None:
+    """Deploy ``config`` on the Ray cluster at ``address`` (``None``: start a local one), serve
+    until SIGINT/SIGTERM, then remove the applications."""
+    import ray
+    from ray import serve
+
+    with _ray(address):
+        hub_actor: Any = ray.remote(num_cpus=0)(MetricsHub).options(
+            name=hub_name(INGRESS_APP), namespace=HUB_NAMESPACE, get_if_exists=True,
+        ).remote()
+        names: list[str] = []
+        try:
+            if ingress is Ingress.SERVE:
+                serve.start(http_options={"host": config.server.host,
+                                          "port": config.server.port})
+            else:
+                serve.start(proxy_location="Disabled")
+            names = deploy_models(config, hub=hub_name(INGRESS_APP))
+            if ingress is Ingress.SERVE:
+                _deploy_serve_ingress(config, hub_name(INGRESS_APP))
+                names.append(INGRESS_APP)
+                log.info("tidegate on Ray Serve: Serve's proxy listens on http://%s:%d",
+                         config.server.host, config.server.port)
+                _wait_for_signal()
+                log.info("removing the applications")
+            else:
+                from tidegate.server import serve as serve_http
+
+                app = create_ingress_app(config, HandleReplicas(config, hub_name(INGRESS_APP)))
+                serve_http(config, app=app)
+        finally:
+            remove_models(names, timeout_s=config.server.shutdown_timeout_s)
+            with contextlib.suppress(Exception):
+                ray.kill(hub_actor)
+        log.info("tidegate on Ray Serve: applications removed")

@@ -1,0 +1,83 @@
+"""Serve's autoscaler on a tidegate model: sustained load takes it from one replica to two,
+idleness brings it back to ``min_replicas``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.serverproc import ServerProcess, run_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+MODEL = "minilm-auto"
+CONFIG = f"""
+[[models]]
+id = "{MODEL}"
+runtime = "embedding"
+[models.scaling]
+min_replicas = 1
+max_replicas = 2
+target_ongoing_requests = 1
+upscale_delay_s = 1
+downscale_delay_s = 3
+look_back_period_s = 1
+num_cpus = 0.5
+"""
+
+
+@pytest.fixture(scope="module")
+def on_ray(cluster: Any, tmp_path_factory: pytest.TempPathFactory,
+           cache_dir: Path) -> Iterator[ServerProcess]:
+    with run_server(tmp_path_factory.mktemp("autoscale"), CONFIG, cache_dir,
+                    args=("--ray", cluster.address), wait_s=240) as server:
+        yield server
+
+
+def _replicas(server: ServerProcess) -> int:
+    card = httpx.get(f"{server.url}/v1/models/{MODEL}", timeout=10).json()
+    return int(card["replicas"])
+
+
+def _wait_for(server: ServerProcess, count: int, timeout_s: float) -> list[int]:
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen.append(_replicas(server))
+        if seen[-1] == count:
+            break
+        time.sleep(0.5)
+    return seen
+
+
+def test_load_scales_up_to_max_and_idleness_back_to_min(on_ray: ServerProcess) -> None:
+    assert _replicas(on_ray) == 1
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def client() -> None:
+        texts = ["a sentence long enough to keep a replica busy for a moment"] * 32
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                r = http.post(on_ray.url + "/v1/embeddings", json={"model": MODEL, "input": texts})
+                answered.append(r.status_code)
+
+    clients = [threading.Thread(target=client) for _ in range(6)]
+    for thread in clients:
+        thread.start()
+    try:
+        seen = _wait_for(on_ray, 2, timeout_s=90)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    assert seen[-1] == 2, seen
+    assert answered and set(answered) == {200}
+    seen = _wait_for(on_ray, 1, timeout_s=90)
+    assert seen[-1] == 1, seen
