@@ -365,7 +365,8 @@ class ServerConfig:
     gets a final error event, any other request 503 ``shutting_down``)."""
     header_timeout_s: float = 10.0
     """A client must send a request's line and headers within this (from the first byte, or from
-    connecting); else 408 and the connection is closed."""
+    connecting, or from the end of the answer before it if that came later); else 408 and the
+    connection is closed."""
     body_timeout_s: float = 30.0
     """A client must send a request's whole body within this after its headers; else 408."""
     max_connections: int = 1024
