@@ -15,7 +15,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tidegate.api import admin, generation, rerank, tokenize
-from tidegate.api.auth import admit, authenticate, check_model
+from tidegate.api.auth import admit, authenticate, authorize_reader, check_model
 from tidegate.api.common import (
     AppState,
     Handler,
@@ -110,13 +110,23 @@ async def health_ready(request: Request) -> Response:
     return json_response({"status": "not_ready", "models": models}, status=503)
 
 
+def _check_reader(state: AppState, request: Request) -> None:
+    auth = state.config.auth
+    if auth.protect_metrics:
+        authorize_reader(request, state.keys, auth.admin_token)
+
+
+@endpoint
 async def metrics(request: Request) -> Response:
     state = app_state(request)
+    _check_reader(state, request)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 
 def openapi_route(document: bytes) -> Handler:
+    @endpoint
     async def openapi(request: Request) -> Response:
+        _check_reader(app_state(request), request)
         return Response(document, media_type="application/json")
 
     return openapi
