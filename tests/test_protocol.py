@@ -47,6 +47,10 @@ class MemoryTransport(asyncio.Transport):
         pass
 
 
+App = Callable[[Any, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+              Awaitable[None]]
+
+
 async def ok_app(scope: Any, receive: Callable[[], Awaitable[Any]],
                  send: Callable[[Any], Awaitable[None]]) -> None:
     while (await receive()).get("more_body"):
@@ -56,10 +60,22 @@ async def ok_app(scope: Any, receive: Callable[[], Awaitable[Any]],
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def connect(state: ServerState | None = None, **limits: Any
+def held_app(release: asyncio.Event) -> App:
+    """``ok_app``, whose GETs answer only once ``release`` is set."""
+
+    async def app(scope: Any, receive: Callable[[], Awaitable[Any]],
+                  send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["method"] == "GET":
+            await release.wait()
+        await ok_app(scope, receive, send)
+
+    return app
+
+
+def connect(state: ServerState | None = None, *, app: App = ok_app, **limits: Any
             ) -> tuple[LimitedHttpProtocol, MemoryTransport]:
     server = ServerConfig(**limits)
-    config = uvicorn.Config(ok_app, http=http_protocol(server), lifespan="off", log_config=None)
+    config = uvicorn.Config(app, http=http_protocol(server), lifespan="off", log_config=None)
     config.load()
     protocol = config.http_protocol_class(  # type: ignore[call-arg]
         config=config, server_state=state or ServerState(), app_state={})
@@ -128,6 +144,46 @@ def test_an_expired_head_or_body_gets_408_and_the_connection_closes() -> None:
             error = error_of(transport.written)
             assert error["code"] == "request_timeout" and knob in error["message"]
             protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_a_request_behind_an_answer_under_way_is_timed_from_that_answer() -> None:
+    """A request pipelined (or sent early) behind a held answer arms nothing until that answer
+    is complete: its deadline must not expire under the answer and close the connection."""
+
+    async def main() -> None:
+        release = asyncio.Event()
+        protocol, transport = connect(app=held_app(release))
+        protocol.data_received(WHOLE + POST_HEAD[:10])
+        assert protocol._deadline is None  # the POST's head waits for the GET's answer
+        protocol.data_received(POST_HEAD[10:] + b"ab")
+        assert protocol._deadline is None  # queued behind the GET, its body too
+        release.set()
+        await answered(transport, b"ok")
+        assert protocol._deadline is not None  # the body's clock runs from the GET's answer
+        protocol.data_received(b"cd")
+        assert protocol._deadline is None
+        await answered(transport, b"okHTTP/1.1 200 OK")
+        protocol.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_a_head_trickled_behind_an_answer_under_way_gets_408_after_that_answer() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+        protocol, transport = connect(app=held_app(release), header_timeout_s=0.01)
+        protocol.data_received(WHOLE + POST_HEAD[:10])
+        assert protocol._deadline is None
+        release.set()
+        async with asyncio.timeout(10):
+            await transport.closed.wait()
+        answer, _, timeout = transport.written.partition(b"ok")
+        assert answer.startswith(b"HTTP/1.1 200 ")  # the GET's answer is whole
+        assert timeout.startswith(b"HTTP/1.1 408 ")
+        assert "header_timeout_s" in error_of(timeout)["message"]
+        protocol.connection_lost(None)
 
     asyncio.run(main())
 

@@ -427,7 +427,8 @@ class ServerConfig:
     gets a final error event, any other request 503 ``shutting_down``)."""
     header_timeout_s: float = 10.0
     """A client must send a request's line and headers within this (from the first byte, or from
-    connecting); else 408 and the connection is closed."""
+    connecting, or from the end of the answer before it if that came later); else 408 and the
+    connection is closed."""
     body_timeout_s: float = 30.0
     """A client must send a request's whole body within this after its headers; else 408."""
     max_connections: int = 1024
@@ -546,6 +547,11 @@ class AuthConfig:
     """A TOML file of ``[[keys]]`` entries, read at start-up (relative: to the config file)."""
     file_keys: tuple[ApiKeyConfig, ...] = ()
     """The entries read from ``keys_file`` (:func:`load_config` fills it)."""
+    protect_metrics: bool = False
+    """If true, ``/metrics`` and ``/openapi.json`` need ``Authorization: Bearer`` with an API key
+    or the admin token (401 otherwise), and one of them must be configured. Off by default, as
+    in vLLM and TEI: many Prometheus scrapers cannot send a token. The metrics name key ids and
+    model ids, never a key."""
 
     def __post_init__(self) -> None:
         if self.admin_token is not None and (
@@ -553,6 +559,12 @@ class AuthConfig:
         ):
             raise ConfigError(f"must be a non-empty string, got {self.admin_token!r}",
                               key="admin_token")
+        if not isinstance(self.protect_metrics, bool):
+            raise ConfigError(f"must be true or false, got {self.protect_metrics!r}",
+                              key="protect_metrics")
+        if self.protect_metrics and self.admin_token is None and not self.api_keys:
+            raise ConfigError("needs an API key ([[auth.keys]] or keys_file) or admin_token "
+                              "to let a scraper in", key="protect_metrics")
         if self.file_keys and self.keys_file is None:
             raise ConfigError("file_keys come from keys_file, which is not set", key="keys_file")
         ids: dict[str, str] = {}
@@ -687,7 +699,7 @@ def _check_moved_keys(raw: Mapping[str, Any]) -> None:
                           key="cache.admin_token")
 
 
-_AUTH_KEYS = ("admin_token", "keys", "keys_file")
+_AUTH_KEYS = ("admin_token", "keys", "keys_file", "protect_metrics")
 
 
 def _build_keys(entries: object, where: str) -> tuple[ApiKeyConfig, ...]:
@@ -726,7 +738,8 @@ def _build_auth(data: object, config_path: Path | None) -> AuthConfig:
     try:
         return AuthConfig(**values)
     except ConfigError as exc:
-        if exc.key == "admin_token":  # the keys' own messages already carry their full place
+        # The keys' own messages already carry their full place.
+        if exc.key in ("admin_token", "protect_metrics"):
             raise exc.within("auth") from exc
         raise
 

@@ -16,6 +16,12 @@ a request once its headers are in:
 Errors use OpenAI's shape, like every other answer. A request that arrives whole in one read
 (nearly all of them) starts no timer: the deadline is armed only when a read leaves a head or
 a body incomplete.
+
+A request sent while the answer to the one before is still under way (pipelined, or sent early
+on a keep-alive connection) waits for that answer: uvicorn will not run it before, so its clock
+starts when that answer is complete, not at its first byte. Otherwise a slow answer would let
+the next request's deadline expire and close the connection, cutting the answer the client was
+owed; a client trickling the next head is still cut, ``header_timeout_s`` after that answer.
 """
 
 from __future__ import annotations
@@ -107,11 +113,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         # Only a read that leaves a request incomplete starts its deadline.
-        if self._deadline is None and not self.transport.is_closing():
-            if self._reading is _Reading.HEAD:
-                self._arm(self.limits.header_timeout_s)
-            elif self._reading is _Reading.BODY:
-                self._arm(self.limits.body_timeout_s)
+        self._arm_for_reading()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # A request that waited for this answer is now the connection's: its clock starts.
+        self._arm_for_reading()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -131,6 +138,19 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def _arm_for_reading(self) -> None:
+        """Start the deadline of the request being read, if it is incomplete and no answer
+        before it is still under way."""
+        if self._deadline is not None or self.transport.is_closing():
+            return
+        if self._reading is _Reading.HEAD:
+            # self.cycle is the request before this head (None for the first).
+            if self.cycle is None or self.cycle.response_complete:
+                self._arm(self.limits.header_timeout_s)
+        # In a body, self.cycle is this request: queued in the pipeline while another is answered.
+        elif self._reading is _Reading.BODY and not self.pipeline:
+            self._arm(self.limits.body_timeout_s)
+
     def _arm(self, timeout_s: float) -> None:
         self._deadline = self.loop.call_later(timeout_s, self._expired)
 
@@ -145,15 +165,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         cycle = self.cycle  # the request being read, or (reading a head) the one before
         if self.flow.read_paused:
-            # Not the client's fault: uvicorn stopped reading (a pipelined request waiting for
-            # the one before it, or a body the handler has not consumed yet).
+            # Not the client's fault: uvicorn stopped reading (a body the handler has not
+            # consumed yet).
             self._arm(self.limits.body_timeout_s)
             return
         if self._reading is _Reading.HEAD:
             message = (f"The request's headers were not received within "
                        f"{self.limits.header_timeout_s:g}s ([server] header_timeout_s).")
-            # The client learns why unless the answer to the request before is still going.
-            answer = cycle is None or cycle.response_complete
+            answer = True  # the answer before, if any, is complete (see _arm_for_reading)
         elif self._reading is _Reading.BODY:
             message = (f"The request's body was not received within "
                        f"{self.limits.body_timeout_s:g}s ([server] body_timeout_s).")

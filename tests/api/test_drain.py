@@ -5,7 +5,7 @@ server's signal handling is tested end to end in tests/e2e/test_drain.py."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,7 +19,7 @@ from tidegate.api.app import create_app
 from tidegate.api.common import endpoint
 from tidegate.api.drain import Drain, DrainStatistics
 from tidegate.api.sse import DONE, EventStreamResponse
-from tidegate.config import Config, ModelConfig
+from tidegate.config import Config, ModelConfig, ServerConfig
 
 
 async def _forever() -> None:
@@ -153,3 +153,68 @@ def test_while_draining_the_app_refuses_new_requests_but_answers_probes() -> Non
         assert app.state.tidegate.drain.statistics().in_flight == 0
 
     asyncio.run(main())
+
+
+CHUNK = b"x" * 65536
+
+
+def _post(headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+    return {"type": "http", "method": "POST", "path": "/v1/embeddings", "root_path": "",
+            "query_string": b"", "headers": headers or [(b"content-type", b"application/json")]}
+
+
+async def _refused(config: Config, scope: dict[str, Any],
+                   receive: Callable[[], Awaitable[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """What a draining app sends for ``scope`` (status, then body messages)."""
+    app = create_app(config)
+    app.state.tidegate.drain.begin()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 503
+    assert orjson.loads(sent[1]["body"])["error"]["code"] == "shutting_down"
+    return sent
+
+
+def test_a_refused_request_is_answered_once_its_body_is_read() -> None:
+    """Answering (and closing) while the body is still arriving would reset the connection:
+    the client might see the reset instead of the 503."""
+    config = Config(models=(ModelConfig(id="echo", runtime="echo"),))
+    chunks = 16  # 1 MiB
+    read = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        read += 1
+        return {"type": "http.request", "body": CHUNK, "more_body": read < chunks}
+
+    asyncio.run(_refused(config, _post(), receive))
+    assert read == chunks
+
+
+def test_a_refused_request_reads_no_more_than_max_body_bytes_for_body_timeout_s() -> None:
+    config = Config(server=ServerConfig(max_body_bytes=100_000, body_timeout_s=0.05),
+                    models=(ModelConfig(id="echo", runtime="echo"),))
+    read = 0
+
+    async def endless() -> dict[str, Any]:
+        nonlocal read
+        read += 1
+        return {"type": "http.request", "body": CHUNK, "more_body": True}
+
+    asyncio.run(_refused(config, _post(), endless))
+    assert read == 2  # past max_body_bytes: answered, whatever is still to come
+
+    async def silent() -> dict[str, Any]:
+        await _forever()
+        raise AssertionError("unreachable")
+
+    asyncio.run(_refused(config, _post(), silent))  # answered after body_timeout_s
+
+    async def unexpected() -> dict[str, Any]:
+        raise AssertionError("a client expecting 100-continue sends nothing before it")
+
+    asyncio.run(_refused(config, _post([(b"expect", b"100-continue")]), unexpected))

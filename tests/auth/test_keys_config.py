@@ -167,3 +167,19 @@ def test_sigterm_during_start_up_is_a_clean_exit(
     before = signal.getsignal(signal.SIGTERM)
     assert cli.main(["serve", "--config", str(write(tmp_path, "[server]\n"))]) == 0
     assert signal.getsignal(signal.SIGTERM) is before  # the handler was put back
+
+
+def test_protect_metrics_needs_a_credential_to_let_a_scraper_in(tmp_path: Path) -> None:
+    assert load_config(None).auth.protect_metrics is False
+    with pytest.raises(ConfigError, match=re.escape(
+            "auth.protect_metrics: needs an API key ([[auth.keys]] or keys_file) or admin_token")):
+        load_config(write(tmp_path, "[auth]\nprotect_metrics = true\n"))
+    with pytest.raises(ConfigError, match=re.escape(
+            "auth.protect_metrics: must be true or false, got 'yes'")):
+        load_config(write(tmp_path, "[auth]\nadmin_token = 't'\nprotect_metrics = 'yes'\n"))
+    assert load_config(write(
+        tmp_path, "[auth]\nadmin_token = 't'\nprotect_metrics = true\n")).auth.protect_metrics
+    write(tmp_path, f'[[keys]]\nid = "team-b"\nhash = "{OTHER}"\n', "keys.toml")
+    assert load_config(write(
+        tmp_path, '[auth]\nkeys_file = "keys.toml"\nprotect_metrics = true\n'
+    )).auth.protect_metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -315,3 +316,40 @@ max_retries = 0
                 assert whole.json()["error"]["code"] == "shutting_down"
                 assert elapsed >= timeout_s - 0.1
                 assert counts(server) == (0, 2)
+
+
+def test_a_request_refused_while_its_body_is_still_arriving_gets_the_503(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """A 1 MiB body sent in pieces during the grace: the server reads it before answering and
+    closing, so the client reads the 503 instead of a connection reset."""
+    config = """
+[server]
+drain_grace_s = 60
+
+[[models]]
+id = "echo"
+runtime = "echo"
+"""
+    body = b"x" * (1 << 20)
+    with run_server(tmp_path, config, cache_dir) as server:
+        server.proc.send_signal(signal.SIGTERM)
+
+        async def unready() -> bool:
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as probe:
+                return (await probe.get("/health/ready")).status_code == 503
+
+        asyncio.run(until(unready, "readiness is 503 after SIGTERM"))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: tidegate\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            for offset in range(0, len(body), 65536):
+                sock.sendall(body[offset:offset + 65536])
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        head, _, payload = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), received
+        assert b"connection: close" in head.lower()
+        assert orjson.loads(payload)["error"]["code"] == "shutting_down"

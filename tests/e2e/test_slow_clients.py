@@ -1,9 +1,11 @@
 """Slow and hostile clients against the real server, over raw sockets: a client trickling its
 headers or its body, or connecting and sending nothing, gets 408 and is closed within the
-timeout; connections beyond ``max_connections`` get a 503 in OpenAI's error shape.
+timeout; a request pipelined behind a slow answer is timed from that answer; connections beyond
+``max_connections`` get a 503 in OpenAI's error shape.
 
 Every wait is on the server's answer (or its close) with a deadline; the trickling clients send
-their next byte only when a short wait for that answer comes back empty.
+their next byte only when a short wait for that answer comes back empty. A slow answer comes
+from a ``python`` model held until the test creates a file.
 """
 
 from __future__ import annotations
@@ -30,9 +32,20 @@ EARLIEST_S = TIMEOUT_S - 0.05
 """How long a test waits for an answer before failing (well above TIMEOUT_S)."""
 MAX_CONNECTIONS = 4
 
-BODY = orjson.dumps({"model": "echo", "input": "hello"})
-HEAD = (b"POST /v1/embeddings HTTP/1.1\r\nHost: tidegate\r\nContent-Type: application/json\r\n"
-        b"Content-Length: " + str(len(BODY)).encode() + b"\r\n\r\n")
+
+
+def embedding_request(model: str) -> tuple[bytes, bytes]:
+    """A whole ``POST /v1/embeddings`` for ``model``: its head and its body."""
+    body = orjson.dumps({"model": model, "input": "hello"})
+    head = (b"POST /v1/embeddings HTTP/1.1\r\nHost: tidegate\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    return head, body
+
+
+HEAD, BODY = embedding_request("echo")
+HELD = b"".join(embedding_request("held"))
+"""Answered only once the test creates the ``held_server`` fixture's release file."""
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +82,32 @@ runtime = "echo"
         yield proc
 
 
+@pytest.fixture
+def held_server(tmp_path: Path, cache_dir: Path) -> Iterator[tuple[ServerProcess, Path]]:
+    """A server with the short timeouts and a ``held`` model; the file that releases it."""
+    release = tmp_path / "release"
+    config = f"""
+[server]
+header_timeout_s = {TIMEOUT_S}
+body_timeout_s = {TIMEOUT_S}
+
+[[models]]
+id = "echo"
+runtime = "echo"
+
+[[models]]
+id = "held"
+runtime = "python"
+source = "tests.models.fixture_models:Blob"
+options = {{ name = "held", embed_until = "{release}" }}
+"""
+    with run_server(tmp_path, config, cache_dir) as proc:
+        try:
+            yield proc, release
+        finally:
+            release.touch()  # the model's worker thread waits for it
+
+
 def connect(server: ServerProcess) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE_S)
 
@@ -100,6 +139,28 @@ def read_until_closed(sock: socket.socket, *, trickle: bytes = b"") -> tuple[byt
                          f"got {received!r}")
 
 
+def assert_quiet(sock: socket.socket, seconds: float, *, trickle: bytes = b"") -> bytes:
+    """Assert that the server sends nothing and keeps the connection open for ``seconds``,
+    while ``trickle`` goes on as in :func:`read_until_closed`; what is left of ``trickle``."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        readable, _, _ = select.select([sock], [], [], min(0.1, left))
+        if readable:
+            raise AssertionError(f"the server answered or closed early: {sock.recv(65536)!r}")
+        if trickle:
+            sock.sendall(trickle[:1])
+            trickle = trickle[1:]
+    return trickle
+
+
+def split_answer(received: bytes) -> tuple[bytes, bytes]:
+    """The first whole answer in ``received`` (it has a Content-Length), and what follows."""
+    head, _, rest = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
+    assert len(rest) >= length, received
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
 def parse(response: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
     head, _, body = response.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
@@ -124,6 +185,11 @@ def assert_timeout_answer(response: bytes, what: str) -> None:
 def embed_on(sock: socket.socket) -> int:
     """One whole request on an open connection; the status of its answer, read whole."""
     sock.sendall(HEAD + BODY)
+    return read_status(sock)
+
+
+def read_status(sock: socket.socket) -> int:
+    """The status of the next answer on ``sock``, read whole."""
     received = b""
     while b"\r\n\r\n" not in received:
         chunk = sock.recv(65536)
@@ -182,6 +248,41 @@ def test_keep_alive_requests_are_not_timed_between_requests(
         assert embed_on(sock) == 200
         assert embed_on(sock) == 200
     assert "Traceback" not in timeouts_server.log()
+
+
+def test_a_request_pipelined_behind_a_slow_answer_is_timed_from_that_answer(
+    held_server: tuple[ServerProcess, Path],
+) -> None:
+    """The echo request's head and part of its body arrive with the held request; held past
+    both timeouts, the connection stays open, and the rest of the body may come after the held
+    answer: both are served."""
+    server, release = held_server
+    with connect(server) as sock:
+        sock.sendall(HELD + HEAD + BODY[:5])
+        assert_quiet(sock, 1.5 * TIMEOUT_S)
+        release.touch()
+        assert read_status(sock) == 200
+        sock.sendall(BODY[5:])
+        assert read_status(sock) == 200
+    assert "Traceback" not in server.log()
+
+
+def test_a_head_trickled_behind_a_slow_answer_gets_408_after_that_answer(
+    held_server: tuple[ServerProcess, Path],
+) -> None:
+    """A client that sends a whole request, then trickles the next head forever: the held
+    answer still comes whole, then the head gets its 408, header_timeout_s after that answer."""
+    server, release = held_server
+    with connect(server) as sock:
+        sock.sendall(HELD + b"POST /v1/embeddings HTTP/1.1\r\n")
+        trickle = assert_quiet(sock, 1.5 * TIMEOUT_S, trickle=b"X-Slow: " + b"a" * 200)
+        release.touch()
+        answered = time.monotonic()
+        received, closed = read_until_closed(sock, trickle=trickle)
+    held, timeout = split_answer(received)
+    assert parse(held)[0] == 200
+    assert_timeout_answer(timeout, "header_timeout_s")
+    assert EARLIEST_S <= closed - answered < DEADLINE_S
 
 
 def test_connections_beyond_the_cap_get_503(capped_server: ServerProcess) -> None:

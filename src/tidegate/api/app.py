@@ -15,7 +15,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tidegate.api import admin, generation, rerank, tokenize
-from tidegate.api.auth import admit, authenticate, check_model
+from tidegate.api.auth import admit, authenticate, authorize_reader, check_model
 from tidegate.api.common import (
     AppState,
     Handler,
@@ -35,7 +35,7 @@ from tidegate.api.schemas import (
 )
 from tidegate.auth.keyring import KeyRing
 from tidegate.clock import MonotonicClock
-from tidegate.config import Config
+from tidegate.config import Config, ServerConfig
 from tidegate.metrics import Metrics
 from tidegate.models.manager import ModelManager, RuntimeFactory
 from tidegate.models.served import EmbeddingResult
@@ -110,13 +110,23 @@ async def health_ready(request: Request) -> Response:
     return json_response({"status": "not_ready", "models": models}, status=503)
 
 
+def _check_reader(state: AppState, request: Request) -> None:
+    auth = state.config.auth
+    if auth.protect_metrics:
+        authorize_reader(request, state.keys, auth.admin_token)
+
+
+@endpoint
 async def metrics(request: Request) -> Response:
     state = app_state(request)
+    _check_reader(state, request)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 
 def openapi_route(document: bytes) -> Handler:
+    @endpoint
     async def openapi(request: Request) -> Response:
+        _check_reader(app_state(request), request)
         return Response(document, media_type="application/json")
 
     return openapi
@@ -136,10 +146,11 @@ class TidegateApp(Starlette):
     """
 
     def __init__(self, *, fast_routes: dict[tuple[str, str], Handler], drain: Drain,
-                 **kwargs: Any) -> None:
+                 server: ServerConfig, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._fast_routes = fast_routes
         self._drain = drain
+        self._server = server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -150,7 +161,7 @@ class TidegateApp(Starlette):
             if scope["path"] in _WHILE_DRAINING:  # probes and scrapes, not counted as in flight
                 await self._dispatch(scope, receive, send)
             else:
-                await _refuse(drain, scope, receive, send)
+                await _refuse(drain, self._server, scope, receive, send)
             return
         task = asyncio.current_task()
         assert task is not None
@@ -175,11 +186,34 @@ _WHILE_DRAINING = frozenset({"/health/live", "/health/ready", "/health", "/metri
 """Paths still served while draining: readiness must be seen to fail, liveness to hold."""
 
 
-async def _refuse(drain: Drain, scope: Scope, receive: Receive, send: Send) -> None:
-    """503 shutting_down, closing the connection so the client's next try goes elsewhere."""
+async def _refuse(drain: Drain, server: ServerConfig, scope: Scope, receive: Receive,
+                  send: Send) -> None:
+    """503 shutting_down, closing the connection so the client's next try goes elsewhere.
+
+    The body still arriving is read first: closing a connection with bytes unread makes the
+    kernel reset it, and a client reset while still sending may never read the 503."""
+    await _discard_body(scope, receive, max_bytes=server.max_body_bytes,
+                        timeout_s=server.body_timeout_s)
     response = error_response(drain.error(cut=False))
     response.headers["Connection"] = "close"
     await response(scope, receive, send)
+
+
+async def _discard_body(scope: Scope, receive: Receive, *, max_bytes: int,
+                        timeout_s: float) -> None:
+    """Read and drop the request's body: until its end, past ``max_bytes``, or ``timeout_s``
+    (the protocol's body_timeout_s also bounds it), whichever comes first."""
+    for name, value in scope["headers"]:
+        if name == b"expect" and value.lower() == b"100-continue":
+            return  # the client sends no body until told to: nothing is arriving
+    received = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            while received <= max_bytes:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                received += len(message.get("body", b""))
 
 
 def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runtime
@@ -230,7 +264,7 @@ def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runti
         ("POST", "/v1/chat/completions"): generation.chat_completions,
     }
     app = TidegateApp(routes=routes, exception_handlers=handlers, lifespan=lifespan,
-                       fast_routes=fast_routes, drain=drain)
+                      fast_routes=fast_routes, drain=drain, server=config.server)
     app.state.tidegate = AppState(config=config, manager=model_manager, metrics=app_metrics,
                                   drain=drain, keys=keys)
     return app

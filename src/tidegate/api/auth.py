@@ -9,12 +9,14 @@ so a key learns nothing about the others.
 
 from __future__ import annotations
 
+import hmac
+
 from starlette.requests import Request
 
 from tidegate.auth.keyring import ApiKey, KeyRing
 from tidegate.errors import InvalidApiKey, ModelNotFound
 
-__all__ = ["admit", "authenticate", "check_model"]
+__all__ = ["admit", "authenticate", "authorize_reader", "check_model"]
 
 
 def _bearer(request: Request) -> str | None:
@@ -35,6 +37,22 @@ def authenticate(request: Request, keys: KeyRing) -> ApiKey:
     if secret is None:
         raise InvalidApiKey("You didn't provide an API key. Send it as "
                             "'Authorization: Bearer <key>'.")
+    raise InvalidApiKey("Incorrect API key provided.")
+
+
+def authorize_reader(request: Request, keys: KeyRing | None, admin_token: str | None) -> None:
+    """``/metrics`` and ``/openapi.json`` under ``[auth] protect_metrics``: any API key, or the
+    admin token; else :class:`InvalidApiKey` (401). The key's model list does not matter."""
+    secret = _bearer(request)
+    if secret is not None and admin_token is not None and hmac.compare_digest(
+        secret.encode("utf-8", "surrogateescape"), admin_token.encode("utf-8")
+    ):
+        return  # checked first: the admin token is not counted as an invalid API key
+    if keys is not None and keys.identify(secret) is not None:
+        return
+    if secret is None:
+        raise InvalidApiKey("[auth] protect_metrics is set: send an API key or the admin "
+                            "token as 'Authorization: Bearer <key>'.")
     raise InvalidApiKey("Incorrect API key provided.")
 
 

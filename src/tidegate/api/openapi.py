@@ -62,7 +62,8 @@ _ERRORS: dict[str, dict[str, Any]] = {
                   "(`param` names it); a model of the wrong kind for this route."),
     "401": _error("API keys are configured and the request's key is missing or unknown "
                   "(`code: invalid_api_key`); admin routes: no `Authorization` header while "
-                  "`admin_token` is set."),
+                  "`admin_token` is set; `/metrics` and `/openapi.json` with `[auth] "
+                  "protect_metrics`: neither an API key nor the admin token."),
     "403": _error("Admin routes: a wrong admin token, or a non-loopback client while no "
                   "`admin_token` is set."),
     "404": _error("Unknown model (`code: model_not_found`)."),
@@ -540,6 +541,7 @@ def _paths(config: Config) -> dict[str, Any]:
         }}
 
     model_errors = _errors(404, 500)
+    reader_errors = _errors(401) if config.auth.protect_metrics else {}
     return {
         "/v1/embeddings": {"post": {
             "summary": "Embed one text or a list of texts",
@@ -595,13 +597,13 @@ def _paths(config: Config) -> dict[str, Any]:
             "operationId": "metrics",
             "tags": ["health"],
             "responses": {"200": _ok("The text exposition format.", {"type": "string"},
-                                     media="text/plain")},
+                                     media="text/plain"), **reader_errors},
         }},
         "/openapi.json": {"get": {
             "summary": "This document",
             "operationId": "openapi",
             "tags": ["health"],
-            "responses": {"200": _ok("OpenAPI 3.1.", {"type": "object"})},
+            "responses": {"200": _ok("OpenAPI 3.1.", {"type": "object"}), **reader_errors},
         }},
         **_tokenizer_paths(config),
         "/admin/models/{model_id}/load": {"post": {

@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from tidegate.api import admin
 from tidegate.api.app import TidegateApp, openapi_route
-from tidegate.api.auth import admit, authenticate, check_model
+from tidegate.api.auth import admit, authenticate, authorize_reader, check_model
 from tidegate.api.common import Handler, endpoint, json_response, read_json_body
 from tidegate.api.drain import Drain
 from tidegate.api.errors import error_response, http_error_handler
@@ -318,8 +318,11 @@ async def health_ready(request: Request) -> Response:
                          status=200 if ready else 503)
 
 
+@endpoint
 async def metrics(request: Request) -> Response:
     state = _state(request)
+    if state.config.auth.protect_metrics:
+        authorize_reader(request, state.keys, state.config.auth.admin_token)
     parts = [("ingress", state.metrics.render().decode())]
     parts += [(report.replica, report.metrics) for report in await state.replicas.reports()]
     while True:
@@ -369,7 +372,7 @@ def create_ingress_app(config: Config, replicas: Replicas, *,
         Route("/admin/models/{model_id:path}/unload", admin_model, methods=["POST"]),
     ]
     fast: dict[tuple[str, str], Handler] = {("POST", path): relay for path in inference}
-    app = TidegateApp(routes=routes, fast_routes=fast, drain=drain,
+    app = TidegateApp(routes=routes, fast_routes=fast, drain=drain, server=config.server,
                       exception_handlers={HTTPException: http_error_handler})
     app.state.tidegate = IngressState(config=config, replicas=replicas, metrics=app_metrics,
                                       drain=drain, keys=keys)

@@ -1,0 +1,72 @@
+"""``[auth] protect_metrics``: /metrics and /openapi.json are open by default, even with API
+keys; with the knob on they need an API key (any, whatever its models) or the admin token."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tidegate.api.app import create_app
+from tidegate.api.openapi import build_openapi
+from tidegate.auth.keyring import hash_key
+from tidegate.config import ApiKeyConfig, AuthConfig, Config, ModelConfig
+
+KEY = "tg-narrow-0123456789abcdefghijklmn"
+ADMIN = "admin-0123456789"
+PATHS = ("/metrics", "/openapi.json")
+
+
+def _statuses(auth: AuthConfig, authorization: str | bytes | None) -> list[int]:
+    config = Config(auth=auth, models=(ModelConfig(id="a", runtime="echo"),
+                                       ModelConfig(id="b", runtime="echo")))
+    headers = {} if authorization is None else {"Authorization": authorization}
+
+    async def main() -> list[int]:
+        transport = httpx.ASGITransport(app=create_app(config))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            responses = [await http.get(path, headers=headers) for path in PATHS]
+        for response in responses:
+            if response.status_code == 401:
+                error = response.json()["error"]
+                assert error["code"] == "invalid_api_key"
+                assert KEY not in response.text and ADMIN not in response.text
+        return [response.status_code for response in responses]
+
+    return asyncio.run(main())
+
+
+KEYS = (ApiKeyConfig(id="narrow", hash=hash_key(KEY), models=("a",)),)
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer nope"])
+def test_without_protect_metrics_they_are_open_even_with_keys(authorization: str | None) -> None:
+    assert _statuses(AuthConfig(keys=KEYS, admin_token=ADMIN), authorization) == [200, 200]
+
+
+@pytest.mark.parametrize(("authorization", "status"), [
+    (None, 401), ("Bearer nope", 401), (f"Basic {KEY}", 401),
+    (f"Bearer {KEY}", 200), (f"Bearer {ADMIN}", 200),
+])
+def test_with_protect_metrics_they_need_an_api_key_or_the_admin_token(
+    authorization: str | None, status: int,
+) -> None:
+    auth = AuthConfig(keys=KEYS, admin_token=ADMIN, protect_metrics=True)
+    assert _statuses(auth, authorization) == [status, status]
+
+
+def test_the_admin_token_alone_protects_them() -> None:
+    auth = AuthConfig(admin_token=ADMIN, protect_metrics=True)
+    assert _statuses(auth, None) == [401, 401]
+    assert _statuses(auth, f"Bearer {ADMIN}") == [200, 200]
+    assert _statuses(auth, "Bearer é".encode()) == [401, 401]  # not ASCII: no 500
+
+
+def test_the_openapi_document_lists_the_401_only_when_protected() -> None:
+    models = (ModelConfig(id="a", runtime="echo"),)
+    for protect in (False, True):
+        auth = AuthConfig(admin_token=ADMIN, protect_metrics=protect)
+        paths = build_openapi(Config(auth=auth, models=models))["paths"]
+        for path in PATHS:
+            assert ("401" in paths[path]["get"]["responses"]) is protect
