@@ -229,13 +229,16 @@ def tidegate_server(
 
 @contextlib.contextmanager
 def tidegate_from_toml(
-    config_text: str, *, workdir: Path, name: str, ready_timeout_s: float = 180.0
+    config_text: str, *, workdir: Path, name: str, ready_timeout_s: float = 180.0,
+    args: Sequence[str] = (),
 ) -> Iterator[ServerProcess]:
-    """``tidegate serve --config <name>.toml --port <free port>`` until the block exits."""
+    """``tidegate serve --config <name>.toml --port <free port> [args]`` until the block
+    exits."""
     config_path = workdir / f"{name}.toml"
     config_path.write_text(config_text, encoding="utf-8")
     port = free_port()
-    command = [*_tidegate_command(), "serve", "--config", str(config_path), "--port", str(port)]
+    command = [*_tidegate_command(), "serve", "--config", str(config_path), "--port", str(port),
+               *args]
     with managed_server(
         command, port=port, log_path=workdir / f"{name}.log",
         ready_timeout_s=ready_timeout_s, config_text=config_text,

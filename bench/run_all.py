@@ -21,12 +21,14 @@ Sections, in order (``--only`` picks some):
   connection reuse, and coalescing on vs off (``bench.gateway``);
 * ``soak`` (not run by default, about 5 minutes): an open-loop load at 4x the measured capacity
   for 60 s (``--soak-s``) against a bounded queue, for embeddings and generation, with its
-  status, latency-bound, RSS, log and recovery checks (``bench.soak``).
+  status, latency-bound, RSS, log and recovery checks (``bench.soak``);
+* ``ray`` (not run by default, about 4 minutes): MiniLM on single-process tidegate and on a
+  local Ray Serve with each ingress, at 1 and 64 connections (``bench.ray_ingress``).
 
-Every section but ``gateway`` and ``soak`` runs by default (``rerank``: a cross-encoder over
-``/v1/rerank`` against its in-process ceiling, ``bench.rerank``); ``--only generation gateway`` runs
-just those two, ``--all`` every section. Then the target checks are printed as PASS/MISS with
-their ratios (SKIP for sections not run).
+Every section but ``gateway``, ``soak`` and ``ray`` runs by default (``rerank``: a
+cross-encoder over ``/v1/rerank`` against its in-process ceiling, ``bench.rerank``);
+``--only generation gateway`` runs just those two, ``--all`` every section. Then the target
+checks are printed as PASS/MISS with their ratios (SKIP for sections not run).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ from bench.http_load import (
     tidegate_server,
     write_bodies,
 )
+from bench.ray_ingress import RayResults, RaySettings, ray_checks, ray_markdown
+from bench.ray_ingress import run as run_ray
 from bench.report import (
     Check,
     LoadRun,
@@ -85,7 +89,7 @@ __all__ = ["main"]
 
 DEFAULT_SECTIONS = ("ceiling", "minilm", "nobatch", "echo", "engines", "trace", "generation",
                     "rerank")
-SECTIONS = (*DEFAULT_SECTIONS, "gateway", "soak")
+SECTIONS = (*DEFAULT_SECTIONS, "gateway", "soak", "ray")
 MODEL_ID = "all-minilm-l6-v2"
 ECHO_ID = "echo"
 MINILM_CONNECTIONS = (1, 10, 64)
@@ -109,13 +113,14 @@ class AllResults:
     engines: EngineResults | None = None
     soak: SoakResults | None = None
     rerank: list[dict[str, object]] | None = None
+    ray: RayResults | None = None
 
     def checks(self) -> list[Check]:
-        """The engine, generation, rerank, gateway and soak targets (SKIP for a section not
+        """The engine, generation, rerank, gateway, soak and Ray targets (SKIP for a section not
         run)."""
         return [*engine_checks(self.engines), *generation_checks(self.generation),
                 *rerank_checks(self.rerank), *gateway_checks(self.gateway),
-                *soak_checks(self.soak)]
+                *soak_checks(self.soak), *ray_checks(self.ray)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +241,10 @@ def run(settings: RunSettings) -> AllResults:
                              warmup_s=settings.warmup_s),
                 workdir.path,
             )
+        if "ray" in settings.sections:
+            print("== Ray Serve (ingress choice, vs single process)", flush=True)
+            results.ray = run_ray(RaySettings(settings.duration_s, settings.warmup_s),
+                                  workdir.path)
     return results
 
 
@@ -251,6 +260,8 @@ def _extra_markdown(results: AllResults) -> list[str]:
         lines += gateway_markdown(results.gateway, gateway_checks(results.gateway))
     if results.soak is not None:
         lines += soak_markdown(results.soak, soak_checks(results.soak))
+    if results.ray is not None:
+        lines += ray_markdown(results.ray, ray_checks(results.ray))
     return lines
 
 

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -53,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
         "--ingress", choices=["tidegate", "serve"], default="tidegate",
         help="with --ray: where requests enter: tidegate's own server in this process "
              "(default, measured faster) or Serve's HTTP proxy")
+    serve.add_argument(
+        "--ray-app", default="tidegate", metavar="NAME",
+        help="with --ray: the deployment's name; its Serve applications are NAME.<model> "
+             "(default tidegate); give each deployment sharing a cluster its own")
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True)
     create = keys.add_parser(
@@ -191,7 +196,16 @@ def _serve_on_ray(config: Config, args: argparse.Namespace) -> int:
     from tidegate.cluster.deploy import serve_on_ray
     from tidegate.cluster.wire import Ingress
 
-    serve_on_ray(config, address=args.ray or None, ingress=Ingress(args.ingress))
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.ray_app):
+        print(f"tidegate: --ray-app must be letters, digits, '_' or '-', got {args.ray_app!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        serve_on_ray(config, address=args.ray or None, ingress=Ingress(args.ingress),
+                     prefix=args.ray_app)
+    except ConfigError as exc:
+        print(f"tidegate: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -207,22 +207,32 @@ def test_a_disconnect_cancels_the_replicas_sequence(on_ray: ServerProcess) -> No
     assert finished("length") == completed
 
 
-def test_the_process_removes_its_applications_on_sigint(cluster: Any,
-                                                        tmp_path: Path,
-                                                        cache_dir: Path) -> None:
+# Importing ray.serve here (to read its status) trips pydantic deprecations in Ray's own models.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_second_deployment_gets_its_own_name_and_is_removed_on_sigint(
+        on_ray: ServerProcess, cluster: Any, tmp_path: Path, cache_dir: Path) -> None:
     config = '[[models]]\nid = "solo"\n[models.scaling]\nnum_cpus = 0\n'
-    with run_server(tmp_path, config, cache_dir, args=("--ray", cluster.address),
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    with run_server(clash, config, cache_dir, args=("--ray", cluster.address),
+                    wait=None) as server:
+        assert server.proc.wait(timeout=120) == 2  # on_ray already runs as "tidegate"
+    assert "another 'tidegate serve --ray' runs under the name 'tidegate'" in server.log()
+    with run_server(tmp_path, config, cache_dir,
+                    args=("--ray", cluster.address, "--ray-app", "second"),
                     wait_s=240) as server:
         assert httpx.post(server.url + "/v1/embeddings", json={"model": "solo", "input": "x"},
                           timeout=30).status_code == 200
         assert server.stop() == 0
-    log = server.log()
-    assert "applications removed" in log
+    assert "applications removed" in server.log()
     import ray
     from ray import serve
 
     ray.init(address=cluster.address)
-    assert "tidegate.solo" not in serve.status().applications
+    applications = serve.status().applications
+    assert "second.solo" not in applications
+    assert "tidegate.minilm" in applications  # the other deployment is untouched
+    assert _cards(on_ray)[EMBED]["replicas"] == 2
 
 
 def test_losing_a_worker_fails_requests_only_with_5xx_then_recovers(

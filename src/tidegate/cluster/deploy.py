@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -22,11 +23,12 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+from tidegate.cluster.coalesce import Coalescer
 from tidegate.cluster.hub import HUB_NAMESPACE, MetricsHub, hub_name
 from tidegate.cluster.ingress import ReplicaStream, create_ingress_app
 from tidegate.cluster.replica import ModelReplica
 from tidegate.cluster.wire import (
-    INGRESS_APP,
+    APP_PREFIX,
     Forwarded,
     Ingress,
     ReplicaReport,
@@ -36,7 +38,7 @@ from tidegate.cluster.wire import (
     deployment_options,
 )
 from tidegate.config import Config
-from tidegate.errors import UpstreamBadGateway, UpstreamTimeout, UpstreamUnavailable
+from tidegate.errors import ConfigError, UpstreamBadGateway, UpstreamTimeout, UpstreamUnavailable
 
 __all__ = ["HandleReplicas", "deploy_models", "remove_models", "serve_on_ray"]
 
@@ -44,6 +46,12 @@ log = logging.getLogger("tidegate.cluster")
 
 _REPORTS_TTL_S = 0.5
 """How long the ingress reuses the hub's reports (a scrape storm costs the hub one call)."""
+
+_REPLICA_COUNT_TTL_S = 2.0
+"""How old the replica count that sizes calls in flight may grow before it is read again."""
+
+_CALL_MARGIN_S = 5.0
+"""A coalesced call's own bound, beyond the replica's ``request_timeout_s``."""
 
 _RUNTIME_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true"}}
 
@@ -78,20 +86,30 @@ class _HandleStream:
 
 
 class HandleReplicas:
-    """:class:`~tidegate.cluster.ingress.Replicas` on Serve's deployment handles: each call
-    bounded by its timeout, a lost replica a 503 with Retry-After (retried once first when it
-    died before answering), Serve's full queue a 503."""
+    """:class:`~tidegate.cluster.ingress.Replicas` on Serve's deployment handles. Whole
+    answers travel coalesced (:class:`~tidegate.cluster.coalesce.Coalescer`), streams one
+    call each. Every wait is bounded; a lost replica is a 503 with Retry-After (a coalesced
+    call is retried once first if its replica died before answering), Serve's full queue a
+    503."""
 
-    def __init__(self, config: Config, hub: str) -> None:
+    def __init__(self, config: Config, hub: str, prefix: str) -> None:
         from ray import serve
 
-        self._handles: dict[str, Any] = {m.id: serve.get_app_handle(app_name(m.id))
+        self._handles: dict[str, Any] = {m.id: serve.get_app_handle(app_name(m.id, prefix))
                                          for m in config.models}
         self._streams: dict[str, Any] = {model: handle.options(stream=True)
                          for model, handle in self._handles.items()}
+        self._coalescers = {
+            m.id: Coalescer(functools.partial(self._send, m.id),
+                            max_items=m.batching.max_batch_size,
+                            max_in_flight=functools.partial(self._max_calls, m.id))
+            for m in config.models
+        }
+        self._call_timeout_s = config.server.request_timeout_s + _CALL_MARGIN_S
         self._hub_name = hub
         self._hub: Any = None
         self._reports: tuple[float, Sequence[ReplicaReport]] = (0.0, ())
+        self._refresh: asyncio.Task[None] | None = None
 
     def _failure(self, model: str, exc: BaseException) -> Exception:
         from ray.serve.exceptions import BackPressureError
@@ -110,20 +128,28 @@ class HandleReplicas:
 
     async def call(self, model: str, request: Forwarded, timeout_s: float
                    ) -> tuple[ResponseHead, bytes]:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._coalescers[model].submit(request)
+        except TimeoutError:
+            raise UpstreamTimeout(f"No replica of model '{model}' answered within "
+                                  f"{timeout_s:g}s.", model=model, replica=None) from None
+
+    async def _send(self, model: str, requests: Sequence[Forwarded]
+                    ) -> list[tuple[ResponseHead, bytes]]:
+        """One call carrying ``requests``; retried once if its replica died before answering."""
         from ray.exceptions import RayError
         from ray.serve.exceptions import BackPressureError
 
-        deadline = time.monotonic() + timeout_s
         for attempt in (1, 2):
-            response: Any = self._handles[model].forward_unary.remote(request)
+            response: Any = self._handles[model].forward_many.remote(list(requests))
             try:
-                async with asyncio.timeout(deadline - time.monotonic()):
-                    head, body = await response
-                return head, body
-            except TimeoutError:
+                async with asyncio.timeout(self._call_timeout_s):
+                    answers: list[tuple[ResponseHead, bytes]] = await response
+                return answers
+            except (TimeoutError, asyncio.CancelledError):
                 response.cancel()
-                raise UpstreamTimeout(f"No replica of model '{model}' answered within "
-                                      f"{timeout_s:g}s.", model=model, replica=None) from None
+                raise
             except (RayError, BackPressureError) as exc:
                 if attempt == 1 and isinstance(exc, _replica_died()):
                     log.warning("a replica of %s was lost before answering; retrying once",
@@ -131,6 +157,20 @@ class HandleReplicas:
                     continue
                 raise self._failure(model, exc) from None
         raise AssertionError("unreachable")
+
+    def _max_calls(self, model: str) -> int:
+        """Calls in flight per model: two per replica reporting, so each replica computes one
+        while the next is on its way."""
+        at, reports = self._reports
+        if time.monotonic() - at > _REPLICA_COUNT_TTL_S and self._refresh is None:
+            self._refresh = asyncio.get_running_loop().create_task(self._refresh_reports())
+        return 2 * max(1, sum(report.model == model for report in reports))
+
+    async def _refresh_reports(self) -> None:
+        try:
+            await self.reports()
+        finally:
+            self._refresh = None
 
     async def stream(self, model: str, request: Forwarded, timeout_s: float
                      ) -> ReplicaStream:
@@ -172,7 +212,7 @@ class HandleReplicas:
 # -- deploying -----------------------------------------------------------------------------------
 
 
-def deploy_models(config: Config, *, hub: str) -> list[str]:
+def deploy_models(config: Config, *, hub: str, prefix: str) -> list[str]:
     """Deploy every model (dependencies first) and wait until each is running; returns the
     Serve applications' names."""
     from ray import serve
@@ -185,7 +225,7 @@ def deploy_models(config: Config, *, hub: str) -> list[str]:
         options["ray_actor_options"] = {**options["ray_actor_options"],
                                         "runtime_env": _RUNTIME_ENV}
         deployment: Any = serve.deployment(ModelReplica, **options)
-        name = app_name(model.id)
+        name = app_name(model.id, prefix)
         log.info("deploying %s as Serve application %s", model.id, name)
         serve.run(deployment.bind(config, model.id, hub), name=name, route_prefix=None,
                   logging_config=logging_config)
@@ -193,17 +233,17 @@ def deploy_models(config: Config, *, hub: str) -> list[str]:
     return names
 
 
-def _deploy_serve_ingress(config: Config, hub: str) -> None:
+def _deploy_serve_ingress(config: Config, hub: str, prefix: str) -> None:
     """tidegate's ingress app as a deployment behind Serve's HTTP proxy."""
     from ray import serve
 
     def build() -> Any:
-        return create_ingress_app(config, HandleReplicas(config, hub))
+        return create_ingress_app(config, HandleReplicas(config, hub, prefix))
 
     ingress: Any = serve.deployment(serve.ingress(build)(), name="ingress",
                                ray_actor_options={"num_cpus": 0, "runtime_env": _RUNTIME_ENV},
                                max_ongoing_requests=config.server.max_connections)
-    serve.run(ingress.bind(), name=INGRESS_APP, route_prefix="/",
+    serve.run(ingress.bind(), name=prefix, route_prefix="/",
               logging_config={"log_level": config.server.log_level.upper(),
                               "enable_access_log": config.server.access_log})
 
@@ -259,16 +299,34 @@ def _wait_for_signal() -> None:
             signal.signal(sig, handler)
 
 
-def serve_on_ray(config: Config, *, address: str | None, ingress: Ingress) -> None:
-    """Deploy ``config`` on the Ray cluster at ``address`` (``None``: start a local one), serve
-    until SIGINT/SIGTERM, then remove the applications."""
+def _start_hub(name: str) -> Any:
+    """This deployment's hub, owned by this process and pinned to its node (so it goes only
+    when the process goes, not with a worker node); refuses to start a second deployment under
+    the same name on one cluster."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    with contextlib.suppress(ValueError):
+        ray.get_actor(name, namespace=HUB_NAMESPACE)
+        raise ConfigError(f"another 'tidegate serve --ray' runs under the name "
+                          f"{name.removesuffix('-hub')!r} on this cluster; stop it, or pass "
+                          "--ray-app with another name")
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(MetricsHub).options(
+        name=name, namespace=HUB_NAMESPACE, scheduling_strategy=here).remote()
+
+
+def serve_on_ray(config: Config, *, address: str | None, ingress: Ingress,
+                 prefix: str = APP_PREFIX) -> None:
+    """Deploy ``config`` on the Ray cluster at ``address`` (``None``: start a local one) as
+    the Serve applications ``<prefix>.<model>``, serve until SIGINT/SIGTERM, then remove them.
+    """
     import ray
     from ray import serve
 
+    hub = hub_name(prefix)
     with _ray(address):
-        hub_actor: Any = ray.remote(num_cpus=0)(MetricsHub).options(
-            name=hub_name(INGRESS_APP), namespace=HUB_NAMESPACE, get_if_exists=True,
-        ).remote()
+        hub_actor = _start_hub(hub)
         names: list[str] = []
         try:
             if ingress is Ingress.SERVE:
@@ -276,10 +334,10 @@ def serve_on_ray(config: Config, *, address: str | None, ingress: Ingress) -> No
                                           "port": config.server.port})
             else:
                 serve.start(proxy_location="Disabled")
-            names = deploy_models(config, hub=hub_name(INGRESS_APP))
+            names = deploy_models(config, hub=hub, prefix=prefix)
             if ingress is Ingress.SERVE:
-                _deploy_serve_ingress(config, hub_name(INGRESS_APP))
-                names.append(INGRESS_APP)
+                _deploy_serve_ingress(config, hub, prefix)
+                names.append(prefix)
                 log.info("tidegate on Ray Serve: Serve's proxy listens on http://%s:%d",
                          config.server.host, config.server.port)
                 _wait_for_signal()
@@ -287,7 +345,7 @@ def serve_on_ray(config: Config, *, address: str | None, ingress: Ingress) -> No
             else:
                 from tidegate.server import serve as serve_http
 
-                app = create_ingress_app(config, HandleReplicas(config, hub_name(INGRESS_APP)))
+                app = create_ingress_app(config, HandleReplicas(config, hub, prefix))
                 serve_http(config, app=app)
         finally:
             remove_models(names, timeout_s=config.server.shutdown_timeout_s)

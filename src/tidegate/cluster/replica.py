@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from starlette.types import Message
@@ -77,6 +77,12 @@ class ModelReplica:
                 parts.append(item)
         assert head is not None
         return head, b"".join(parts)
+
+    async def forward_many(self, requests: Sequence[Forwarded]
+                           ) -> list[tuple[ResponseHead, bytes]]:
+        """Several whole responses, computed concurrently (the ingress coalesces requests into
+        one call; the model's batcher batches them here as it would separate ones)."""
+        return list(await asyncio.gather(*(self.forward_unary(r) for r in requests)))
 
     async def forward(self, request: Forwarded) -> AsyncIterator[ResponseHead | bytes]:
         """The head, then each body chunk as the app sends it (Serve streams each yield)."""

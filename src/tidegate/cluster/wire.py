@@ -15,7 +15,6 @@ from tidegate.config import AuthConfig, Config, ModelConfig
 
 __all__ = [
     "APP_PREFIX",
-    "INGRESS_APP",
     "Forwarded",
     "Ingress",
     "ReplicaReport",
@@ -27,11 +26,9 @@ __all__ = [
 ]
 
 APP_PREFIX = "tidegate"
-"""Every Serve application tidegate deploys is named ``tidegate.<model>`` (or ``tidegate`` for
-the ingress), so ``serve status`` shows them together."""
-
-INGRESS_APP = APP_PREFIX
-"""The Serve application of the ingress, when Serve's proxy is the ingress."""
+"""The default name of a deployment (``tidegate serve --ray --ray-app NAME``): its Serve
+applications are ``NAME.<model>`` (and ``NAME`` for the ingress, when Serve's proxy is the
+ingress), so ``serve status`` shows them together and two deployments can share a cluster."""
 
 
 class Ingress(StrEnum):
@@ -80,13 +77,13 @@ class ReplicaReport:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-def app_name(model_id: str) -> str:
-    """The Serve application serving ``model_id``: ``tidegate.<id>`` with any character Serve
+def app_name(model_id: str, prefix: str = APP_PREFIX) -> str:
+    """The Serve application serving ``model_id``: ``<prefix>.<id>`` with any character Serve
     or a URL would trip on replaced, plus a short hash of the id when one was."""
     safe = _SAFE.sub("_", model_id)
     if safe != model_id:
         safe += "-" + hashlib.sha256(model_id.encode()).hexdigest()[:8]
-    return f"{APP_PREFIX}.{safe}"
+    return f"{prefix}.{safe}"
 
 
 def _with_dependencies(config: Config, model_id: str) -> list[ModelConfig]:
