@@ -1,5 +1,6 @@
-"""Serve's autoscaler on a tidegate model: sustained load takes it from one replica to two,
-idleness brings it back to ``min_replicas``."""
+"""On a fresh cluster: Serve's HTTP proxy as the ingress (``--ingress serve``), then Serve's
+autoscaler on a tidegate model: sustained load takes it from one replica to two, idleness
+brings it back to ``min_replicas``."""
 
 from __future__ import annotations
 
@@ -38,6 +39,25 @@ def on_ray(cluster: Any, tmp_path_factory: pytest.TempPathFactory,
     with run_server(tmp_path_factory.mktemp("autoscale"), CONFIG, cache_dir,
                     args=("--ray", cluster.address), wait_s=240) as server:
         yield server
+
+
+def test_serves_proxy_can_be_the_ingress(cluster: Any, tmp_path: Path, cache_dir: Path) -> None:
+    """First in this module: Serve's HTTP settings are fixed by whoever starts Serve."""
+    config = '[[models]]\nid = "via-proxy"\n[models.scaling]\nnum_cpus = 0\n'
+    args = ("--ray", cluster.address, "--ingress", "serve", "--ray-app", "proxied")
+    with run_server(tmp_path, config, cache_dir, args=args, wait_s=240) as server:
+        answer = httpx.post(server.url + "/v1/embeddings",
+                            json={"model": "via-proxy", "input": ["one", "two"]}, timeout=30)
+        assert answer.status_code == 200
+        assert [len(item["embedding"]) for item in answer.json()["data"]] == [384, 384]
+        missing = httpx.post(server.url + "/v1/embeddings", json={"model": "nope", "input": "x"},
+                             timeout=30)
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "model_not_found"
+        card = httpx.get(server.url + "/v1/models/via-proxy", timeout=10).json()
+        assert card["replicas"] == 1 and card["status"] == "loaded"
+        assert server.stop() == 0
+    assert "applications removed" in server.log()
 
 
 def _replicas(server: ServerProcess) -> int:

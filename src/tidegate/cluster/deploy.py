@@ -316,6 +316,24 @@ def _start_hub(name: str) -> Any:
         name=name, namespace=HUB_NAMESPACE, scheduling_strategy=here).remote()
 
 
+def _check_proxy(config: Config) -> None:
+    """Serve's HTTP settings are the cluster's, fixed when Serve first started on it: refuse
+    to claim a port Serve's proxy is not serving."""
+    from ray import serve
+
+    proxies = serve.status().proxies
+    if not proxies:
+        raise ConfigError("--ingress serve: Serve already runs on this cluster without an HTTP "
+                          "proxy (another deployment started it with --ingress tidegate); use "
+                          "--ingress tidegate, or restart Serve ('serve shutdown')")
+    client: Any = serve.context._get_global_client()  # ray==2.60 pinned: no public getter
+    options = client.http_config
+    if (options.host, options.port) != (config.server.host, config.server.port):
+        raise ConfigError(f"--ingress serve: Serve's proxy on this cluster already serves "
+                          f"{options.host}:{options.port}, not {config.server.host}:"
+                          f"{config.server.port}; use that address, or --ingress tidegate")
+
+
 def serve_on_ray(config: Config, *, address: str | None, ingress: Ingress,
                  prefix: str = APP_PREFIX) -> None:
     """Deploy ``config`` on the Ray cluster at ``address`` (``None``: start a local one) as
@@ -330,8 +348,11 @@ def serve_on_ray(config: Config, *, address: str | None, ingress: Ingress,
         names: list[str] = []
         try:
             if ingress is Ingress.SERVE:
-                serve.start(http_options={"host": config.server.host,
-                                          "port": config.server.port})
+                # One proxy, on the head node: Serve's proxies all bind the same port, so one
+                # per node needs one machine per node (put a load balancer in front instead).
+                serve.start(proxy_location="HeadOnly", http_options={
+                    "host": config.server.host, "port": config.server.port})
+                _check_proxy(config)
             else:
                 serve.start(proxy_location="Disabled")
             names = deploy_models(config, hub=hub, prefix=prefix)
@@ -347,8 +368,8 @@ def serve_on_ray(config: Config, *, address: str | None, ingress: Ingress,
 
                 app = create_ingress_app(config, HandleReplicas(config, hub, prefix))
                 serve_http(config, app=app)
-        finally:
+        finally:  # also on a signal during start-up (KeyboardInterrupt)
             remove_models(names, timeout_s=config.server.shutdown_timeout_s)
             with contextlib.suppress(Exception):
                 ray.kill(hub_actor)
-        log.info("tidegate on Ray Serve: applications removed")
+            log.info("tidegate on Ray Serve: applications removed")
