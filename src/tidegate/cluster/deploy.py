@@ -73,12 +73,15 @@ class _HandleStream:
         self._model = model
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        from ray.exceptions import RayError
+
         try:
             async for chunk in self._generator:
                 yield chunk
-        except _replica_died() as exc:
+        except RayError as exc:
+            what = "was lost" if isinstance(exc, _replica_died()) else "failed"
             raise UpstreamBadGateway(
-                f"The replica serving model '{self._model}' was lost mid-stream: "
+                f"The replica serving model '{self._model}' {what} mid-stream: "
                 f"{type(exc).__name__}.", model=self._model, replica=None) from None
 
     async def aclose(self) -> None:

@@ -134,12 +134,13 @@ class ModelReplica:
                         yield bytes(message["body"])
                     if not message.get("more_body", False):
                         break
-        finally:
+        except BaseException:  # the ingress left (cancelled, or closed the stream)
             gone.set()  # the app's next receive() sees the client leave
-            if not task.done():
-                task.cancel()
+            task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        task.result()  # a bug in the app: let Serve report it
+            raise
+        gone.set()
+        await task  # the app's own ending after its last byte (a bug in it: Serve reports it)
 
     # -- health and reports ----------------------------------------------------------------
 
