@@ -77,6 +77,20 @@ class LoadRecord:
             if statuses(status) and not math.isnan(done)
         ]
 
+    def from_sent_s(self, *, statuses: Callable[[int], bool]) -> list[float]:
+        """``done - sent`` of the answered requests whose status ``statuses`` accepts: the
+        latency with the client's own delay in sending left out."""
+        return [
+            done - sent for sent, done, status in zip(self.sent, self.done, self.status,
+                                                      strict=True)
+            if statuses(status) and not math.isnan(done) and not math.isnan(sent)
+        ]
+
+    def send_lags_s(self) -> list[float]:
+        """``sent - due`` of every request sent: how late the client put it on the wire."""
+        return [sent - due for due, sent in zip(self.due, self.sent, strict=True)
+                if not math.isnan(sent)]
+
     def per_second(self, start: float, seconds: int) -> list[int]:
         """2xx responses that arrived in each whole second after ``start``."""
         counts = [0] * seconds

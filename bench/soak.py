@@ -139,6 +139,11 @@ class SoakRun:
     admitted_p99_ms: float | None
     admitted_max_ms: float | None
     refused_p99_ms: float | None
+    admitted_sent_p99_ms: float | None
+    """The admitted requests' p99 from when their bytes were written (the client's own delay
+    in sending left out): reported beside the check, which counts from the due time."""
+    send_lag_p99_ms: float | None
+    """How late the client wrote requests, p99 (it shares the CPU with the server)."""
     rss_start_kib: int
     rss_warm_kib: int
     rss_after_kib: int
@@ -310,6 +315,9 @@ def _summarize(target: _Target, soaked: _Soaked, settings: SoakSettings) -> Soak
         admitted_p99_ms=ms(percentile(admitted, 0.99)),
         admitted_max_ms=ms(max(admitted, default=None)),
         refused_p99_ms=ms(percentile(refused, 0.99)),
+        admitted_sent_p99_ms=ms(percentile(
+            record.from_sent_s(statuses=lambda s: 200 <= s < 300), 0.99)),
+        send_lag_p99_ms=ms(percentile(record.send_lags_s(), 0.99)),
         rss_start_kib=target.rss_start_kib, rss_warm_kib=soaked.rss_warm_kib,
         rss_after_kib=soaked.rss_after_kib, error_lines=errors, first_error_line=first_error,
         recovery_per_s=soaked.recovery_per_s,
@@ -518,7 +526,8 @@ def _opt(value: float | None, digits: int = 1) -> str:
 
 _HEADER = ["workload", "queue bound", "capacity req/s", "rate req/s", "sent", "send s",
            "2xx", "429/503", "other", "admitted p50 ms", "admitted p99 ms", "bound ms",
-           "refused p99 ms", "max conns", "RSS warm KiB", "RSS after KiB", "error lines",
+           "refused p99 ms", "admitted p99 from send ms", "send lag p99 ms", "max conns",
+           "RSS warm KiB", "RSS after KiB", "error lines",
            "recovery 2xx/s"]
 
 
@@ -528,7 +537,8 @@ def _row(run: SoakRun) -> list[str]:
         run.workload.value, f"{run.queue_key} {run.queue_bound}", f"{run.capacity_rps:.1f}",
         f"{run.rate:.1f}", str(run.issued), f"{run.issue_s:.1f}", str(run.admitted),
         str(run.refused), str(other), _opt(run.admitted_p50_ms), _opt(run.admitted_p99_ms),
-        f"{run.bound_s * 1000:.1f}", _opt(run.refused_p99_ms), str(run.max_open),
+        f"{run.bound_s * 1000:.1f}", _opt(run.refused_p99_ms), _opt(run.admitted_sent_p99_ms),
+        _opt(run.send_lag_p99_ms), str(run.max_open),
         str(run.rss_warm_kib), str(run.rss_after_kib), str(run.error_lines),
         " ".join(str(n) for n in run.recovery_per_s),
     ]
