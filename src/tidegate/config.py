@@ -15,6 +15,7 @@ the file change together whenever a key is added, moved or renamed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -219,6 +220,10 @@ class GenerationConfig:
             check_integer("kv_cache_bytes", self.kv_cache_bytes)
 
 
+_AUTOSCALING_KNOBS = ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s",
+                      "look_back_period_s")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ScalingConfig:
     """One model's replicas on Ray Serve (``[models.scaling]``; ``tidegate serve --ray`` only,
@@ -267,6 +272,14 @@ class ScalingConfig:
         for name in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s",
                      "look_back_period_s", "num_cpus"):
             check_number(name, getattr(self, name), allow_zero=name == "num_cpus")
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"must be finite, got {getattr(self, name)!r}", key=name)
+        if self.replicas is not None:
+            defaults = {f.name: f.default for f in dataclasses.fields(ScalingConfig)}
+            for name in _AUTOSCALING_KNOBS:
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError("applies only to an autoscaled model (min_replicas / "
+                                      "max_replicas), not one with a fixed 'replicas'", key=name)
         if self.memory_bytes is not None:
             check_integer("memory_bytes", self.memory_bytes)
         if self.max_ongoing_requests is not None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from tidegate.cluster.coalesce import Coalescer
+from tidegate.cluster.coalesce import Coalescer, QueueFull
 
 
 class Replica:
@@ -92,6 +92,25 @@ async def _a_request_whose_caller_gave_up_is_not_sent() -> None:
     replica.release.put_nowait(None)
     assert (await first, await kept) == ("A", "C")
     assert replica.calls == [["a"], ["c"]]
+
+
+async def _past_max_pending_a_request_is_refused_at_once() -> None:
+    replica = Replica()
+    coalescer = Coalescer(replica.send, max_items=8, max_in_flight=lambda: 1, max_pending=2)
+    first = asyncio.ensure_future(coalescer.submit("a"))
+    await replica.arrived.wait()
+    waiting = [asyncio.ensure_future(coalescer.submit(x)) for x in "bc"]
+    await _settle()
+    with pytest.raises(QueueFull) as caught:
+        await coalescer.submit("d")
+    assert caught.value.pending == 2
+    replica.release.put_nowait(None)
+    replica.release.put_nowait(None)
+    assert [await first, *await asyncio.gather(*waiting)] == ["A", "B", "C"]
+
+
+def test_past_max_pending_a_request_is_refused_at_once() -> None:
+    asyncio.run(_past_max_pending_a_request_is_refused_at_once())
 
 
 def test_a_lone_request_goes_at_once_and_later_ones_ride_together() -> None:

@@ -191,8 +191,7 @@ def test_a_disconnect_cancels_the_replicas_sequence(on_ray: ServerProcess) -> No
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(prefix) and f'reason="{reason}"' in line)
 
-    time.sleep(1.5)  # let every replica's report catch up (they report each second)
-    aborted, completed = finished("abort"), finished("length")
+    aborted = finished("abort")  # no earlier test here ends a stream early: a settled count
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": CHAT, "messages": MESSAGES, "max_tokens": 240, "stream": True,
             "ignore_eos": True}
@@ -203,8 +202,7 @@ def test_a_disconnect_cancels_the_replicas_sequence(on_ray: ServerProcess) -> No
     deadline = time.monotonic() + 10
     while finished("abort") == aborted and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert finished("abort") == aborted + 1
-    assert finished("length") == completed
+    assert finished("abort") == aborted + 1  # cancelled, not run to its 240 tokens
 
 
 # Importing ray.serve here (to read its status) trips pydantic deprecations in Ray's own models.

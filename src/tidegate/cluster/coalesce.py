@@ -16,10 +16,18 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-__all__ = ["Coalescer"]
+__all__ = ["Coalescer", "QueueFull"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class QueueFull(Exception):
+    """``max_pending`` requests already wait for a call."""
+
+    def __init__(self, pending: int) -> None:
+        super().__init__(f"{pending} requests already wait")
+        self.pending = pending
 
 
 class Coalescer(Generic[T, R]):
@@ -27,8 +35,10 @@ class Coalescer(Generic[T, R]):
     and returns one answer per item, in order, or raises (every item of the call gets it)."""
 
     def __init__(self, send: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *,
-                 max_items: int, max_in_flight: Callable[[], int]) -> None:
+                 max_items: int, max_in_flight: Callable[[], int],
+                 max_pending: int | None = None) -> None:
         self._send = send
+        self._max_pending = max_pending
         self._max_items = max_items
         self._max_in_flight = max_in_flight
         self._pending: deque[tuple[T, asyncio.Future[R]]] = deque()
@@ -38,6 +48,9 @@ class Coalescer(Generic[T, R]):
         """Calls sent so far (for tests and statistics)."""
 
     async def submit(self, item: T) -> R:
+        """``item``'s answer; :class:`QueueFull` at once if ``max_pending`` items wait."""
+        if self._max_pending is not None and len(self._pending) >= self._max_pending:
+            raise QueueFull(len(self._pending))
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         self._dispatch()

@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from tidegate.cluster.coalesce import Coalescer
+from tidegate.cluster.coalesce import Coalescer, QueueFull
 from tidegate.cluster.hub import HUB_NAMESPACE, MetricsHub, hub_name
 from tidegate.cluster.ingress import ReplicaStream, create_ingress_app
 from tidegate.cluster.replica import ModelReplica
@@ -34,6 +34,7 @@ from tidegate.cluster.wire import (
     ReplicaReport,
     ResponseHead,
     app_name,
+    calls_per_replica,
     deploy_order,
     deployment_options,
 )
@@ -56,6 +57,14 @@ _CALL_MARGIN_S = 5.0
 _RUNTIME_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true"}}
 
 
+def _ray_failures() -> tuple[type[BaseException], ...]:
+    """What a handle call raises when Serve, not the replica's answer, failed it."""
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
+
+    return (RayError, RayServeException)
+
+
 def _replica_died() -> tuple[type[BaseException], ...]:
     from ray import exceptions
 
@@ -73,12 +82,10 @@ class _HandleStream:
         self._model = model
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        from ray.exceptions import RayError
-
         try:
             async for chunk in self._generator:
                 yield chunk
-        except RayError as exc:
+        except _ray_failures() as exc:
             what = "was lost" if isinstance(exc, _replica_died()) else "failed"
             raise UpstreamBadGateway(
                 f"The replica serving model '{self._model}' {what} mid-stream: "
@@ -102,10 +109,12 @@ class HandleReplicas:
                                          for m in config.models}
         self._streams: dict[str, Any] = {model: handle.options(stream=True)
                          for model, handle in self._handles.items()}
+        self._calls_per_replica = {m.id: calls_per_replica(config, m) for m in config.models}
         self._coalescers = {
             m.id: Coalescer(functools.partial(self._send, m.id),
                             max_items=m.batching.max_batch_size,
-                            max_in_flight=functools.partial(self._max_calls, m.id))
+                            max_in_flight=functools.partial(self._max_calls, m.id),
+                            max_pending=m.scaling.max_queued_requests)
             for m in config.models
         }
         self._call_timeout_s = config.server.request_timeout_s + _CALL_MARGIN_S
@@ -115,8 +124,12 @@ class HandleReplicas:
         self._refresh: asyncio.Task[None] | None = None
 
     def _failure(self, model: str, exc: BaseException) -> Exception:
-        from ray.serve.exceptions import BackPressureError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+        if isinstance(exc, DeploymentUnavailableError):
+            return UpstreamUnavailable(
+                f"Model '{model}' has no replica Serve can route to (its deployment failed, or "
+                "it is being removed).", model=model, replica=None, retry_after_s=1)
         if isinstance(exc, BackPressureError):
             return UpstreamUnavailable(
                 f"Every replica of model '{model}' is busy and its queue is full "
@@ -129,31 +142,39 @@ class HandleReplicas:
         return UpstreamBadGateway(f"The replica serving model '{model}' failed: "
                                   f"{type(exc).__name__}.", model=model, replica=None)
 
-    async def call(self, model: str, request: Forwarded, timeout_s: float
-                   ) -> tuple[ResponseHead, bytes]:
+    async def call(self, model: str, request: Forwarded, timeout_s: float, *,
+                   coalesce: bool = True) -> tuple[ResponseHead, bytes]:
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._coalescers[model].submit(request)
+                if coalesce:
+                    return await self._coalescers[model].submit(request)
+                answers = await self._send(model, [request], method="forward_unary")
+                return answers[0]
         except TimeoutError:
             raise UpstreamTimeout(f"No replica of model '{model}' answered within "
                                   f"{timeout_s:g}s.", model=model, replica=None) from None
+        except QueueFull as exc:
+            raise UpstreamUnavailable(
+                f"{exc.pending} requests for model '{model}' already wait for a replica "
+                "([models.scaling] max_queued_requests).", model=model, replica=None,
+                retry_after_s=1) from None
 
-    async def _send(self, model: str, requests: Sequence[Forwarded]
-                    ) -> list[tuple[ResponseHead, bytes]]:
-        """One call carrying ``requests``; retried once if its replica died before answering."""
-        from ray.exceptions import RayError
-        from ray.serve.exceptions import BackPressureError
-
+    async def _send(self, model: str, requests: Sequence[Forwarded], *,
+                    method: str = "forward_many") -> list[tuple[ResponseHead, bytes]]:
+        """One call carrying ``requests`` (``forward_unary``: exactly one); retried once if
+        its replica died before answering."""
         for attempt in (1, 2):
-            response: Any = self._handles[model].forward_many.remote(list(requests))
+            handle = getattr(self._handles[model], method)
+            response: Any = handle.remote(list(requests) if method == "forward_many"
+                                          else requests[0])
             try:
                 async with asyncio.timeout(self._call_timeout_s):
-                    answers: list[tuple[ResponseHead, bytes]] = await response
-                return answers
-            except (TimeoutError, asyncio.CancelledError):
-                response.cancel()
-                raise
-            except (RayError, BackPressureError) as exc:
+                    answer: Any = await response
+                return list(answer) if method == "forward_many" else [answer]
+            except BaseException as exc:
+                if not isinstance(exc, _ray_failures()):  # timed out, cancelled, a bug
+                    response.cancel()
+                    raise
                 if attempt == 1 and isinstance(exc, _replica_died()):
                     log.warning("a replica of %s was lost before answering; retrying once",
                                 model)
@@ -162,12 +183,14 @@ class HandleReplicas:
         raise AssertionError("unreachable")
 
     def _max_calls(self, model: str) -> int:
-        """Calls in flight per model: two per replica reporting, so each replica computes one
-        while the next is on its way."""
+        """Calls in flight per model, per replica reporting: two (one computing, the next on
+        its way), or for an autoscaled model one more than its ``target_ongoing_requests``,
+        so that the autoscaler can see demand above its target."""
         at, reports = self._reports
         if time.monotonic() - at > _REPLICA_COUNT_TTL_S and self._refresh is None:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_reports())
-        return 2 * max(1, sum(report.model == model for report in reports))
+        return self._calls_per_replica[model] * max(
+            1, sum(report.model == model for report in reports))
 
     async def _refresh_reports(self) -> None:
         try:
@@ -177,19 +200,18 @@ class HandleReplicas:
 
     async def stream(self, model: str, request: Forwarded, timeout_s: float
                      ) -> ReplicaStream:
-        from ray.exceptions import RayError
-        from ray.serve.exceptions import BackPressureError
-
         generator: Any = self._streams[model].forward.remote(request)
         try:
             async with asyncio.timeout(timeout_s):
                 head = await generator.__anext__()
-        except TimeoutError:
+        except BaseException as exc:  # timed out, failed, or cut by the drain: stop it there
             generator.cancel()
-            raise UpstreamTimeout(f"No replica of model '{model}' answered within "
-                                  f"{timeout_s:g}s.", model=model, replica=None) from None
-        except (RayError, BackPressureError) as exc:
-            raise self._failure(model, exc) from None
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(f"No replica of model '{model}' answered within "
+                                      f"{timeout_s:g}s.", model=model, replica=None) from None
+            if isinstance(exc, _ray_failures()):
+                raise self._failure(model, exc) from None
+            raise
         assert isinstance(head, ResponseHead)
         return _HandleStream(head, generator, model)
 
@@ -245,34 +267,34 @@ def _deploy_serve_ingress(config: Config, hub: str, prefix: str) -> None:
 
     ingress: Any = serve.deployment(serve.ingress(build)(), name="ingress",
                                ray_actor_options={"num_cpus": 0, "runtime_env": _RUNTIME_ENV},
-                               max_ongoing_requests=config.server.max_connections)
+                               max_ongoing_requests=config.server.max_connections,
+                               graceful_shutdown_timeout_s=config.server.shutdown_timeout_s)
     serve.run(ingress.bind(), name=prefix, route_prefix="/",
               logging_config={"log_level": config.server.log_level.upper(),
                               "enable_access_log": config.server.access_log})
 
 
 def remove_models(names: Sequence[str], *, timeout_s: float) -> None:
-    """Delete the applications (Serve drains their replicas), waiting at most ``timeout_s``."""
+    """Delete the applications, last deployed first (the ingress before the models it calls),
+    each waited for (Serve drains its replicas), all within ``timeout_s``."""
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
     for name in reversed(names):
         try:
             serve.delete(name, _blocking=False)
+            while time.monotonic() < deadline and name in serve.status().applications:
+                time.sleep(0.2)
         except Exception as exc:
             log.warning("could not delete Serve application %s: %s", name, exc)
-    left = set(names)
-    while left and time.monotonic() < deadline:
-        try:
-            left &= set(serve.status().applications)
-        except Exception as exc:
-            log.warning("could not read Serve's status: %s", exc)
-            return
-        if left:
-            time.sleep(0.2)
+    try:
+        left = sorted(set(names) & set(serve.status().applications))
+    except Exception as exc:
+        log.warning("could not read Serve's status: %s", exc)
+        return
     if left:
         log.warning("Serve applications still being deleted after %gs: %s", timeout_s,
-                    ", ".join(sorted(left)))
+                    ", ".join(left))
 
 
 @contextlib.contextmanager
@@ -281,8 +303,9 @@ def _ray(address: str | None) -> Iterator[None]:
 
     started = not ray.is_initialized()
     if started:
-        # address None: a local single-node Ray, stopped again when we exit.
-        ray.init(address=address, include_dashboard=False, namespace=HUB_NAMESPACE,
+        # address None: a new local single-node Ray (not one RAY_ADDRESS or an earlier
+        # `ray start` points at), stopped again when we exit.
+        ray.init(address=address or "local", include_dashboard=False, namespace=HUB_NAMESPACE,
                  logging_level=logging.WARNING, log_to_driver=True)
     try:
         yield

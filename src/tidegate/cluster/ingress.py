@@ -74,8 +74,10 @@ class Replicas(Protocol):
     implements it on Serve's handles). Failures are :class:`~tidegate.errors.TidegateError`\\ s
     (5xx in OpenAI's shape), never hangs: each call is bounded by ``timeout_s``."""
 
-    async def call(self, model: str, request: Forwarded, timeout_s: float
-                   ) -> tuple[ResponseHead, bytes]: ...
+    async def call(self, model: str, request: Forwarded, timeout_s: float, *,
+                   coalesce: bool = True) -> tuple[ResponseHead, bytes]:
+        """A whole answer. ``coalesce``: it may travel with other requests for the model in
+        one call (not for generation, whose answers take as long as the longest)."""
 
     async def stream(self, model: str, request: Forwarded, timeout_s: float
                      ) -> ReplicaStream: ...
@@ -150,36 +152,48 @@ def _charge(key: ApiKey, content: bytes) -> None:
             key.record(*found)
 
 
-def _stream_usage(chunk: bytes) -> tuple[int, int] | None:
-    """The usage of a stream's usage event (``choices`` empty, ``usage`` set), if ``chunk``
-    is one."""
-    for line in chunk.splitlines():
-        if line.startswith(b"data:") and b'"usage"' in line:
+def _split_usage(chunk: bytes) -> tuple[bytes, tuple[int, int] | None]:
+    """``chunk`` without its usage event (``choices`` empty, ``usage`` set), and that event's
+    usage; ``(chunk, None)`` if it has none."""
+    events = chunk.split(b"\n\n")
+    for index, event in enumerate(events):
+        if event.startswith(b"data:") and b'"usage"' in event:
             with contextlib.suppress(orjson.JSONDecodeError):
-                data = orjson.loads(line[5:])
+                data = orjson.loads(event[5:])
                 if isinstance(data, dict) and data.get("choices") == []:
-                    return _usage(data)
-    return None
+                    rest = events[:index] + events[index + 1:]
+                    return b"\n\n".join(rest), _usage(data)
+    return chunk, None
 
 
 async def _relay(stream: ReplicaStream, key: ApiKey | None, *, keep_usage: bool
                  ) -> AsyncIterator[bytes]:
     """The replica's chunks as they come; an error mid-stream ends it with an error event and
     ``[DONE]``. Leaving early (the client hung up, the drain cut it) closes the replica's
-    stream."""
+    stream. A key is charged the usage the model reports, or, for a stream that ends before
+    it (hung up, cut, failed), one completion token per content event it got."""
+    emitted = 0
+    charged = key is None
     try:
-        async for chunk in stream.chunks():
-            if key is not None and b'"usage"' in chunk:
-                found = _stream_usage(chunk)
-                if found is not None:
-                    key.record(*found)
-                    if not keep_usage:
-                        continue
-            yield chunk
+        async for received in stream.chunks():
+            chunk = received
+            if key is not None and not charged:
+                if b'"usage"' in chunk:
+                    rest, found = _split_usage(chunk)
+                    if found is not None:
+                        key.record(*found)
+                        charged = True
+                        if not keep_usage:
+                            chunk = rest
+                emitted += chunk.count(b'"content":"') + chunk.count(b'"text":"')
+            if chunk:
+                yield chunk
     except TidegateError as exc:
         yield b"data: " + bytes(error_response(exc).body) + b"\n\n"
         yield DONE
     finally:
+        if not charged and key is not None:
+            key.record(0, emitted)
         await stream.aclose()
 
 
@@ -206,7 +220,8 @@ async def _relay_request(request: Request) -> Response:
     timeout_s = server.request_timeout_s + _TIMEOUT_MARGIN_S
     streamed = path in _GENERATION_ROUTES and data.get("stream") is True
     if not streamed:
-        head, content = await state.replicas.call(model, _forwarded(request, body), timeout_s)
+        head, content = await state.replicas.call(model, _forwarded(request, body), timeout_s,
+                                                  coalesce=path not in _GENERATION_ROUTES)
         if key is not None and head.status < 300:
             _charge(key, content)
         return Response(content, status_code=head.status,

@@ -19,6 +19,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import orjson
 from starlette.types import Message
 
 from tidegate.api.app import create_app
@@ -54,6 +55,7 @@ class ModelReplica:
         try:
             await asyncio.wait_for(manager.wait_ready(), timeout_s)
         except TimeoutError:
+            await self._lifespan.__aexit__(None, None, None)
             raise RuntimeError(f"model {model_id!r} did not load within {timeout_s:g}s "
                                "([cache] load_timeout_s)") from None
         snapshot = manager.snapshot(model_id)
@@ -62,6 +64,7 @@ class ModelReplica:
             raise RuntimeError(f"model {model_id!r} failed to load: {snapshot.error}")
         self._identity = _identity()
         self._hub = _find_hub(hub)
+        self._closed = False
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
     # -- requests ---------------------------------------------------------------------------
@@ -82,7 +85,10 @@ class ModelReplica:
                            ) -> list[tuple[ResponseHead, bytes]]:
         """Several whole responses, computed concurrently (the ingress coalesces requests into
         one call; the model's batcher batches them here as it would separate ones)."""
-        return list(await asyncio.gather(*(self.forward_unary(r) for r in requests)))
+        answers = await asyncio.gather(*(self.forward_unary(r) for r in requests),
+                                       return_exceptions=True)
+        return [answer if not isinstance(answer, BaseException) else _failed(answer)
+                for answer in answers]
 
     async def forward(self, request: Forwarded) -> AsyncIterator[ResponseHead | bytes]:
         """The head, then each body chunk as the app sends it (Serve streams each yield)."""
@@ -116,9 +122,14 @@ class ModelReplica:
         async def run() -> None:
             try:
                 await self._app(scope, receive, send)
-            finally:
+            except asyncio.CancelledError:  # the ingress left: nobody reads the end marker
                 with contextlib.suppress(asyncio.QueueFull):
                     sent.put_nowait(None)
+                raise
+            except Exception:
+                await sent.put(None)
+                raise
+            await sent.put(None)  # waits for room, as the app's own sends do
 
         task = asyncio.get_running_loop().create_task(run())
         try:
@@ -168,13 +179,28 @@ class ModelReplica:
             await asyncio.sleep(REPORT_INTERVAL_S)
 
     async def __del__(self) -> None:
-        """Serve's shutdown of this replica: stop reporting, unload the model."""
+        """Serve's shutdown of this replica: stop reporting, unload the model. (Serve awaits a
+        coroutine ``__del__``, its only shutdown hook for a replica; ``_closed`` makes the
+        garbage collector's later call a no-op.)"""
+        if self._closed:
+            return
+        self._closed = True
         self._reporter.cancel()
         await asyncio.gather(self._reporter, return_exceptions=True)
         if self._hub is not None:
             with contextlib.suppress(Exception):
                 await self._hub.leave.remote(self._identity[0])
         await self._lifespan.__aexit__(None, None, None)
+
+
+def _failed(exc: BaseException) -> tuple[ResponseHead, bytes]:
+    """A 500 in OpenAI's shape for one request of a coalesced call that raised (a bug: the
+    app answers every error it knows itself), so the others still get their answers."""
+    log.error("a forwarded request failed in the replica", exc_info=exc)
+    body = orjson.dumps({"error": {"message": "The server had an error while processing your "
+                                   "request.", "type": "server_error", "param": None,
+                                   "code": "internal_error"}})
+    return ResponseHead(500, ((b"content-type", b"application/json"),)), body
 
 
 def _identity() -> tuple[str, str]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "ReplicaReport",
     "ResponseHead",
     "app_name",
+    "calls_per_replica",
     "deploy_order",
     "deployment_options",
     "replica_config",
@@ -38,7 +40,8 @@ class Ingress(StrEnum):
     """tidegate's own server (uvicorn, httptools) in the ``serve --ray`` process, calling the
     models' deployment handles: the default, measured faster (BENCHMARKS.md)."""
     SERVE = "serve"
-    """Serve's HTTP proxy on every node, in front of tidegate's ingress app as a deployment."""
+    """Serve's HTTP proxy (on the head node) in front of tidegate's ingress app as a
+    deployment."""
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -73,8 +76,6 @@ class ReplicaReport:
     node: str
     card: Mapping[str, Any]
     metrics: str = ""
-    ready: bool = True
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def app_name(model_id: str, prefix: str = APP_PREFIX) -> str:
@@ -132,6 +133,16 @@ def _queue_bound(model: ModelConfig) -> int:
     if model.runtime == "causal-lm":
         return model.generation.max_num_seqs + model.generation.max_waiting
     return model.batching.max_queue_items
+
+
+def calls_per_replica(config: Config, model: ModelConfig) -> int:
+    """How many coalesced calls the ingress keeps in flight per replica of ``model``: two (one
+    computing, the next on its way), and for an autoscaled model more than its
+    ``target_ongoing_requests``, or Serve's autoscaler could never see demand above target."""
+    scaling = deployment_options(config, model).get("autoscaling_config")
+    if scaling is None:
+        return 2
+    return max(2, math.floor(float(scaling["target_ongoing_requests"])) + 1)
 
 
 def deployment_options(config: Config, model: ModelConfig) -> dict[str, Any]:
