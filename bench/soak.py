@@ -110,6 +110,8 @@ class SoakSettings:
     recovery_s: int = 8
     drain_timeout_s: float = 30.0
     max_connections: int = 2000
+    queue_wait_ms: float | None = None
+    """Embeddings: also bound the queue in time (``max_queue_wait_ms``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -124,6 +126,8 @@ class SoakRun:
     service_how: str
     baseline_rps: float
     """The recovery load's own closed-loop throughput before the soak."""
+    queue_wait_s: float | None = None
+    """The queue's bound in time (``max_queue_wait_ms``), if the server has one."""
     recovery_clients: int
     rate: float
     soak_s: float
@@ -153,8 +157,12 @@ class SoakRun:
 
     @property
     def bound_s(self) -> float:
-        """Drain time of a full queue at capacity, plus the service time of the request itself."""
-        return self.queue_bound / self.capacity_rps + self.service_s
+        """Drain time of a full queue at capacity (or the queue's bound in time, if smaller),
+        plus the service time of the request itself."""
+        drain_s = self.queue_bound / self.capacity_rps
+        if self.queue_wait_s is not None:
+            drain_s = min(drain_s, self.queue_wait_s)
+        return drain_s + self.service_s
 
     @property
     def admitted(self) -> int:
@@ -237,6 +245,7 @@ class _Target:
     service_how: str
     baseline_rps: float | None
     rss_start_kib: int
+    queue_wait_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -304,6 +313,7 @@ def _summarize(target: _Target, soaked: _Soaked, settings: SoakSettings) -> Soak
 
     return SoakRun(
         workload=target.workload, server=target.server, queue_key=target.queue_key,
+        queue_wait_s=target.queue_wait_s,
         queue_bound=target.queue_bound, capacity_rps=target.capacity_rps,
         capacity_how=target.capacity_how, service_s=target.service_s,
         service_how=target.service_how, baseline_rps=soaked.baseline_rps,
@@ -333,11 +343,12 @@ def _soak(target: _Target, settings: SoakSettings) -> SoakRun:
     return run
 
 
-def _embeddings_toml() -> str:
+def _embeddings_toml(queue_wait_ms: float | None) -> str:
+    wait = "" if queue_wait_ms is None else f"max_queue_wait_ms = {queue_wait_ms:g}\n"
     return (
         f'[server]\nhost = "{HOST}"\nlog_level = "info"\n\n'
         f'[[models]]\nid = "{EMBEDDING_MODEL}"\nruntime = "embedding"\n'
-        f"[models.batching]\nmax_queue_items = {EMBEDDING_QUEUE}\n"
+        f"[models.batching]\nmax_queue_items = {EMBEDDING_QUEUE}\n{wait}"
     )
 
 
@@ -350,7 +361,8 @@ def _batch_compute(base_url: str) -> tuple[float | None, float | None]:
 def _soak_embeddings(settings: SoakSettings, workdir: Path) -> SoakRun:
     bodies = embedding_bodies(EMBEDDING_MODEL, make_sentences(_BODIES))
     bodies_path = write_bodies(workdir / "soak-embeddings.jsonl", bodies)
-    with tidegate_from_toml(_embeddings_toml(), workdir=workdir, name="soak-embeddings") as server:
+    toml = _embeddings_toml(settings.queue_wait_ms)
+    with tidegate_from_toml(toml, workdir=workdir, name="soak-embeddings") as server:
         rss_start = rss_kib(_pid(server))
         if settings.warmup_s > 0:
             run_wrk(server.embeddings_url, bodies_path, connections=EMBEDDING_CLIENTS,
@@ -374,6 +386,7 @@ def _soak_embeddings(settings: SoakSettings, workdir: Path) -> SoakRun:
             capacity_how=f"wrk, {EMBEDDING_CLIENTS} connections, {settings.capacity_s} s",
             service_s=compute_s, service_how="mean batch compute time at capacity (/metrics)",
             baseline_rps=None, rss_start_kib=rss_start,
+            queue_wait_s=None if settings.queue_wait_ms is None else settings.queue_wait_ms / 1000,
         )
         return _soak(target, settings)
 
@@ -484,8 +497,10 @@ def _run_checks(run: SoakRun) -> list[Check]:
         checks.append(_check(w, 2, "latency", measured="no request admitted", passed=False))
     else:
         bound_ms = run.bound_s * 1000
-        bound_text = (f"p99 {run.admitted_p99_ms:.1f} ms vs {bound_ms:.1f} ms = "
-                      f"{run.queue_bound} / {run.capacity_rps:.1f} req/s + "
+        drain = f"{run.queue_bound} / {run.capacity_rps:.1f} req/s"
+        if run.queue_wait_s is not None and run.queue_wait_s < run.queue_bound / run.capacity_rps:
+            drain = f"max_queue_wait_ms {run.queue_wait_s * 1000:g} ms"
+        bound_text = (f"p99 {run.admitted_p99_ms:.1f} ms vs {bound_ms:.1f} ms = {drain} + "
                       f"{run.service_s * 1000:.1f} ms")
         checks.append(_check(w, 2, "latency", measured=bound_text,
                              ratio=run.admitted_p99_ms / bound_ms,
@@ -531,10 +546,17 @@ _HEADER = ["workload", "queue bound", "capacity req/s", "rate req/s", "sent", "s
            "recovery 2xx/s"]
 
 
+def _queue_text(run: SoakRun) -> str:
+    text = f"{run.queue_key} {run.queue_bound}"
+    if run.queue_wait_s is not None:
+        text += f", max_queue_wait_ms {run.queue_wait_s * 1000:g}"
+    return text
+
+
 def _row(run: SoakRun) -> list[str]:
     other = sum(n for s, n in run.statuses.items() if not (200 <= s < 300 or s in (429, 503)))
     return [
-        run.workload.value, f"{run.queue_key} {run.queue_bound}", f"{run.capacity_rps:.1f}",
+        run.workload.value, _queue_text(run), f"{run.capacity_rps:.1f}",
         f"{run.rate:.1f}", str(run.issued), f"{run.issue_s:.1f}", str(run.admitted),
         str(run.refused), str(other), _opt(run.admitted_p50_ms), _opt(run.admitted_p99_ms),
         f"{run.bound_s * 1000:.1f}", _opt(run.refused_p99_ms), _opt(run.admitted_sent_p99_ms),
@@ -616,6 +638,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="run one workload (default: both)")
     parser.add_argument("--capacity-s", type=int, default=10,
                         help="seconds of the closed-loop capacity run (default 10)")
+    parser.add_argument("--queue-wait-ms", type=float,
+                        help="embeddings: also bound the queue in time ([models.batching] "
+                             "max_queue_wait_ms); the latency bound uses it if smaller")
     return parser
 
 
@@ -627,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     workloads = (SoakWorkload(args.only),) if args.only else tuple(SoakWorkload)
     settings = SoakSettings(workloads=workloads, soak_s=args.soak_s, rate=args.rate,
-                            capacity_s=args.capacity_s)
+                            capacity_s=args.capacity_s, queue_wait_ms=args.queue_wait_ms)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tidegate-soak-") as tmp:
         results = run_soak(settings, Path(tmp))

@@ -142,6 +142,10 @@ class BatchingConfig:
     ``None``: :data:`LOCAL_BATCHING` or :data:`REMOTE_BATCHING`'s, by the model's runtime."""
     max_queue_items: int = 4096
     """Inputs queued beyond this are refused with 429 (or ``overload_status``)."""
+    max_queue_wait_ms: float | None = None
+    """If set, inputs are also refused when the queue would take longer than this to drain at
+    the rate batches compute now: a bound in time that tightens by itself when computing slows
+    (a busy CPU), where ``max_queue_items`` stays fixed."""
     target_p99_ms: float | None = None
     """If set, the batch size adapts so queue + compute p99 tracks this target."""
     overload_status: Literal[429, 503] = 429
@@ -156,6 +160,11 @@ class BatchingConfig:
         if self.max_wait_ms is not None:
             check_number("max_wait_ms", self.max_wait_ms, allow_zero=True)
         check_integer("max_queue_items", self.max_queue_items)
+        if self.max_queue_wait_ms is not None:
+            check_number("max_queue_wait_ms", self.max_queue_wait_ms)
+            if not math.isfinite(self.max_queue_wait_ms):
+                raise ConfigError(f"must be finite, got {self.max_queue_wait_ms!r}",
+                                  key="max_queue_wait_ms")
         if self.max_concurrent_batches is not None:
             check_integer("max_concurrent_batches", self.max_concurrent_batches)
         if self.target_p99_ms is not None:

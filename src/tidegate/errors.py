@@ -140,11 +140,14 @@ class UnsupportedMediaType(RequestError):
 class Overloaded(TidegateError):
     """The model's queue is full; the client should retry after ``retry_after_s``."""
 
-    def __init__(self, *, model: str, queued: int, limit: int, retry_after_s: int, status: int):
-        super().__init__(
-            f"Model '{model}' is overloaded: {queued} inputs queued, limit {limit}. "
-            f"Retry after {retry_after_s}s."
-        )
+    def __init__(self, *, model: str, queued: int, limit: int, retry_after_s: int, status: int,
+                 wait_ms: float | None = None, wait_limit_ms: float | None = None):
+        if wait_limit_ms is None:
+            why = f"{queued} inputs queued, limit {limit}"
+        else:
+            why = (f"{queued} inputs queued would take about {wait_ms or 0:.0f} ms to compute, "
+                   f"limit {wait_limit_ms:g} ms")
+        super().__init__(f"Model '{model}' is overloaded: {why}. Retry after {retry_after_s}s.")
         self.model = model
         self.queued = queued
         self.limit = limit

@@ -303,3 +303,39 @@ def test_on_loop_compute_answers_without_yielding_to_the_loop() -> None:
         await batcher.aclose()
 
     asyncio.run(main())
+
+
+def test_max_queue_wait_refuses_what_would_wait_too_long_at_the_rate_now() -> None:
+    """A bound in time: the queue's drain time at the measured rate, which falls (and the
+    bound tightens) when batches compute slower."""
+
+    async def main() -> None:
+        now = [0.0]
+        per_item_s = [0.1]
+
+        def compute(payloads: list[Any]) -> list[Any]:
+            now[0] += per_item_s[0] * len(payloads)  # the batch's compute time, on the clock
+            return [p * 2 for p in payloads]
+
+        batcher: Batcher[Any] = Batcher(
+            model="m", compute=on_loop(compute), clock=lambda: now[0],
+            config=BatchingConfig(max_queue_wait_ms=500, max_wait_ms=0),
+        )
+        await batcher.start()
+        try:
+            batcher.check_room(1000)  # no rate measured yet: only max_queue_items applies
+            assert await batcher.submit(items(1, 2)) == [2, 4]  # 10 inputs/s
+            batcher.check_room(5)  # 500 ms
+            with pytest.raises(Overloaded, match="about 600 ms to compute, limit 500 ms"):
+                batcher.check_room(6)
+            per_item_s[0] = 0.5  # the CPU got busy: 2 inputs/s
+            for _ in range(30):  # the rate's moving average follows
+                await batcher.submit(items(1))
+            with pytest.raises(Overloaded) as caught:
+                batcher.check_room(2)
+            assert caught.value.retry_after_s >= 1
+            batcher.check_room(1)
+        finally:
+            await batcher.aclose()
+
+    asyncio.run(main())

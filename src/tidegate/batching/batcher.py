@@ -117,7 +117,7 @@ class Batcher(Generic[R]):
         self._batches = 0
         self._items = 0
         self._failed = 0
-        self._rate = 0.0  # EWMA of items/s while computing, for Retry-After
+        self._rate = 0.0  # EWMA of items/s while computing: Retry-After, max_queue_wait_ms
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -162,6 +162,16 @@ class Batcher(Generic[R]):
                 model=self.model, queued=len(self._queue), limit=limit,
                 retry_after_s=self._retry_after(), status=self._config.overload_status,
             )
+        wait_limit_ms = self._config.max_queue_wait_ms
+        if wait_limit_ms is not None and self._rate > 0:
+            wait_ms = 1000 * (len(self._queue) + size) / (self._rate * self._config.concurrency)
+            if wait_ms > wait_limit_ms:
+                self._metrics.rejected += 1
+                raise Overloaded(
+                    model=self.model, queued=len(self._queue), limit=limit,
+                    retry_after_s=self._retry_after(), status=self._config.overload_status,
+                    wait_ms=wait_ms, wait_limit_ms=wait_limit_ms,
+                )
 
     async def submit(self, inputs: Sequence[Prepared]) -> list[R]:
         """Queue ``inputs`` and wait for their results, in order.
