@@ -125,7 +125,8 @@ REMOTE = "[[models]]\nid = 'r'\nruntime = 'remote'\nupstreams = ['http://a:1']\n
          "models[2].batching.max_wait_ms: must be >= 0, got -1"),
         ("[models.batching]\nmax_batch = 3\n",
          "models[2].batching.max_batch: unknown key (known: max_batch_size, max_batch_tokens, "
-         "max_concurrent_batches, max_queue_items, max_queue_wait_ms, max_wait_ms, overload_status, target_p99_ms)"),
+         "max_concurrent_batches, max_queue_items, max_queue_wait_ms, max_wait_ms, "
+         "overload_status, target_p99_ms)"),
         ("[models.generation]\nmax_num_seqs = 0\n",
          "models[2].generation.max_num_seqs: must be >= 1, got 0"),
         ("priority = 'high'\n", "models[2].priority: must be an integer, got 'high'"),

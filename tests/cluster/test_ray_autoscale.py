@@ -60,6 +60,29 @@ def test_serves_proxy_can_be_the_ingress(cluster: Any, tmp_path: Path, cache_dir
     assert "applications removed" in server.log()
 
 
+def test_a_lazy_model_starts_at_zero_replicas_and_its_first_request_wakes_one(
+        cluster: Any, tmp_path: Path, cache_dir: Path) -> None:
+    config = '[[models]]\nid = "sleepy"\npreload = "lazy"\n[models.scaling]\nnum_cpus = 0\n'
+    args = ("--ray", cluster.address, "--ray-app", "lazy")
+    with run_server(tmp_path, config, cache_dir, args=args, wait_s=240) as server:
+        ready = httpx.get(server.url + "/health/ready", timeout=10).json()
+        assert ready == {"status": "ready", "replicas": {"sleepy": 0}}  # need not wait for it
+        card = httpx.get(server.url + "/v1/models/sleepy", timeout=10).json()
+        assert (card["replicas"], card["status"]) == (0, "unloaded")
+        answer = httpx.post(server.url + "/v1/embeddings",
+                            json={"model": "sleepy", "input": "wake up"}, timeout=60)
+        assert answer.status_code == 200
+        deadline = time.monotonic() + 10  # the new replica's first report
+        while _replicas_of(server, "sleepy") != 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _replicas_of(server, "sleepy") == 1
+
+
+def _replicas_of(server: ServerProcess, model: str) -> int:
+    card = httpx.get(f"{server.url}/v1/models/{model}", timeout=10).json()
+    return int(card["replicas"])
+
+
 def _replicas(server: ServerProcess) -> int:
     card = httpx.get(f"{server.url}/v1/models/{MODEL}", timeout=10).json()
     return int(card["replicas"])
