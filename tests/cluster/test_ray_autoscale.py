@@ -60,7 +60,7 @@ def test_serves_proxy_can_be_the_ingress(cluster: Any, tmp_path: Path, cache_dir
     assert "applications removed" in server.log()
 
 
-def test_a_lazy_model_starts_at_zero_replicas_and_its_first_request_wakes_one(
+def test_a_lazy_model_starts_at_zero_replicas_wakes_on_a_request_and_obeys_the_admin(
         cluster: Any, tmp_path: Path, cache_dir: Path) -> None:
     config = '[[models]]\nid = "sleepy"\npreload = "lazy"\n[models.scaling]\nnum_cpus = 0\n'
     args = ("--ray", cluster.address, "--ray-app", "lazy")
@@ -76,6 +76,24 @@ def test_a_lazy_model_starts_at_zero_replicas_and_its_first_request_wakes_one(
         while _replicas_of(server, "sleepy") != 1 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _replicas_of(server, "sleepy") == 1
+        # The admin routes: unload takes every replica away (requests get 503 at once),
+        # load deploys them again.
+        unloaded = httpx.post(server.url + "/admin/models/sleepy/unload", timeout=120)
+        assert unloaded.status_code == 200, unloaded.text
+        refused = httpx.post(server.url + "/v1/embeddings",
+                             json={"model": "sleepy", "input": "x"}, timeout=30)
+        assert refused.status_code == 503 and "retry-after" in refused.headers
+        assert "POST /admin/models/sleepy/load" in refused.json()["error"]["message"]
+        deadline = time.monotonic() + 30
+        while _replicas_of(server, "sleepy") != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _replicas_of(server, "sleepy") == 0
+        loaded = httpx.post(server.url + "/admin/models/sleepy/load", timeout=120)
+        assert loaded.status_code == 200, loaded.text
+        assert httpx.post(server.url + "/v1/embeddings", json={"model": "sleepy", "input": "x"},
+                          timeout=60).status_code == 200
+        assert httpx.post(server.url + "/admin/models/nope/load",
+                          timeout=10).status_code == 404
 
 
 def _replicas_of(server: ServerProcess, model: str) -> int:

@@ -38,10 +38,17 @@ from tidegate.cluster.wire import (
     deploy_order,
     deployment_options,
 )
-from tidegate.config import Config
-from tidegate.errors import ConfigError, UpstreamBadGateway, UpstreamTimeout, UpstreamUnavailable
+from tidegate.config import Config, ModelConfig
+from tidegate.errors import (
+    ConfigError,
+    InvalidRequest,
+    ModelUnavailable,
+    UpstreamBadGateway,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
-__all__ = ["HandleReplicas", "deploy_models", "remove_models", "serve_on_ray"]
+__all__ = ["Deployer", "HandleReplicas", "deploy_models", "remove_models", "serve_on_ray"]
 
 log = logging.getLogger("tidegate.cluster")
 
@@ -102,8 +109,15 @@ class HandleReplicas:
     call is retried once first if its replica died before answering), Serve's full queue a
     503."""
 
-    def __init__(self, config: Config, hub: str, prefix: str) -> None:
+    def __init__(self, config: Config, hub: str, prefix: str, *,
+                 deployer: Deployer | None = None) -> None:
         from ray import serve
+
+        self._config = config
+        self._prefix = prefix
+        self._models = {m.id: m for m in config.models}
+        self._deployer = deployer
+        self._unloaded: set[str] = set()
 
         self._handles: dict[str, Any] = {m.id: serve.get_app_handle(app_name(m.id, prefix))
                                          for m in config.models}
@@ -142,8 +156,47 @@ class HandleReplicas:
         return UpstreamBadGateway(f"The replica serving model '{model}' failed: "
                                   f"{type(exc).__name__}.", model=model, replica=None)
 
+    def _handle(self, model: str, *, stream: bool = False) -> Any:
+        """``model``'s deployment handle (a streaming one with ``stream``); made again after
+        an admin's load, which creates a new application."""
+        handles = self._streams if stream else self._handles
+        found = handles.get(model)
+        if found is None:
+            from ray import serve
+
+            found = serve.get_app_handle(app_name(model, self._prefix))
+            found = found.options(stream=True) if stream else found
+            handles[model] = found
+        return found
+
+    def _check_loaded(self, model: str) -> None:
+        if model in self._unloaded:
+            raise ModelUnavailable(model, f"an admin unloaded it; POST /admin/models/{model}/load "
+                                          "deploys its replicas again")
+
+    async def set_loaded(self, model: str, loaded: bool) -> None:
+        """The admin's load and unload: deploy ``model``'s application again, as its
+        ``[models.scaling]`` says, or delete it (Serve drains its replicas; its requests get
+        503 at once meanwhile, not a wait for a replica)."""
+        if self._deployer is None:
+            raise InvalidRequest(
+                "With --ingress serve, each model's replicas are managed by Serve alone: set its "
+                "[models.scaling] and redeploy.", param="model_id", code="not_supported_on_ray")
+        if loaded:
+            await asyncio.to_thread(self._deployer.deploy, self._models[model])
+            self._handles.pop(model, None)  # handles made afresh for the new application
+            self._streams.pop(model, None)
+            self._unloaded.discard(model)
+        else:
+            self._unloaded.add(model)  # refuse new requests first; Serve drains the rest
+            name = self._deployer.name(model)
+            await asyncio.to_thread(remove_models, [name],
+                                    timeout_s=self._config.server.shutdown_timeout_s)
+        self._reports = (0.0, ())  # the next read sees the change
+
     async def call(self, model: str, request: Forwarded, timeout_s: float, *,
                    coalesce: bool = True) -> tuple[ResponseHead, bytes]:
+        self._check_loaded(model)
         try:
             async with asyncio.timeout(timeout_s):
                 if coalesce:
@@ -164,7 +217,7 @@ class HandleReplicas:
         """One call carrying ``requests`` (``forward_unary``: exactly one); retried once if
         its replica died before answering."""
         for attempt in (1, 2):
-            handle = getattr(self._handles[model], method)
+            handle = getattr(self._handle(model), method)
             response: Any = handle.remote(list(requests) if method == "forward_many"
                                           else requests[0])
             try:
@@ -200,7 +253,8 @@ class HandleReplicas:
 
     async def stream(self, model: str, request: Forwarded, timeout_s: float
                      ) -> ReplicaStream:
-        generator: Any = self._streams[model].forward.remote(request)
+        self._check_loaded(model)
+        generator: Any = self._handle(model, stream=True).forward.remote(request)
         try:
             async with asyncio.timeout(timeout_s):
                 head = await generator.__anext__()
@@ -237,25 +291,39 @@ class HandleReplicas:
 # -- deploying -----------------------------------------------------------------------------------
 
 
-def deploy_models(config: Config, *, hub: str, prefix: str) -> list[str]:
-    """Deploy every model (dependencies first) and wait until each is running; returns the
-    Serve applications' names."""
-    from ray import serve
+class Deployer:
+    """Deploys the config's models as Serve applications (``<prefix>.<model>``)."""
 
-    logging_config = {"log_level": config.server.log_level.upper(),
-                      "enable_access_log": config.server.access_log}
-    names = []
-    for model in deploy_order(config):
-        options = deployment_options(config, model)
+    def __init__(self, config: Config, *, hub: str, prefix: str) -> None:
+        self._config = config
+        self._hub = hub
+        self._prefix = prefix
+
+    def name(self, model_id: str) -> str:
+        return app_name(model_id, self._prefix)
+
+    def deploy(self, model: ModelConfig) -> str:
+        """Deploy ``model`` as its ``[models.scaling]`` says and wait until it runs."""
+        from ray import serve
+
+        options = deployment_options(self._config, model)
         options["ray_actor_options"] = {**options["ray_actor_options"],
                                         "runtime_env": _RUNTIME_ENV}
         deployment: Any = serve.deployment(ModelReplica, **options)
-        name = app_name(model.id, prefix)
+        name = self.name(model.id)
         log.info("deploying %s as Serve application %s", model.id, name)
-        serve.run(deployment.bind(config, model.id, hub), name=name, route_prefix=None,
-                  logging_config=logging_config)
-        names.append(name)
-    return names
+        serve.run(deployment.bind(self._config, model.id, self._hub), name=name,
+                  route_prefix=None, logging_config={
+                      "log_level": self._config.server.log_level.upper(),
+                      "enable_access_log": self._config.server.access_log})
+        return name
+
+
+def deploy_models(config: Config, *, hub: str, prefix: str) -> list[str]:
+    """Deploy every model (dependencies first) and wait until each is running; returns the
+    Serve applications' names."""
+    deployer = Deployer(config, hub=hub, prefix=prefix)
+    return [deployer.deploy(model) for model in deploy_order(config)]
 
 
 def _deploy_serve_ingress(config: Config, hub: str, prefix: str) -> None:
@@ -392,7 +460,9 @@ def serve_on_ray(config: Config, *, address: str | None, ingress: Ingress,
             else:
                 from tidegate.server import serve as serve_http
 
-                app = create_ingress_app(config, HandleReplicas(config, hub, prefix))
+                deployer = Deployer(config, hub=hub, prefix=prefix)
+                replicas = HandleReplicas(config, hub, prefix, deployer=deployer)
+                app = create_ingress_app(config, replicas)
                 serve_http(config, app=app)
         finally:  # also on a signal during start-up (KeyboardInterrupt)
             remove_models(names, timeout_s=config.server.shutdown_timeout_s)

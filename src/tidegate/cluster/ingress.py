@@ -84,6 +84,9 @@ class Replicas(Protocol):
 
     async def reports(self) -> Sequence[ReplicaReport]: ...
 
+    async def set_loaded(self, model: str, loaded: bool) -> None:
+        """The admin's load (its ``[models.scaling]`` replicas) or unload (none)."""
+
 
 @dataclass(frozen=True, slots=True)
 class IngressState:
@@ -350,17 +353,26 @@ async def metrics(request: Request) -> Response:
     return Response(text, media_type=state.metrics.content_type)
 
 
-@endpoint
-async def admin_model(request: Request) -> Response:
-    """Loading and unloading are Serve's on a cluster: its autoscaler and ``[models.scaling]``
-    decide how many replicas hold a model."""
+async def _admin(request: Request, *, loaded: bool) -> Response:
+    """Load or unload a model across the cluster: its deployment redeployed with its
+    ``[models.scaling]`` replicas, or with none (its requests then get 503 at once)."""
     state = _state(request)
     admin.authorize(request, state.config.auth.admin_token)
-    raise InvalidRequest(
-        "On Ray Serve, each model's replicas are managed by Serve: set its [models.scaling] "
-        "(replicas, or min_replicas / max_replicas) and redeploy; /admin load and unload "
-        "apply to a single-process server.", param="model_id", code="not_supported_on_ray",
-    )
+    model_id = request.path_params["model_id"]
+    _check_known(state.config, None, model_id)
+    await state.replicas.set_loaded(model_id, loaded)
+    cards = _cards(state.config, await state.replicas.reports())
+    return json_response(next(card for card in cards if card["id"] == model_id))
+
+
+@endpoint
+async def admin_load(request: Request) -> Response:
+    return await _admin(request, loaded=True)
+
+
+@endpoint
+async def admin_unload(request: Request) -> Response:
+    return await _admin(request, loaded=False)
 
 
 def create_ingress_app(config: Config, replicas: Replicas, *,
@@ -383,8 +395,8 @@ def create_ingress_app(config: Config, replicas: Replicas, *,
         Route("/health", health_ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_route(encode_openapi(config)), methods=["GET"]),
-        Route("/admin/models/{model_id:path}/load", admin_model, methods=["POST"]),
-        Route("/admin/models/{model_id:path}/unload", admin_model, methods=["POST"]),
+        Route("/admin/models/{model_id:path}/load", admin_load, methods=["POST"]),
+        Route("/admin/models/{model_id:path}/unload", admin_unload, methods=["POST"]),
     ]
     fast: dict[tuple[str, str], Handler] = {("POST", path): relay for path in inference}
     app = TidegateApp(routes=routes, fast_routes=fast, drain=drain, server=config.server,
