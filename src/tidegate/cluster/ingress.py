@@ -289,9 +289,9 @@ def _cards(config: Config, reports: Sequence[ReplicaReport]) -> list[dict[str, A
 @endpoint
 async def list_models(request: Request) -> Response:
     state = _state(request)
+    key = None if state.keys is None else authenticate(request, state.keys)
     cards = _cards(state.config, await state.replicas.reports())
-    if state.keys is not None:
-        key = authenticate(request, state.keys)
+    if key is not None:
         cards = [card for card in cards if key.allows(str(card["id"]))]
     return json_response({"object": "list", "data": cards})
 
