@@ -70,3 +70,17 @@ def test_the_openapi_document_lists_the_401_only_when_protected() -> None:
         paths = build_openapi(Config(auth=auth, models=models))["paths"]
         for path in PATHS:
             assert ("401" in paths[path]["get"]["responses"]) is protect
+
+
+def test_a_non_ascii_admin_token_is_refused_not_a_server_error() -> None:
+    config = Config(auth=AuthConfig(admin_token=ADMIN),
+                    models=(ModelConfig(id="a", runtime="echo"),))
+
+    async def main() -> int:
+        transport = httpx.ASGITransport(app=create_app(config))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            response = await http.post("/admin/models/a/unload",
+                                       headers={"Authorization": "Bearer tökén".encode()})
+            return response.status_code
+
+    assert asyncio.run(main()) == 403

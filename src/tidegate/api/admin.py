@@ -24,7 +24,9 @@ def authorize(request: Request, token: str | None) -> None:
                 "Admin routes need 'Authorization: Bearer <admin_token>'.", code="unauthorized"
             )
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+        # Bytes, not str: compare_digest refuses non-ASCII strings (a 500 for a bad token).
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")):
             raise PermissionDenied("The admin token is not valid.", code="forbidden")
         return
     host = request.client.host if request.client else ""
