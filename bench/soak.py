@@ -111,7 +111,8 @@ class SoakSettings:
     drain_timeout_s: float = 30.0
     max_connections: int = 2000
     queue_wait_ms: float | None = None
-    """Embeddings: also bound the queue in time (``max_queue_wait_ms``)."""
+    """Also bound the queue in time (``max_queue_wait_ms`` of the batcher, or of the
+    generation engine)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -406,8 +407,10 @@ def _soak_generation(settings: SoakSettings, workdir: Path) -> SoakRun:
 
     model = build_tiny_gpt2(workdir / "soak-gpt2")
     print(f"  model: {model.describe()}", flush=True)
+    wait: dict[str, float] = ({} if settings.queue_wait_ms is None
+                              else {"max_queue_wait_ms": settings.queue_wait_ms})
     config = render_config(model.path, model_id=GENERATION_MODEL, max_num_seqs=GENERATION_SEQS,
-                           max_waiting=GENERATION_QUEUE)
+                           max_waiting=GENERATION_QUEUE, **wait)
     with tidegate_from_toml(config, workdir=workdir, name="soak-generation") as server:
         rss_start = rss_kib(_pid(server))
         requests = encode_posts(COMPLETIONS_PATH, _port(server), _completion_bodies())
@@ -433,6 +436,7 @@ def _soak_generation(settings: SoakSettings, workdir: Path) -> SoakRun:
                          f"{settings.capacity_s} s",
             service_s=service_s, service_how="mean request latency at capacity",
             baseline_rps=rps, rss_start_kib=rss_start,
+            queue_wait_s=None if settings.queue_wait_ms is None else settings.queue_wait_ms / 1000,
         )
         return _soak(target, settings)
 
@@ -639,8 +643,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--capacity-s", type=int, default=10,
                         help="seconds of the closed-loop capacity run (default 10)")
     parser.add_argument("--queue-wait-ms", type=float,
-                        help="embeddings: also bound the queue in time ([models.batching] "
-                             "max_queue_wait_ms); the latency bound uses it if smaller")
+                        help="also bound the queue in time (max_queue_wait_ms, in "
+                             "[models.batching] or [models.generation]); the latency bound uses "
+                             "it if smaller")
     return parser
 
 

@@ -205,6 +205,10 @@ class GenerationConfig:
     """Prompt tokens prefilled per step, over all admitted sequences (one long prompt excepted)."""
     max_waiting: int = 256
     """Sequences waiting for a slot; beyond this, requests get 429 (or ``overload_status``)."""
+    max_queue_wait_ms: float | None = None
+    """If set, a request is also refused when the sequences waiting ahead of it would take
+    longer than this to generate at the rate the engine generates now (their expected tokens,
+    from the mean completion so far, over tokens per second)."""
     stream_buffer: int = 64
     """Deltas buffered per stream before its reader counts as behind."""
     stream_timeout_s: float = 30.0
@@ -220,6 +224,11 @@ class GenerationConfig:
         check_integer("max_num_seqs", self.max_num_seqs)
         check_integer("max_prefill_tokens", self.max_prefill_tokens)
         check_integer("max_waiting", self.max_waiting)
+        if self.max_queue_wait_ms is not None:
+            check_number("max_queue_wait_ms", self.max_queue_wait_ms)
+            if not math.isfinite(self.max_queue_wait_ms):
+                raise ConfigError(f"must be finite, got {self.max_queue_wait_ms!r}",
+                                  key="max_queue_wait_ms")
         check_integer("stream_buffer", self.stream_buffer)
         check_number("stream_timeout_s", self.stream_timeout_s)
         check_choice("overload_status", self.overload_status, (429, 503))

@@ -125,6 +125,34 @@ def test_admission_beyond_the_queue_bound_is_overloaded(llama: CausalLMRuntime) 
     run_engine(llama, scenario, max_num_seqs=1, max_waiting=2, overload_status=503)
 
 
+def test_max_queue_wait_refuses_when_the_work_ahead_would_take_too_long(
+        llama: CausalLMRuntime) -> None:
+    class TickingClock(FakeClock):
+        def __call__(self) -> float:
+            self.now += 0.01  # time passes while a step computes, so a rate is measured
+            return self.now
+
+    async def scenario(engine: GenerationEngine) -> None:
+        first = await engine.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0)).collect()
+        assert first.completion_tokens == 4  # the mean completion so far: 4 tokens
+        rate = engine.statistics().tokens_per_second
+        assert rate > 0
+        per_sequence_ms = 1000 * 4 / rate  # the expected work of each waiting sequence
+        admitted = []
+        for ahead in range(1000):  # submit() is synchronous: each waits behind the others
+            if ahead * per_sequence_ms > 500:
+                with pytest.raises(Overloaded, match=r"to compute, limit 500 ms"):
+                    engine.submit(PROMPT, LONG)
+                break
+            admitted.append(engine.submit(PROMPT, LONG))
+        assert len(admitted) >= 2 and engine.statistics().rejected == 1
+        for stream in admitted:
+            stream.cancel()
+
+    run_engine(llama, scenario, clock=TickingClock(), max_num_seqs=1, max_waiting=1000,
+               max_queue_wait_ms=500)
+
+
 def test_prefill_budget_spreads_admission_over_steps(llama: CausalLMRuntime) -> None:
     log = StepLog()
 

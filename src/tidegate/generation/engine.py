@@ -40,7 +40,7 @@ from tidegate.errors import (
 )
 from tidegate.generation.detok import TokenDecoder
 from tidegate.generation.params import FinishReason, SamplingParams, TokenLogprob
-from tidegate.generation.scheduler import admit, retry_after_s
+from tidegate.generation.scheduler import admit, expected_wait_s, retry_after_s
 from tidegate.generation.sequence import SequenceState
 from tidegate.generation.stats import EngineStatistics, GenerationMetrics, HistogramSnapshot
 from tidegate.generation.stream import GenerationStream
@@ -181,6 +181,18 @@ class GenerationEngine:
                 model=self.model, queued=len(self._waiting), limit=limit,
                 retry_after_s=self._retry_after(), status=self._config.overload_status,
             )
+        wait_limit_ms = self._config.max_queue_wait_ms
+        if wait_limit_ms is not None:
+            wait_s = expected_wait_s(waiting=len(self._waiting),
+                                     mean_completion_tokens=self._mean_completion(),
+                                     tokens_per_s=self._rate)
+            if wait_s is not None and wait_s * 1000 > wait_limit_ms:
+                self._metrics.rejected += 1
+                raise Overloaded(
+                    model=self.model, queued=len(self._waiting), limit=limit,
+                    retry_after_s=self._retry_after(), status=self._config.overload_status,
+                    wait_ms=wait_s * 1000, wait_limit_ms=wait_limit_ms,
+                )
         seq_id = self._next_id
         self._next_id += 1
         request_id = request_id or f"gen-{seq_id}"
@@ -397,10 +409,13 @@ class GenerationEngine:
             seq.in_batch = False
             self._end(seq, "error", error=error)
 
-    def _retry_after(self) -> int:
+    def _mean_completion(self) -> float:
         m = self._metrics
         ended = sum(m.finished.values())
-        mean = m.generated_tokens / ended if ended else 0.0
-        return retry_after_s(waiting=len(self._waiting), mean_completion_tokens=mean,
+        return m.generated_tokens / ended if ended else 0.0
+
+    def _retry_after(self) -> int:
+        return retry_after_s(waiting=len(self._waiting),
+                             mean_completion_tokens=self._mean_completion(),
                              tokens_per_s=self._rate)
 

@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Admission", "admit", "retry_after_s"]
+__all__ = ["Admission", "admit", "expected_wait_s", "retry_after_s"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,15 @@ def admit(
         count += 1
         tokens += prompt_tokens
     return Admission(count, tokens, budget_bound=False)
+
+
+def expected_wait_s(*, waiting: int, mean_completion_tokens: float,
+                    tokens_per_s: float) -> float | None:
+    """How long the ``waiting`` sequences' expected work takes at the observed generation
+    rate; ``None`` before anything was measured."""
+    if tokens_per_s <= 0 or mean_completion_tokens <= 0:
+        return None
+    return waiting * mean_completion_tokens / tokens_per_s
 
 
 def retry_after_s(*, waiting: int, mean_completion_tokens: float, tokens_per_s: float) -> int:
