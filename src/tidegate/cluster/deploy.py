@@ -111,18 +111,14 @@ class HandleReplicas:
 
     def __init__(self, config: Config, hub: str, prefix: str, *,
                  deployer: Deployer | None = None) -> None:
-        from ray import serve
-
         self._config = config
         self._prefix = prefix
         self._models = {m.id: m for m in config.models}
         self._deployer = deployer
         self._unloaded: set[str] = set()
 
-        self._handles: dict[str, Any] = {m.id: serve.get_app_handle(app_name(m.id, prefix))
-                                         for m in config.models}
-        self._streams: dict[str, Any] = {model: handle.options(stream=True)
-                         for model, handle in self._handles.items()}
+        self._handles: dict[str, Any] = {}  # made on first use (see _handle)
+        self._streams: dict[str, Any] = {}
         self._calls_per_replica = {m.id: calls_per_replica(config, m) for m in config.models}
         self._coalescers = {
             m.id: Coalescer(functools.partial(self._send, m.id),
@@ -157,8 +153,8 @@ class HandleReplicas:
                                   f"{type(exc).__name__}.", model=model, replica=None)
 
     def _handle(self, model: str, *, stream: bool = False) -> Any:
-        """``model``'s deployment handle (a streaming one with ``stream``); made again after
-        an admin's load, which creates a new application."""
+        """``model``'s deployment handle (a streaming one with ``stream``), made on first use
+        and again after an admin's load, which creates a new application."""
         handles = self._streams if stream else self._handles
         found = handles.get(model)
         if found is None:

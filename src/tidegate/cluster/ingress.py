@@ -40,7 +40,7 @@ from tidegate.api.sse import DONE, EventStreamResponse
 from tidegate.auth.keyring import ApiKey, KeyRing
 from tidegate.clock import MonotonicClock
 from tidegate.cluster.promtext import ExpositionError, merge_expositions
-from tidegate.cluster.wire import Forwarded, ReplicaReport, ResponseHead
+from tidegate.cluster.wire import Forwarded, ReplicaReport, ResponseHead, deployment_options
 from tidegate.config import Config
 from tidegate.errors import InvalidRequest, ModelNotFound, TidegateError
 from tidegate.metrics import Metrics
@@ -95,6 +95,8 @@ class IngressState:
     metrics: Metrics
     drain: Drain
     keys: KeyRing | None = None
+    awaited: frozenset[str] = frozenset()
+    """The models ``/health/ready`` waits for (not those that may scale to zero)."""
 
 
 def _state(request: Request) -> IngressState:
@@ -312,14 +314,14 @@ async def health_live(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
-def _always_on(config: Config, model_id: str) -> bool:
-    """Whether readiness waits for ``model_id``: not if it may scale to zero."""
-    from tidegate.cluster.wire import deployment_options
-
-    model = config.model(model_id)
-    assert model is not None
-    scaling = deployment_options(config, model).get("autoscaling_config")
-    return scaling is None or scaling["min_replicas"] > 0
+def _awaited_by_readiness(config: Config) -> frozenset[str]:
+    """The models readiness waits for: all but those that may scale to zero."""
+    awaited = set()
+    for model in config.models:
+        scaling = deployment_options(config, model).get("autoscaling_config")
+        if scaling is None or scaling["min_replicas"] > 0:
+            awaited.add(model.id)
+    return frozenset(awaited)
 
 
 async def health_ready(request: Request) -> Response:
@@ -331,7 +333,7 @@ async def health_ready(request: Request) -> Response:
     models = {m.id: running.get(m.id, 0) for m in state.config.models}
     if state.drain.draining:
         return json_response({"status": "shutting_down", "replicas": models}, status=503)
-    ready = all(count or not _always_on(state.config, model) for model, count in models.items())
+    ready = all(models[model] for model in state.awaited)
     return json_response({"status": "ready" if ready else "not_ready", "replicas": models},
                          status=200 if ready else 503)
 
@@ -402,5 +404,6 @@ def create_ingress_app(config: Config, replicas: Replicas, *,
     app = TidegateApp(routes=routes, fast_routes=fast, drain=drain, server=config.server,
                       exception_handlers={HTTPException: http_error_handler})
     app.state.tidegate = IngressState(config=config, replicas=replicas, metrics=app_metrics,
-                                      drain=drain, keys=keys)
+                                      drain=drain, keys=keys,
+                                      awaited=_awaited_by_readiness(config))
     return app
