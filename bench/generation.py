@@ -126,11 +126,13 @@ class GenerationResults:
 
 
 def render_config(model_dir: Path, *, model_id: str = MODEL_ID, backend: Backend = Backend.AUTO,
-                  precision: Precision = Precision.AUTO, **generation: int | float) -> str:
+                  precision: Precision = Precision.AUTO, threads: int | None = None,
+                  **generation: int | float) -> str:
     lines = [
         "[server]", f'host = "{HOST}"', 'log_level = "info"', "",
         "[[models]]", f'id = "{model_id}"', 'runtime = "causal-lm"', f'source = "{model_dir}"',
         f'backend = "{backend.value}"', f'precision = "{precision.value}"',
+        *([] if threads is None else [f"intra_op_threads = {threads}"]),
         "[models.generation]",
         *(f"{key} = {value}" for key, value in generation.items()),
     ]

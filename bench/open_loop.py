@@ -34,6 +34,9 @@ STATUS_CLIENT_ERROR = 0
 STATUS_UNFINISHED = -1
 """A request still unanswered when the run's drain timeout ran out."""
 _CHUNKED_END = b"\r\n0\r\n\r\n"
+_TICK_S = 0.001
+"""The open loop's send granularity: a timer per request cost the generator a fifth of its CPU
+at 5,000 requests/s, CPU the server it measures then lacks."""
 
 
 def encode_posts(path: str, port: int, bodies: Sequence[bytes]) -> list[bytes]:
@@ -322,7 +325,9 @@ async def open_loop(
         now = time.perf_counter()
         due = start + issued * interval
         if due > now:
-            await asyncio.sleep(due - now)
+            # One timer per tick, not per request: requests due within a tick go out together
+            # at its end (up to _TICK_S late, which their latency counts from the due time).
+            await asyncio.sleep(max(due - now, _TICK_S))
             continue
         max_lag = max(max_lag, now - due)
         while issued < total and due <= now:

@@ -8,9 +8,9 @@ For embeddings (the bundled MiniLM, one short sentence per request) and for gene
 
 1. **capacity**: a closed-loop run (wrk at 64 connections for embeddings; as many clients as
    decode slots for generation) gives requests/s;
-2. **warm-up**: the same request shapes, closed loop and then a short open-loop burst at the
-   soak rate (so the refusal path and the connection pool have been exercised), then the
-   server's RSS;
+2. **warm-up**: the same request shapes, closed loop and then a 10 s open-loop burst at the
+   soak rate (so the refusal path and the connection pool have been exercised and the
+   connections the overload needs are open), then the server's RSS;
 3. **soak**: an open-loop load (``bench.open_loop``: a fixed arrival rate, new connections as
    needed) at 4x capacity for ``--soak-s`` seconds (default 60);
 4. **recovery**: as soon as the last soak request is sent, a closed-loop load of the pre-soak
@@ -106,13 +106,18 @@ class SoakSettings:
     """A fixed arrival rate (requests/s) instead of ``overload`` x capacity."""
     capacity_s: int = 10
     warmup_s: int = 3
-    burst_s: float = 2.0
+    burst_s: float = 10.0
+    """The warm-up's open-loop burst at the soak rate: long enough to open the connections the
+    overload keeps open (with 2 s, the soak still opened ~500 more, and their buffers showed as
+    8-10% more RSS after it)."""
     recovery_s: int = 8
     drain_timeout_s: float = 30.0
     max_connections: int = 2000
     queue_wait_ms: float | None = None
     """Also bound the queue in time (``max_queue_wait_ms`` of the batcher, or of the
     generation engine)."""
+    threads: int | None = None
+    """The model's compute threads (``intra_op_threads``); default: the engine's own."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -344,11 +349,12 @@ def _soak(target: _Target, settings: SoakSettings) -> SoakRun:
     return run
 
 
-def _embeddings_toml(queue_wait_ms: float | None) -> str:
+def _embeddings_toml(queue_wait_ms: float | None, threads: int | None) -> str:
     wait = "" if queue_wait_ms is None else f"max_queue_wait_ms = {queue_wait_ms:g}\n"
+    threads_line = "" if threads is None else f"intra_op_threads = {threads}\n"
     return (
         f'[server]\nhost = "{HOST}"\nlog_level = "info"\n\n'
-        f'[[models]]\nid = "{EMBEDDING_MODEL}"\nruntime = "embedding"\n'
+        f'[[models]]\nid = "{EMBEDDING_MODEL}"\nruntime = "embedding"\n{threads_line}'
         f"[models.batching]\nmax_queue_items = {EMBEDDING_QUEUE}\n{wait}"
     )
 
@@ -362,7 +368,7 @@ def _batch_compute(base_url: str) -> tuple[float | None, float | None]:
 def _soak_embeddings(settings: SoakSettings, workdir: Path) -> SoakRun:
     bodies = embedding_bodies(EMBEDDING_MODEL, make_sentences(_BODIES))
     bodies_path = write_bodies(workdir / "soak-embeddings.jsonl", bodies)
-    toml = _embeddings_toml(settings.queue_wait_ms)
+    toml = _embeddings_toml(settings.queue_wait_ms, settings.threads)
     with tidegate_from_toml(toml, workdir=workdir, name="soak-embeddings") as server:
         rss_start = rss_kib(_pid(server))
         if settings.warmup_s > 0:
@@ -410,7 +416,7 @@ def _soak_generation(settings: SoakSettings, workdir: Path) -> SoakRun:
     wait: dict[str, float] = ({} if settings.queue_wait_ms is None
                               else {"max_queue_wait_ms": settings.queue_wait_ms})
     config = render_config(model.path, model_id=GENERATION_MODEL, max_num_seqs=GENERATION_SEQS,
-                           max_waiting=GENERATION_QUEUE, **wait)
+                           max_waiting=GENERATION_QUEUE, threads=settings.threads, **wait)
     with tidegate_from_toml(config, workdir=workdir, name="soak-generation") as server:
         rss_start = rss_kib(_pid(server))
         requests = encode_posts(COMPLETIONS_PATH, _port(server), _completion_bodies())
@@ -646,6 +652,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="also bound the queue in time (max_queue_wait_ms, in "
                              "[models.batching] or [models.generation]); the latency bound uses "
                              "it if smaller")
+    parser.add_argument("--threads", type=int,
+                        help="the model's compute threads (intra_op_threads; default: the "
+                             "engine's own, one per core)")
     return parser
 
 
@@ -653,11 +662,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.soak_s <= 0 or (args.rate is not None and args.rate <= 0) or args.capacity_s < 1:
         raise SystemExit("--soak-s and --rate must be positive, --capacity-s at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit("--threads must be at least 1")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     workloads = (SoakWorkload(args.only),) if args.only else tuple(SoakWorkload)
     settings = SoakSettings(workloads=workloads, soak_s=args.soak_s, rate=args.rate,
-                            capacity_s=args.capacity_s, queue_wait_ms=args.queue_wait_ms)
+                            capacity_s=args.capacity_s, queue_wait_ms=args.queue_wait_ms,
+                            threads=args.threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tidegate-soak-") as tmp:
         results = run_soak(settings, Path(tmp))

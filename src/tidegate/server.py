@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import signal
@@ -32,7 +33,7 @@ from tidegate.api.drain import Drain
 from tidegate.config import Config, ServerConfig
 from tidegate.protocol import http_protocol
 
-__all__ = ["serve"]
+__all__ = ["freeze_startup_heap", "serve"]
 
 log = logging.getLogger("tidegate.server")
 
@@ -144,4 +145,18 @@ def serve(config: Config, *, app: TidegateApp | None = None) -> None:
         timeout_graceful_shutdown=math.ceil(server.shutdown_timeout_s + _UVICORN_MARGIN_S),
     )
     log.info("tidegate listening on http://%s:%d", server.host, server.port)
+    freeze_startup_heap()
     _DrainingServer(uv_config, state.drain, server).run()
+
+
+def freeze_startup_heap() -> int:
+    """Collect once, then move every object alive now (the imported modules, classes and
+    functions, the app) out of the cyclic garbage collector's reach; returns how many are frozen.
+
+    They live as long as the process, yet each full collection walked them all: under an
+    overload soak on 2 cores, full collections paused the event loop 30-180 ms every ~2 s, and
+    ~10 ms with the start-up heap frozen. Models load after this, so an unloaded model's objects
+    are still collected. Frozen objects are still freed by reference counting."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
