@@ -300,12 +300,12 @@ class _KeyCollector:
 
     def collect(self) -> Iterator[Metric]:
         stats = self._source()
-        requests = CounterMetricFamily("tidegate_api_key_requests",
+        requests = CounterMetricFamily(f"{_KEY_FAMILY}requests",
                                        "Requests admitted, by API key", labels=["key"])
-        limited = CounterMetricFamily("tidegate_api_key_rate_limited",
+        limited = CounterMetricFamily(f"{_KEY_FAMILY}rate_limited",
                                       "Requests refused with 429, by API key and limit",
                                       labels=["key", "limit"])
-        tokens = CounterMetricFamily("tidegate_api_key_tokens",
+        tokens = CounterMetricFamily(f"{_KEY_FAMILY}tokens",
                                      "Tokens used (as usage reports them), by API key",
                                      labels=["key", "kind"])
         for key in stats.keys:
@@ -315,8 +315,30 @@ class _KeyCollector:
             tokens.add_metric([key.id, "prompt"], key.prompt_tokens)
             tokens.add_metric([key.id, "completion"], key.completion_tokens)
         yield from (requests, limited, tokens)
-        yield _counter("tidegate_api_key_invalid", "Requests refused with 401 invalid_api_key",
+        yield _counter(f"{_KEY_FAMILY}invalid", "Requests refused with 401 invalid_api_key",
                        stats.invalid)
+
+
+_KEY_FAMILY = "tidegate_api_key_"
+
+
+class _OneKeysView:
+    """The registry as one API key reads it: the other keys' series left out (their ids, their
+    traffic), the rest whole."""
+
+    def __init__(self, registry: CollectorRegistry, key_id: str) -> None:
+        self._registry = registry
+        self._key_id = key_id
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            if not family.name.startswith(_KEY_FAMILY):
+                yield family
+                continue
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [sample for sample in family.samples
+                            if sample.labels.get("key", self._key_id) == self._key_id]
+            yield kept
 
 
 class Metrics:
@@ -361,5 +383,8 @@ class Metrics:
         """Export the API keys' counters (only when keys are configured)."""
         self.registry.register(_KeyCollector(statistics))
 
-    def render(self) -> bytes:
-        return bytes(generate_latest(self.registry))
+    def render(self, *, key_id: str | None = None) -> bytes:
+        """The exposition text; with ``key_id``, only that API key's own per-key series."""
+        if key_id is None:
+            return bytes(generate_latest(self.registry))
+        return bytes(generate_latest(_OneKeysView(self.registry, key_id)))

@@ -84,3 +84,31 @@ def test_a_non_ascii_admin_token_is_refused_not_a_server_error() -> None:
             return response.status_code
 
     assert asyncio.run(main()) == 403
+
+
+def test_a_key_reads_only_its_own_series_and_the_admin_token_reads_all() -> None:
+    other = "tg-other-0123456789abcdefghijklmnop"
+    keys = (*KEYS, ApiKeyConfig(id="wide", hash=hash_key(other)))
+    config = Config(auth=AuthConfig(keys=keys, admin_token=ADMIN, protect_metrics=True),
+                    models=(ModelConfig(id="a", runtime="echo"),))
+
+    async def main() -> tuple[str, str, str]:
+        app = create_app(config)
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), \
+                httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            await http.post("/v1/embeddings", json={"model": "a", "input": "hi"},
+                            headers={"Authorization": f"Bearer {KEY}"})
+            await http.post("/v1/embeddings", json={"model": "a", "input": "hi"},
+                            headers={"Authorization": f"Bearer {other}"})
+            texts = [(await http.get("/metrics", headers={"Authorization": f"Bearer {who}"})).text
+                     for who in (KEY, other, ADMIN)]
+        return texts[0], texts[1], texts[2]
+
+    narrow, wide, admin = asyncio.run(main())
+    assert 'key="narrow"' in narrow and 'key="wide"' not in narrow
+    assert 'key="wide"' in wide and 'key="narrow"' not in wide
+    assert 'key="narrow"' in admin and 'key="wide"' in admin
+    for text in (narrow, wide):  # the rest is whole, the 401 count included
+        assert "tidegate_api_key_invalid_total" in text
+        assert 'tidegate_batch_size_items_count{model="a"}' in text

@@ -318,6 +318,16 @@ max_retries = 0
                 assert counts(server) == (0, 2)
 
 
+def _sigterm_until_unready(server: ServerProcess) -> None:
+    server.proc.send_signal(signal.SIGTERM)
+
+    async def unready() -> bool:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as probe:
+            return (await probe.get("/health/ready")).status_code == 503
+
+    asyncio.run(until(unready, "readiness is 503 after SIGTERM"))
+
+
 def test_a_request_refused_while_its_body_is_still_arriving_gets_the_503(
     tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -333,13 +343,7 @@ runtime = "echo"
 """
     body = b"x" * (1 << 20)
     with run_server(tmp_path, config, cache_dir) as server:
-        server.proc.send_signal(signal.SIGTERM)
-
-        async def unready() -> bool:
-            async with httpx.AsyncClient(base_url=server.url, timeout=10) as probe:
-                return (await probe.get("/health/ready")).status_code == 503
-
-        asyncio.run(until(unready, "readiness is 503 after SIGTERM"))
+        _sigterm_until_unready(server)
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: tidegate\r\n"
                          b"Content-Type: application/json\r\n"
@@ -353,3 +357,34 @@ runtime = "echo"
         assert head.startswith(b"HTTP/1.1 503 "), received
         assert b"connection: close" in head.lower()
         assert orjson.loads(payload)["error"]["code"] == "shutting_down"
+
+
+def test_a_client_stalling_mid_body_while_draining_gets_the_503_not_a_timeout(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """Part of a body, then nothing: answered 503 shutting_down within a second or so, not the
+    408 of body_timeout_s (10 s here) nor a reset."""
+    config = """
+[server]
+drain_grace_s = 60
+body_timeout_s = 10
+
+[[models]]
+id = "echo"
+runtime = "echo"
+"""
+    with run_server(tmp_path, config, cache_dir) as server:
+        _sigterm_until_unready(server)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            started = time.monotonic()
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: tidegate\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                         b'{"model": ')
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            elapsed = time.monotonic() - started
+        head, _, payload = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), received
+        assert orjson.loads(payload)["error"]["code"] == "shutting_down"
+        assert elapsed < 5.0

@@ -119,6 +119,11 @@ def test_admission_beyond_the_queue_bound_is_overloaded(llama: CausalLMRuntime) 
         assert (refused.value.queued, refused.value.limit, refused.value.status) == (2, 2, 503)
         assert refused.value.retry_after_s >= 1
         assert engine.statistics().rejected == 1
+        with pytest.raises(Overloaded):  # what the API asks before tokenizing a prompt
+            engine.check_room()
+        assert engine.statistics().rejected == 2
+        streams.pop().cancel()
+        engine.check_room()  # a place is free again
         for stream in streams:
             stream.cancel()
 

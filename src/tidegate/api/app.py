@@ -110,17 +110,20 @@ async def health_ready(request: Request) -> Response:
     return json_response({"status": "not_ready", "models": models}, status=503)
 
 
-def _check_reader(state: AppState, request: Request) -> None:
+def _check_reader(state: AppState, request: Request) -> str | None:
+    """Under ``[auth] protect_metrics``, who reads: the id of the API key sent (it then sees its
+    own key's series only), or None for the admin token; anyone without it."""
     auth = state.config.auth
     if auth.protect_metrics:
-        authorize_reader(request, state.keys, auth.admin_token)
+        return authorize_reader(request, state.keys, auth.admin_token)
+    return None
 
 
 @endpoint
 async def metrics(request: Request) -> Response:
     state = app_state(request)
-    _check_reader(state, request)
-    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+    key_id = _check_reader(state, request)
+    return Response(state.metrics.render(key_id=key_id), media_type=state.metrics.content_type)
 
 
 def openapi_route(document: bytes) -> Handler:
@@ -182,6 +185,9 @@ class TidegateApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+_DRAIN_BODY_WAIT_S = 1.0
+"""While draining, how long a refused request's body may still take to arrive."""
+
 _WHILE_DRAINING = frozenset({"/health/live", "/health/ready", "/health", "/metrics"})
 """Paths still served while draining: readiness must be seen to fail, liveness to hold."""
 
@@ -191,9 +197,11 @@ async def _refuse(drain: Drain, server: ServerConfig, scope: Scope, receive: Rec
     """503 shutting_down, closing the connection so the client's next try goes elsewhere.
 
     The body still arriving is read first: closing a connection with bytes unread makes the
-    kernel reset it, and a client reset while still sending may never read the 503."""
+    kernel reset it, and a client reset while still sending may never read the 503. A client
+    that stops sending is answered after ``_DRAIN_BODY_WAIT_S`` (at most half of
+    ``body_timeout_s``, so the 503 comes before the protocol's 408)."""
     await _discard_body(scope, receive, max_bytes=server.max_body_bytes,
-                        timeout_s=server.body_timeout_s)
+                        timeout_s=min(_DRAIN_BODY_WAIT_S, server.body_timeout_s / 2))
     response = error_response(drain.error(cut=False))
     response.headers["Connection"] = "close"
     await response(scope, receive, send)

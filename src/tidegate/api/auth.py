@@ -40,16 +40,18 @@ def authenticate(request: Request, keys: KeyRing) -> ApiKey:
     raise InvalidApiKey("Incorrect API key provided.")
 
 
-def authorize_reader(request: Request, keys: KeyRing | None, admin_token: str | None) -> None:
-    """``/metrics`` and ``/openapi.json`` under ``[auth] protect_metrics``: any API key, or the
-    admin token; else :class:`InvalidApiKey` (401). The key's model list does not matter."""
+def authorize_reader(request: Request, keys: KeyRing | None, admin_token: str | None
+                     ) -> str | None:
+    """``/metrics`` and ``/openapi.json`` under ``[auth] protect_metrics``: any API key (its id
+    is returned), or the admin token (None); else :class:`InvalidApiKey` (401). The key's model
+    list does not matter."""
     secret = _bearer(request)
     if secret is not None and admin_token is not None and hmac.compare_digest(
         secret.encode("utf-8", "surrogateescape"), admin_token.encode("utf-8")
     ):
-        return  # checked first: the admin token is not counted as an invalid API key
-    if keys is not None and keys.identify(secret) is not None:
-        return
+        return None  # checked first: the admin token is not counted as an invalid API key
+    if keys is not None and (key := keys.identify(secret)) is not None:
+        return key.id
     if secret is None:
         raise InvalidApiKey("[auth] protect_metrics is set: send an API key or the admin "
                             "token as 'Authorization: Bearer <key>'.")

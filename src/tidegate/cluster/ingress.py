@@ -341,9 +341,10 @@ async def health_ready(request: Request) -> Response:
 @endpoint
 async def metrics(request: Request) -> Response:
     state = _state(request)
+    key_id = None  # an API key reads its own per-key series only (keys live at the ingress)
     if state.config.auth.protect_metrics:
-        authorize_reader(request, state.keys, state.config.auth.admin_token)
-    parts = [("ingress", state.metrics.render().decode())]
+        key_id = authorize_reader(request, state.keys, state.config.auth.admin_token)
+    parts = [("ingress", state.metrics.render(key_id=key_id).decode())]
     parts += [(report.replica, report.metrics) for report in await state.replicas.reports()]
     while True:
         try:

@@ -170,29 +170,8 @@ class GenerationEngine:
         :class:`ModelUnavailable` before :meth:`start` or after :meth:`aclose`. Generation is
         capped by the context: a sequence that reaches it ends with ``finish_reason="length"``.
         """
-        if self._closing or self._task is None:
-            state = "shutting down" if self._closing else "not started"
-            raise ModelUnavailable(self.model, f"the generation engine is {state}")
+        self.check_room()
         prompt = self._checked_prompt(prompt_ids)
-        limit = self._config.max_waiting
-        if len(self._waiting) >= limit:
-            self._metrics.rejected += 1
-            raise Overloaded(
-                model=self.model, queued=len(self._waiting), limit=limit,
-                retry_after_s=self._retry_after(), status=self._config.overload_status,
-            )
-        wait_limit_ms = self._config.max_queue_wait_ms
-        if wait_limit_ms is not None:
-            wait_s = expected_wait_s(waiting=len(self._waiting),
-                                     mean_completion_tokens=self._mean_completion(),
-                                     tokens_per_s=self._rate)
-            if wait_s is not None and wait_s * 1000 > wait_limit_ms:
-                self._metrics.rejected += 1
-                raise Overloaded(
-                    model=self.model, queued=len(self._waiting), limit=limit,
-                    retry_after_s=self._retry_after(), status=self._config.overload_status,
-                    wait_ms=wait_s * 1000, wait_limit_ms=wait_limit_ms,
-                )
         seq_id = self._next_id
         self._next_id += 1
         request_id = request_id or f"gen-{seq_id}"
@@ -212,6 +191,33 @@ class GenerationEngine:
         self._metrics.prompt_tokens += len(prompt)
         self._wake.set()
         return stream
+
+    def check_room(self) -> None:
+        """Raise what :meth:`submit` would if no sequence can wait now (:class:`Overloaded`,
+        :class:`ModelUnavailable`), so a caller can refuse before tokenizing a prompt: under
+        overload, refusing must cost less than serving."""
+        if self._closing or self._task is None:
+            state = "shutting down" if self._closing else "not started"
+            raise ModelUnavailable(self.model, f"the generation engine is {state}")
+        limit = self._config.max_waiting
+        if len(self._waiting) >= limit:
+            self._metrics.rejected += 1
+            raise Overloaded(
+                model=self.model, queued=len(self._waiting), limit=limit,
+                retry_after_s=self._retry_after(), status=self._config.overload_status,
+            )
+        wait_limit_ms = self._config.max_queue_wait_ms
+        if wait_limit_ms is not None:
+            wait_s = expected_wait_s(waiting=len(self._waiting),
+                                     mean_completion_tokens=self._mean_completion(),
+                                     tokens_per_s=self._rate)
+            if wait_s is not None and wait_s * 1000 > wait_limit_ms:
+                self._metrics.rejected += 1
+                raise Overloaded(
+                    model=self.model, queued=len(self._waiting), limit=limit,
+                    retry_after_s=self._retry_after(), status=self._config.overload_status,
+                    wait_ms=wait_s * 1000, wait_limit_ms=wait_limit_ms,
+                )
 
     def _checked_prompt(self, prompt_ids: Sequence[int]) -> tuple[int, ...]:
         prompt = tuple(int(token) for token in prompt_ids)
