@@ -166,7 +166,7 @@ def measure_pipeline(
 
     resolved = resolve_precision(precision)
     runtime = GenaiLMRuntime(model_dir, cache_dir, precision=resolved, generation=generation,
-                             weights=weights)
+                             weights=weights, in_process=True)  # driven here, step by step
     try:
         prompt_ids = [runtime.encode(text) for text in prompts()]
         loads = []

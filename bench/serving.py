@@ -52,11 +52,35 @@ def server_pid(server: ServerProcess) -> int:
 
 
 def rss_kib(pid: int) -> int:
-    """Resident set size of ``pid`` in KiB, from /proc/<pid>/status ``VmRSS``."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise LookupError(f"/proc/{pid}/status has no VmRSS line")
+    """Resident set size of ``pid`` and its child processes (an OpenVINO GenAI model's pipeline
+    runs in one) in KiB, from /proc/<pid>/status ``VmRSS``."""
+    total = 0
+    for process in (pid, *_descendants(pid)):
+        try:
+            lines = Path(f"/proc/{process}/status").read_text().splitlines()
+        except FileNotFoundError:  # a child that just exited
+            continue
+        rss = [int(line.split()[1]) for line in lines if line.startswith("VmRSS:")]
+        if not rss and process == pid:
+            raise LookupError(f"/proc/{pid}/status has no VmRSS line")
+        total += sum(rss)
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in map(int, children):
+            found += [child, *_descendants(child)]
+    return found
 
 
 def read_metrics(base_url: str, *, timeout_s: float = 5.0) -> MetricSamples:

@@ -616,7 +616,8 @@ def soak_markdown(results: SoakResults, checks: list[Check]) -> list[str]:
         "random-weight GPT-2 of `bench/tiny_gpt2.py`. The latency bound is the drain time of "
         "a full queue, `queue bound / capacity + service time` (service time: one batch's "
         "mean compute for embeddings, one request's mean latency at capacity for "
-        "generation). RSS is `VmRSS` of the server process, median of 5 reads with the server "
+        "generation). RSS is `VmRSS` of the server process and its children (an OpenVINO GenAI "
+        "model's pipeline runs in one), median of 5 reads with the server "
         "idle.",
         "",
         "| " + " | ".join(_HEADER) + " |",

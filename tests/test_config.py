@@ -342,3 +342,13 @@ def test_bf16_on_a_cpu_without_it_is_a_start_up_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^models\[1\]\.precision: 'bf16' needs a CPU"):
         check_precisions(config, bf16_supported=False)
     check_precisions(load_config(None), bf16_supported=False)  # auto is fine anywhere
+
+
+def test_pipeline_process_is_true_false_or_unset(tmp_path: Path) -> None:
+    base = '[[models]]\nid = "g"\nruntime = "causal-lm"\nsource = "/m"\n[models.generation]\n'
+    assert load_config(write(tmp_path, base)).models[0].generation.pipeline_process is None
+    assert load_config(write(tmp_path, base + "pipeline_process = true\n")
+                       ).models[0].generation.pipeline_process is True
+    with pytest.raises(ConfigError, match=re.escape(
+            "models[0].generation.pipeline_process: must be true or false, got 'yes'")):
+        load_config(write(tmp_path, base + "pipeline_process = 'yes'\n"))

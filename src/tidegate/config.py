@@ -219,8 +219,15 @@ class GenerationConfig:
     kv_cache_bytes: int | None = None
     """OpenVINO backend: the KV cache, allocated at load and counted in the model's memory.
     ``None``: room for ``max_num_seqs`` sequences of the full context."""
+    pipeline_process: bool | None = None
+    """OpenVINO backend: run the pipeline in a child process (its step holds the GIL, which in
+    the server's own process stops the event loop while it computes). ``None``: a child
+    process when the model's ``intra_op_threads`` leaves cores free for the event loop."""
 
     def __post_init__(self) -> None:
+        if self.pipeline_process is not None and not isinstance(self.pipeline_process, bool):
+            raise ConfigError(f"must be true or false, got {self.pipeline_process!r}",
+                              key="pipeline_process")
         check_integer("max_num_seqs", self.max_num_seqs)
         check_integer("max_prefill_tokens", self.max_prefill_tokens)
         check_integer("max_waiting", self.max_waiting)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +228,7 @@ def test_a_dropped_sequence_leaves_the_pipeline_at_the_next_step(
     second = worker.step(StepPlan(drop=(0,), prefill=()))
     assert second.decoded == (1,) and set(second.tokens) == {1}
     assert worker.step(StepPlan(drop=(1,), prefill=())).tokens == {}
-    assert not runtime.pipeline.has_non_finished_requests()
+    assert not runtime.busy()
     worker.reset()
 
 
@@ -319,3 +321,80 @@ def test_a_prompt_larger_than_the_kv_cache_fails_naming_the_knob(
         assert result.completion_tokens == 2
 
     run_engine(runtime, scenario)
+
+
+def test_the_pipeline_runs_in_a_child_process_that_close_ends(
+        gpt2_dir: Path, genai_cache: Path) -> None:
+    """Its steps hold the GIL: in the server's process they would stop the event loop."""
+    runtime = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.FP32,
+                             generation=_generation())
+    pid = runtime.pid
+    assert pid is not None and pid != os.getpid()
+    os.kill(pid, 0)  # alive
+    # A terminal's Ctrl-C or a service manager's SIGTERM reaches the whole process group: the
+    # child keeps serving until the parent, having drained, closes it.
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGINT)
+    assert _greedy(runtime, [runtime.encode(PROMPTS[1])], 3)[0]
+    runtime.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    runtime.close()  # again: nothing left to do
+
+
+def test_a_lost_pipeline_process_fails_the_step_with_a_clear_error(
+        gpt2_dir: Path, genai_cache: Path) -> None:
+    from tidegate.generation.sampling import make_generator
+    from tidegate.generation.worker import PrefillRequest, StepPlan
+    from tidegate.runtimes.genai_process import PipelineProcessDied
+
+    runtime = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.FP32,
+                             generation=_generation())
+    worker = runtime.create_worker()
+    prompt = tuple(runtime.encode(PROMPTS[0]))
+    plan = StepPlan(drop=(), prefill=(PrefillRequest(
+        0, prompt, SamplingParams(max_tokens=5), make_generator(0), max_new=5),))
+    assert set(worker.step(plan).tokens) == {0}
+    assert runtime.pid is not None
+    os.kill(runtime.pid, signal.SIGKILL)
+    with pytest.raises(PipelineProcessDied, match=r"exited \(exit code -9\)"):
+        worker.step(StepPlan(drop=(), prefill=()))
+    worker.reset()  # nothing left to cancel: no error
+    runtime.close()
+
+
+def test_in_process_the_pipeline_is_this_processs_own(gpt2_dir: Path, genai_cache: Path) -> None:
+    """What the benchmarks' raw ceiling drives step by step."""
+    runtime = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.FP32,
+                             generation=_generation(), in_process=True)
+    assert runtime.pid is None and runtime.pipeline is not None
+    assert _greedy(runtime, [runtime.encode(PROMPTS[1])], 3)[0]
+    assert not runtime.busy()
+    runtime.close()
+
+
+@pytest.mark.parametrize(("pipeline_process", "threads", "child"), [
+    (True, None, True), (False, 1, False),
+    (None, None, False),  # every core computes: the GIL held during steps costs the loop less
+    (None, 1, len(os.sched_getaffinity(0)) > 1),  # a core left to the event loop
+])
+def test_pipeline_process_or_free_cores_put_the_pipeline_in_a_child(
+        pipeline_process: bool | None, threads: int | None, child: bool) -> None:
+    from tidegate.runtimes import pipeline_in_child
+
+    model = ModelConfig(id="g", runtime=RuntimeKind.CAUSAL_LM, source="unused",
+                        intra_op_threads=threads,
+                        generation=GenerationConfig(pipeline_process=pipeline_process))
+    assert pipeline_in_child(model) is child
+
+
+def test_the_config_picks_where_the_pipeline_runs(gpt2_dir: Path, genai_cache: Path) -> None:
+    for pipeline_process in (True, False):
+        runtime = create_runtime(
+            ModelConfig(id="g", runtime=RuntimeKind.CAUSAL_LM, source=str(gpt2_dir),
+                        backend=Backend.OPENVINO, precision=Precision.FP32,
+                        generation=GenerationConfig(pipeline_process=pipeline_process)),
+            genai_cache, {})
+        assert isinstance(runtime, GenaiLMRuntime)
+        assert (runtime.pid is not None) is pipeline_process
+        runtime.close()

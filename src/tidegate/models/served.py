@@ -316,7 +316,8 @@ class TextGenerationModel(_Served):
         if self._engine is not None:
             self._metrics.untrack(self.id)
             await self._engine.aclose()
-        self.runtime.close()
+        # Off the loop: an OpenVINO GenAI model's close waits for its pipeline's process.
+        await asyncio.to_thread(self.runtime.close)
 
 
 class RerankModel(_Served):

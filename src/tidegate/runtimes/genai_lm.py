@@ -2,8 +2,11 @@
 
 The model is exported once (:mod:`tidegate.runtimes.genai_export`) and served by one
 ``ContinuousBatchingPipeline`` per model, driven step by step by tidegate's engine
-(:class:`~tidegate.generation.genai_worker.GenaiWorker`). Tokenizing, chat templates and
-detokenizing stay with the model's Hugging Face tokenizer (:class:`LMText`), as on torch.
+(:class:`~tidegate.generation.genai_worker.GenaiWorker`). The pipeline lives in a child process
+of its own (:mod:`tidegate.runtimes.genai_process`): its step holds the GIL while it computes,
+which in the server's process would stop the event loop for every other request. Tokenizing,
+chat templates and detokenizing stay with the model's Hugging Face tokenizer (:class:`LMText`),
+as on torch.
 
 Precision: ``bf16`` computes and keeps the KV cache in bf16; ``fp32`` is fp32 throughout (the KV
 cache too, and OpenVINO's dynamic quantization off). A **load-time probe** generates a few
@@ -27,10 +30,17 @@ from typing import Any
 from tidegate.config import GenerationConfig
 from tidegate.engines import Backend, Precision, Weights
 from tidegate.generation.detok import fast_decoder
-from tidegate.generation.genai_worker import GenaiWorker, generation_config
-from tidegate.generation.params import SamplingParams
+from tidegate.generation.engine import StepRunner
+from tidegate.generation.genai_worker import GenaiWorker
 from tidegate.runtimes.genai_compress import ensure_int8_weights
 from tidegate.runtimes.genai_export import ensure_genai_export
+from tidegate.runtimes.genai_process import (
+    PipelineProcess,
+    PipelineSpec,
+    ProcessWorker,
+    greedy_with_logprobs,
+    open_pipeline,
+)
 from tidegate.runtimes.lm_text import LMText, eos_token_ids
 
 __all__ = ["DEFAULT_KV_TOKENS", "INT8_PROBE_TOLERANCE", "KV_BLOCK_TOKENS", "PROBE_TOLERANCE",
@@ -53,7 +63,6 @@ _PROBE_PROMPTS = ("The quick brown fox jumps over the lazy dog.",
                   "Serving many models in limited memory",
                   "1, 2, 3, 4,")
 _PROBE_TOKENS = 4
-_PROBE_REQUEST_BASE = 1 << 40  # request ids the engine never uses
 _ELEMENT_BYTES = {Precision.FP32: 4, Precision.BF16: 2}
 _FALLBACK_CONTEXT = 2048
 
@@ -116,7 +125,10 @@ class GenaiLMRuntime(LMText):
         threads: int | None = None,
         weights: Weights = Weights.ORIGINAL,
         exporter_dir: Path | None = None,
+        in_process: bool = False,
     ) -> None:
+        """``in_process``: the pipeline in this process (the benchmarks' raw ceiling drives it
+        directly); else in a child process of its own (see :mod:`.genai_process`)."""
         from transformers import AutoConfig, AutoTokenizer
 
         if precision is Precision.AUTO:
@@ -145,21 +157,58 @@ class GenaiLMRuntime(LMText):
         self.export_dir = ensure_genai_export(model_dir, cache_dir, exporter_dir=exporter_dir)
         if weights is Weights.INT8:
             self.export_dir = ensure_int8_weights(self.export_dir)
-        self.pipeline: Any = _pipeline(self.export_dir, precision, generation, blocks, threads)
+        self.spec = PipelineSpec(
+            export_dir=self.export_dir, precision=precision,
+            max_num_seqs=generation.max_num_seqs,
+            # tidegate's engine bounds each step's prefill; the pipeline must accept what it
+            # admits.
+            max_batched_tokens=generation.max_prefill_tokens + generation.max_num_seqs,
+            blocks=blocks, threads=threads, eos_token_ids=tuple(sorted(self.eos_token_ids)),
+            vocab_size=self.vocab_size)
+        self.pipeline: Any = open_pipeline(self.spec) if in_process else None
+        self._process = None if in_process else PipelineProcess(
+            self.spec, name=f"tidegate-genai-{model_dir.name}")
         weights_bytes = (self.export_dir / "openvino_model.bin").stat().st_size
         self.memory_bytes = weights_bytes + self.kv_cache_bytes
-        self.probe = self._probe()
+        try:
+            self.probe = self._probe()
+        except BaseException:
+            self.close()
+            raise
         log.info("loaded %s on OpenVINO GenAI (%s, %s weights: %d bytes, KV cache %d bytes in %d "
                  "blocks, context %d, probe error %.2g nats)", model_dir, precision.value,
                  self.weights.value, weights_bytes, self.kv_cache_bytes, blocks,
                  self.context_length, max(self.probe.max_logprob_error, self.probe.max_choice_gap))
 
-    def create_worker(self) -> GenaiWorker:
+    @property
+    def pid(self) -> int | None:
+        """The pipeline's process (None in process)."""
+        return None if self._process is None else self._process.pid
+
+    def create_worker(self) -> StepRunner:
+        if self._process is not None:
+            return ProcessWorker(self._process)
         return GenaiWorker(self.pipeline, eos_token_ids=self.eos_token_ids,
                            vocab_size=self.vocab_size)
 
+    def busy(self) -> bool:
+        """The pipeline still holds requests (cancelled ones free theirs at the next step)."""
+        if self._process is not None:
+            return bool(self._process.call("busy"))
+        return bool(self.pipeline.has_non_finished_requests())
+
     def close(self) -> None:
         self.pipeline = None
+        if self._process is not None:
+            self._process.close()
+
+    def _generate_probe(self, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
+        if self._process is not None:
+            result: list[tuple[list[int], list[float]]] = self._process.call(
+                "probe", (prompts, _PROBE_TOKENS))
+            return result
+        return greedy_with_logprobs(self.pipeline, prompts, tokens=_PROBE_TOKENS,
+                                    eos_token_ids=self.eos_token_ids, vocab_size=self.vocab_size)
 
     def _probe(self) -> ProbeResult:
         import torch
@@ -167,8 +216,7 @@ class GenaiLMRuntime(LMText):
 
         prompts = [[t % self.vocab_size for t in self.encode(text)] or [0]
                    for text in _PROBE_PROMPTS]
-        generated = _greedy_with_logprobs(self.pipeline, prompts, self.eos_token_ids,
-                                          self.vocab_size)
+        generated = self._generate_probe(prompts)
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
                                                      local_files_only=True)
         model.train(False)
@@ -202,49 +250,3 @@ def _generation_defaults(model_dir: Path) -> Any:
         return HFGenerationConfig.from_pretrained(model_dir, local_files_only=True)
     except OSError:  # no generation_config.json
         return None
-
-
-def _pipeline(export_dir: Path, precision: Precision, generation: GenerationConfig,
-              blocks: int, threads: int | None) -> Any:
-    import openvino_genai
-
-    scheduler = openvino_genai.SchedulerConfig()
-    scheduler.max_num_seqs = generation.max_num_seqs
-    # tidegate's engine bounds each step's prefill; the pipeline must accept what it admits.
-    scheduler.max_num_batched_tokens = generation.max_prefill_tokens + generation.max_num_seqs
-    scheduler.dynamic_split_fuse = True
-    scheduler.enable_prefix_caching = False
-    scheduler.cache_size = 0
-    scheduler.num_kv_blocks = blocks
-    properties: dict[str, object] = {}
-    if precision is Precision.FP32:
-        properties.update(INFERENCE_PRECISION_HINT="f32", KV_CACHE_PRECISION="f32",
-                          DYNAMIC_QUANTIZATION_GROUP_SIZE="0")
-    else:
-        properties.update(INFERENCE_PRECISION_HINT="bf16", KV_CACHE_PRECISION="bf16")
-    if threads:
-        properties["INFERENCE_NUM_THREADS"] = threads
-    return openvino_genai.ContinuousBatchingPipeline(str(export_dir), scheduler, "CPU",
-                                                     properties)
-
-
-def _greedy_with_logprobs(pipeline: Any, prompts: list[list[int]], eos: frozenset[int],
-                          vocab_size: int) -> list[tuple[list[int], list[float]]]:
-    import numpy as np
-    import openvino as ov
-
-    config = generation_config(SamplingParams(temperature=0.0), max_new=_PROBE_TOKENS,
-                               eos_token_ids=eos, vocab_size=vocab_size)
-    config.logprobs = 1
-    handles = [pipeline.add_request(_PROBE_REQUEST_BASE + i,
-                                    ov.Tensor(np.array([prompt], dtype=np.int64)), config)
-               for i, prompt in enumerate(prompts)]
-    results: list[tuple[list[int], list[float]]] = [([], []) for _ in handles]
-    while pipeline.has_non_finished_requests():
-        pipeline.step()
-        for handle, (tokens, logprobs) in zip(handles, results, strict=True):
-            while handle.can_read():
-                for output in handle.read().values():
-                    tokens.extend(int(t) for t in output.generated_ids)
-                    logprobs.extend(float(v) for v in output.generated_log_probs)
-    return results
