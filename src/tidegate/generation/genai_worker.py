@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tidegate.generation.params import SamplingParams, TokenLogprob
-from tidegate.generation.worker import PrefillRequest, StepOutcome, StepPlan
+from tidegate.generation.steps import PrefillRequest, StepOutcome, StepPlan
 
 __all__ = ["GenaiWorker", "generation_config"]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from tidegate.generation.sampling import (
     next_tokens,
     token_logprobs,
 )
+from tidegate.generation.steps import PrefillRequest, StepOutcome, StepPlan
 
 __all__ = [
     "PrefillRequest",
@@ -48,35 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("tidegate.generation")
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillRequest:
-    seq_id: int
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    generator: torch.Generator
-    max_new: int = 0
-    """Tokens the sequence may generate (engines that stop sequences themselves need it)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StepPlan:
-    drop: tuple[int, ...]
-    """Sequences that finished or were cancelled since the last step: their rows go first."""
-    prefill: tuple[PrefillRequest, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class StepOutcome:
-    decoded: tuple[int, ...]
-    """The sequences of the decode batch, in row order."""
-    tokens: dict[int, int]
-    """Each sequence's new token: decoded ones and newly prefilled ones."""
-    failed: dict[int, str]
-    """Newcomers whose prefill raised, with the error: they did not join the batch."""
-    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
-    """The new token's logprobs, for each sequence of ``tokens`` whose params ask for them."""
 
 
 @dataclass(slots=True)

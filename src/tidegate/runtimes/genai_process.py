@@ -34,7 +34,7 @@ from typing import Any
 from tidegate.engines import Precision
 from tidegate.generation.genai_worker import GenaiWorker, generation_config
 from tidegate.generation.params import SamplingParams
-from tidegate.generation.worker import StepOutcome, StepPlan
+from tidegate.generation.steps import StepOutcome, StepPlan
 
 __all__ = ["PipelineCallFailed", "PipelineProcess", "PipelineProcessDied", "PipelineSpec",
            "ProcessWorker", "greedy_with_logprobs", "open_pipeline"]
