@@ -106,7 +106,9 @@ def pipeline_in_child(model: ModelConfig) -> bool:
     if model.generation.pipeline_process is not None:
         return model.generation.pipeline_process
     threads = model.intra_op_threads
-    return threads is not None and threads < len(os.sched_getaffinity(0))
+    usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count() or 1)
+    return threads is not None and threads < usable
 
 
 def _load_causal_lm(model: ModelConfig, cache_dir: Path, _: Mapping[str, ModelHandle]
