@@ -292,6 +292,9 @@ class _UpstreamCollector:
         yield from (reuse, in_use, healthy, wait)
 
 
+_KEY_FAMILY = "tidegate_api_key_"
+
+
 class _KeyCollector:
     """Per API key, labelled by its id (the key itself is never known here)."""
 
@@ -317,9 +320,6 @@ class _KeyCollector:
         yield from (requests, limited, tokens)
         yield _counter(f"{_KEY_FAMILY}invalid", "Requests refused with 401 invalid_api_key",
                        stats.invalid)
-
-
-_KEY_FAMILY = "tidegate_api_key_"
 
 
 class _OneKeysView:

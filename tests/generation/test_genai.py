@@ -86,6 +86,17 @@ def _greedy(runtime: Any, prompts: list[list[int]], max_new: int) -> list[list[i
     return results
 
 
+def _prefill(runtime: GenaiLMRuntime, seq_ids: tuple[int, ...], *, max_new: int) -> Any:
+    """A step plan prefilling the first prompt greedily as each of ``seq_ids``."""
+    from tidegate.generation.sampling import make_generator
+    from tidegate.generation.worker import PrefillRequest, StepPlan
+
+    prompt = tuple(runtime.encode(PROMPTS[0]))
+    params = SamplingParams(max_tokens=max_new, temperature=0.0)
+    return StepPlan(drop=(), prefill=tuple(
+        PrefillRequest(i, prompt, params, make_generator(0), max_new=max_new) for i in seq_ids))
+
+
 def _reference(model_dir: Path, prompt: list[int], max_new: int) -> tuple[list[int], Any]:
     """transformers' greedy tokens and the fp32 model (to compare near-ties by logits)."""
     from transformers import AutoModelForCausalLM
@@ -213,17 +224,12 @@ def test_auto_serves_openvino_in_bf16(gpt2_dir: Path, genai_cache: Path) -> None
 
 def test_a_dropped_sequence_leaves_the_pipeline_at_the_next_step(
         gpt2_dir: Path, genai_cache: Path) -> None:
-    from tidegate.generation.sampling import make_generator
-    from tidegate.generation.worker import PrefillRequest, StepPlan
+    from tidegate.generation.worker import StepPlan
 
     runtime = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.FP32,
                              generation=_generation())
     worker = runtime.create_worker()
-    prompt = tuple(runtime.encode(PROMPTS[0]))
-    params = SamplingParams(max_tokens=50, temperature=0.0)
-    requests = tuple(PrefillRequest(i, prompt, params, make_generator(0), max_new=50)
-                     for i in (0, 1))
-    first = worker.step(StepPlan(drop=(), prefill=requests))
+    first = worker.step(_prefill(runtime, (0, 1), max_new=50))
     assert set(first.tokens) == {0, 1} and not first.failed
     second = worker.step(StepPlan(drop=(0,), prefill=()))
     assert second.decoded == (1,) and set(second.tokens) == {1}
@@ -344,17 +350,13 @@ def test_the_pipeline_runs_in_a_child_process_that_close_ends(
 
 def test_a_lost_pipeline_process_fails_the_step_with_a_clear_error(
         gpt2_dir: Path, genai_cache: Path) -> None:
-    from tidegate.generation.sampling import make_generator
-    from tidegate.generation.worker import PrefillRequest, StepPlan
+    from tidegate.generation.worker import StepPlan
     from tidegate.runtimes.genai_process import PipelineProcessDied
 
     runtime = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.FP32,
                              generation=_generation())
     worker = runtime.create_worker()
-    prompt = tuple(runtime.encode(PROMPTS[0]))
-    plan = StepPlan(drop=(), prefill=(PrefillRequest(
-        0, prompt, SamplingParams(max_tokens=5), make_generator(0), max_new=5),))
-    assert set(worker.step(plan).tokens) == {0}
+    assert set(worker.step(_prefill(runtime, (0,), max_new=5)).tokens) == {0}
     assert runtime.pid is not None
     os.kill(runtime.pid, signal.SIGKILL)
     with pytest.raises(PipelineProcessDied, match=r"exited \(exit code -9\)"):

@@ -2,11 +2,11 @@
 
 The model is exported once (:mod:`tidegate.runtimes.genai_export`) and served by one
 ``ContinuousBatchingPipeline`` per model, driven step by step by tidegate's engine
-(:class:`~tidegate.generation.genai_worker.GenaiWorker`). The pipeline lives in a child process
-of its own (:mod:`tidegate.runtimes.genai_process`): its step holds the GIL while it computes,
-which in the server's process would stop the event loop for every other request. Tokenizing,
-chat templates and detokenizing stay with the model's Hugging Face tokenizer (:class:`LMText`),
-as on torch.
+(:class:`~tidegate.generation.genai_worker.GenaiWorker`), in the server's process or in a child
+process of its own (:mod:`tidegate.runtimes.genai_process`; ``[models.generation]
+pipeline_process``): its step holds the GIL while it computes, which in the server's process
+holds off the event loop. Tokenizing, chat templates and detokenizing stay with the model's
+Hugging Face tokenizer (:class:`LMText`), as on torch.
 
 Precision: ``bf16`` computes and keeps the KV cache in bf16; ``fp32`` is fp32 throughout (the KV
 cache too, and OpenVINO's dynamic quantization off). A **load-time probe** generates a few

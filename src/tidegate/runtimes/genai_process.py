@@ -6,7 +6,9 @@ event loop, and with it every other request the server holds, for as long as eac
 computes: a 0.5 ms sleep on the main thread woke 6.4 ms late at p50 (13.8 ms at p99) while a
 thread stepped 16 sequences, against 0.09 ms beside OpenVINO's ``InferRequest.infer``, which
 releases it. In a child process the pipeline has an interpreter and a GIL to itself; the
-parent's worker thread waits on the pipe, which releases the GIL.
+parent's worker thread waits on the pipe, which releases the GIL. Which models run here is
+:func:`tidegate.runtimes.pipeline_in_child`'s choice (``[models.generation] pipeline_process``):
+with every core computing, the GIL held during steps measured cheaper than the extra process.
 
 :class:`PipelineProcess` starts the child (``spawn``), which builds the pipeline and answers one
 call at a time: a step of :class:`~tidegate.generation.genai_worker.GenaiWorker`, a reset, the
