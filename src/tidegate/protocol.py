@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from tidegate.api.errors import error_body
+from tidegate.api.guard import DISCONNECT_EXTENSION
 from tidegate.config import ServerConfig
 
 __all__ = ["ConnectionLimits", "http_protocol"]
@@ -84,6 +86,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._reading = _Reading.HEAD
         self._deadline: asyncio.TimerHandle | None = None
+        self._on_lost: set[Callable[[], None]] = set()
+        """What the app asked to be told of the connection's loss (:data:`DISCONNECT_EXTENSION`)."""
 
     # -- the connection cap --------------------------------------------------------------------
 
@@ -123,6 +127,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._reading = _Reading.HEAD
+        self.scope["extensions"] = {DISCONNECT_EXTENSION: {"callbacks": self._on_lost}}
 
     def on_headers_complete(self) -> None:
         self._disarm()
@@ -137,6 +142,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        callbacks, self._on_lost = list(self._on_lost), set()
+        for callback in callbacks:
+            callback()
 
     def _arm_for_reading(self) -> None:
         """Start the deadline of the request being read, if it is incomplete and no answer

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import math
 import signal
@@ -31,9 +30,10 @@ from tidegate.api.app import TidegateApp, create_app
 from tidegate.api.common import AppState
 from tidegate.api.drain import Drain
 from tidegate.config import Config, ServerConfig
+from tidegate.heap import HeapFreezer
 from tidegate.protocol import http_protocol
 
-__all__ = ["freeze_startup_heap", "serve"]
+__all__ = ["serve"]
 
 log = logging.getLogger("tidegate.server")
 
@@ -128,8 +128,9 @@ def serve(config: Config, *, app: TidegateApp | None = None) -> None:
     Models load in the background; /health/live answers at once. ``app``: another tidegate
     app to serve (the Ray ingress); by default, the single-process one for ``config``."""
     server = config.server
+    heap = HeapFreezer()
     if app is None:
-        app = create_app(config)
+        app = create_app(config, heap=heap)
     state: AppState = app.state.tidegate
     uv_config = uvicorn.Config(
         app,
@@ -145,18 +146,5 @@ def serve(config: Config, *, app: TidegateApp | None = None) -> None:
         timeout_graceful_shutdown=math.ceil(server.shutdown_timeout_s + _UVICORN_MARGIN_S),
     )
     log.info("tidegate listening on http://%s:%d", server.host, server.port)
-    freeze_startup_heap()
+    heap.freeze()  # the start-up heap (imports, the app); each model load freezes again
     _DrainingServer(uv_config, state.drain, server).run()
-
-
-def freeze_startup_heap() -> int:
-    """Collect once, then move every object alive now (the imported modules, classes and
-    functions, the app) out of the cyclic garbage collector's reach; returns how many are frozen.
-
-    They live as long as the process, yet each full collection walked them all: under an
-    overload soak on 2 cores, full collections paused the event loop 30-180 ms every ~2 s, and
-    ~10 ms with the start-up heap frozen. Models load after this, so an unloaded model's objects
-    are still collected. Frozen objects are still freed by reference counting."""
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()

@@ -10,6 +10,7 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ def _log(path: str | None, line: str) -> None:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(f"{line} {time.monotonic():.6f} {os.getpid()}\n")
 
+
+LIVE: weakref.WeakValueDictionary[str, Blob] = weakref.WeakValueDictionary()
+"""Every :class:`Blob` not yet freed, by name."""
 
 _GATES: dict[str, threading.Event] = {}
 _GATE_IDS = itertools.count()
@@ -72,8 +76,10 @@ class Blob:
         load_gate: str | None = None,
         embed_gate: str | None = None,
         embed_until: str | None = None,
+        cyclic: bool = False,
     ) -> None:
         self._name = name
+        self._self = self if cyclic else None  # only the cyclic collector can free it
         self._log = log
         _log(log, f"load-start {name}")
         time.sleep(load_seconds)
@@ -86,6 +92,7 @@ class Blob:
         self._embed_seconds = embed_seconds
         self._embed_gate = embed_gate
         self._embed_until = Path(embed_until) if embed_until else None
+        LIVE[name] = self
         _log(log, f"loaded {name}")
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:

@@ -36,6 +36,7 @@ from tidegate.api.schemas import (
 from tidegate.auth.keyring import KeyRing
 from tidegate.clock import MonotonicClock
 from tidegate.config import Config, ServerConfig
+from tidegate.heap import HeapFreezer
 from tidegate.metrics import Metrics
 from tidegate.models.manager import ModelManager, RuntimeFactory
 from tidegate.models.served import EmbeddingResult
@@ -224,12 +225,14 @@ async def _discard_body(scope: Scope, receive: Receive, *, max_bytes: int,
                 received += len(message.get("body", b""))
 
 
-def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runtime
-               ) -> TidegateApp:
-    """Build the app. Models start loading when the app starts (ASGI lifespan)."""
+def create_app(config: Config, *, runtime_factory: RuntimeFactory = create_runtime,
+               heap: HeapFreezer | None = None) -> TidegateApp:
+    """Build the app. Models start loading when the app starts (ASGI lifespan). ``heap``: the
+    serving process's freezer, told of every model load and unload (``tidegate serve``)."""
     app_metrics = Metrics()
     drain = Drain(shutdown_timeout_s=config.server.shutdown_timeout_s)
-    model_manager = ModelManager(config, app_metrics, runtime_factory=runtime_factory)
+    model_manager = ModelManager(config, app_metrics, runtime_factory=runtime_factory,
+                                 heap=heap)
     keys = None
     if config.auth.api_keys:
         keys = KeyRing(config.auth.api_keys, clock=MonotonicClock())

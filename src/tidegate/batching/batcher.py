@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 from tidegate.batching.adaptive import AdaptiveBatchSize
 from tidegate.batching.compute import BatchResults, Compute
 from tidegate.batching.policy import Decision, DispatchReason, decide
-from tidegate.batching.stats import BatchMetrics
+from tidegate.batching.stats import BatchMetrics, nothing_queued
 from tidegate.config import BatchingConfig
 from tidegate.errors import (
     ModelUnavailable,
@@ -137,6 +137,10 @@ class Batcher(Generic[R]):
         self._queued_tokens = 0
         while self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        # The model's metrics outlive it: they must not keep this batcher (and through its
+        # compute, the unloaded runtime) alive.
+        if self._metrics.queue_depth == self._queue_depth:
+            self._metrics.queue_depth = nothing_queued
 
     # -- the public operation ------------------------------------------------------------------
 

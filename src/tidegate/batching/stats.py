@@ -13,7 +13,12 @@ from collections.abc import Callable
 from tidegate.batching.policy import DispatchReason
 from tidegate.histogram import SIZE_BUCKETS, TIME_BUCKETS, TOKEN_BUCKETS, Histogram
 
-__all__ = ["BatchMetrics"]
+__all__ = ["BatchMetrics", "nothing_queued"]
+
+
+def nothing_queued() -> int:
+    """The queue depth of a model with no batcher (not loaded)."""
+    return 0
 
 
 class BatchMetrics:
@@ -31,5 +36,6 @@ class BatchMetrics:
         """Batches dispatched, by :class:`~tidegate.batching.policy.DispatchReason` value."""
         self.rejected = 0
         self.withdrawn = 0
-        self.queue_depth: Callable[[], int] = lambda: 0
-        """Inputs queued now; the live batcher installs its own reader."""
+        self.queue_depth: Callable[[], int] = nothing_queued
+        """Inputs queued now; the live batcher installs its own reader, and puts
+        :func:`nothing_queued` back when it closes."""

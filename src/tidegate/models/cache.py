@@ -16,9 +16,11 @@ from collections.abc import Collection, Sequence
 from tidegate.clock import Clock
 from tidegate.config import CacheConfig, ModelConfig
 from tidegate.errors import ModelNotFound, ModelUnavailable
+from tidegate.heap import HeapFreezer
 from tidegate.metrics import CacheMetrics
 from tidegate.models.entry import Entry, ModelSnapshot
 from tidegate.models.policy import EntryView, EvictionPlan, EvictionPolicy, plan_eviction
+from tidegate.models.served import ServedModel
 
 __all__ = ["ModelCache"]
 
@@ -29,8 +31,9 @@ class ModelCache:
     """Every configured model's :class:`Entry`, and the room they take."""
 
     def __init__(self, models: Sequence[ModelConfig], config: CacheConfig, stats: CacheMetrics,
-                 clock: Clock) -> None:
+                 clock: Clock, *, heap: HeapFreezer | None = None) -> None:
         self.config = config
+        self._heap = heap
         self.policy = EvictionPolicy(mode=config.eviction, half_life=config.frequency_half_life_s)
         self.stats = stats
         self.clock = clock
@@ -136,20 +139,24 @@ class ModelCache:
             await self.wait_for_change(min(remaining, 1.0))
 
     async def evict(self, victims: Sequence[Entry], *, reason: str) -> None:
-        closing = []
-        for entry in victims:  # state changes first, synchronously, then the slow closes
-            if entry.preloaded:
-                self.stats.preload_wasted += 1
-            self.stats.evictions[reason] = self.stats.evictions.get(reason, 0) + 1
-            log.info("evicting model %s (%s; %.1f MiB, idle %.1fs)", entry.config.id, reason,
-                     entry.measured_bytes / 2**20, self.clock.now() - entry.last_used)
-            served = entry.unloaded()
-            if served is not None:
-                closing.append(served)
-        for served in closing:
-            await served.aclose()
+        # State changes first, synchronously, then the slow closes.
+        closing = [served for served in (self._unload(entry, reason) for entry in victims)
+                   if served is not None]
+        unloaded = bool(closing)
+        while closing:  # popped, so no reference here outlives its close
+            await closing.pop(0).aclose()
+        if unloaded and self._heap is not None:
+            self._heap.model_unloaded()
         if victims:
             self.notify()
+
+    def _unload(self, entry: Entry, reason: str) -> ServedModel | None:
+        if entry.preloaded:
+            self.stats.preload_wasted += 1
+        self.stats.evictions[reason] = self.stats.evictions.get(reason, 0) + 1
+        log.info("evicting model %s (%s; %.1f MiB, idle %.1fs)", entry.config.id, reason,
+                 entry.measured_bytes / 2**20, self.clock.now() - entry.last_used)
+        return entry.unloaded()
 
     async def enforce_budget(self, protect: set[str]) -> None:
         """After a load measured more than estimated, evict (in policy order) until within

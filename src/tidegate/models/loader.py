@@ -20,6 +20,7 @@ import numpy.typing as npt
 from tidegate.clock import Clock
 from tidegate.config import ModelConfig
 from tidegate.errors import ModelUnavailable
+from tidegate.heap import HeapFreezer
 from tidegate.metrics import Metrics
 from tidegate.models.cache import ModelCache
 from tidegate.models.entry import Entry, ModelState
@@ -84,7 +85,8 @@ class Loader:
     cache first. Every wait (``load_timeout_s``, backoff) is on the injected clock."""
 
     def __init__(self, cache: ModelCache, metrics: Metrics, *, factory: RuntimeFactory,
-                 cache_dir: Path, lease: Lease, spawn: Spawn) -> None:
+                 cache_dir: Path, lease: Lease, spawn: Spawn,
+                 heap: HeapFreezer | None = None) -> None:
         self._cache = cache
         self._config = cache.config
         self._clock: Clock = cache.clock
@@ -93,6 +95,7 @@ class Loader:
         self._cache_dir = cache_dir
         self._lease = lease
         self._spawn = spawn
+        self._heap = heap
         self._slots = asyncio.Semaphore(cache.config.max_concurrent_loads)
         self.loading_now = 0
         """Loads running in a thread now."""
@@ -160,6 +163,8 @@ class Loader:
         stats.load_seconds.observe(seconds)
         log.info("model %s loaded in %.2fs (%s, %.1f MiB)", model_id, seconds, reason,
                  entry.measured_bytes / 2**20)
+        if self._heap is not None:
+            self._heap.model_loaded()  # what the load imported, before its first request
         future.set_result(served)
         self._cache.notify()
         await self._cache.enforce_budget(

@@ -17,6 +17,7 @@ from typing import Any
 from tidegate.clock import Clock, MonotonicClock
 from tidegate.config import Config
 from tidegate.errors import ModelUnavailable, RequestTimeout
+from tidegate.heap import HeapFreezer
 from tidegate.metrics import Metrics
 from tidegate.models.cache import ModelCache
 from tidegate.models.entry import Entry, ModelSnapshot, ModelState
@@ -55,15 +56,17 @@ class ModelManager:
         *,
         runtime_factory: RuntimeFactory = create_runtime,
         clock: Clock | None = None,
+        heap: HeapFreezer | None = None,
     ) -> None:
         self._clock = clock or MonotonicClock()
-        self._cache = ModelCache(config.models, config.cache, metrics.cache, self._clock)
+        self._cache = ModelCache(config.models, config.cache, metrics.cache, self._clock,
+                                 heap=heap)
         self._stats = metrics.cache
         self._stats.models = self.snapshots
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loader = Loader(self._cache, metrics, factory=runtime_factory,
                               cache_dir=config.server.resolved_cache_dir(), lease=self.lease,
-                              spawn=self._spawn)
+                              spawn=self._spawn, heap=heap)
         self._preloader = Preloader(self._cache, self._loader, spawn=self._spawn)
 
     # -- lifecycle -----------------------------------------------------------------------------
