@@ -144,8 +144,9 @@ class BatchingConfig:
     """Inputs queued beyond this are refused with 429 (or ``overload_status``)."""
     max_queue_wait_ms: float | None = None
     """If set, inputs are also refused when the queue would take longer than this to drain at
-    the rate batches compute now: a bound in time that tightens by itself when computing slows
-    (a busy CPU), where ``max_queue_items`` stays fixed."""
+    the rate it drains now (batch to batch, the time between batches included): a bound in time
+    that tightens by itself when the server slows (a busy CPU), where ``max_queue_items`` stays
+    fixed."""
     target_p99_ms: float | None = None
     """If set, the batch size adapts so queue + compute p99 tracks this target."""
     overload_status: Literal[429, 503] = 429
@@ -208,7 +209,8 @@ class GenerationConfig:
     max_queue_wait_ms: float | None = None
     """If set, a request is also refused when the sequences waiting ahead of it would take
     longer than this to generate at the rate the engine generates now (their expected tokens,
-    from the mean completion so far, over tokens per second)."""
+    from the mean completion so far, over tokens per second of busy time, the gaps between
+    steps included)."""
     stream_buffer: int = 64
     """Deltas buffered per stream before its reader counts as behind."""
     stream_timeout_s: float = 30.0

@@ -238,7 +238,7 @@ class _GenerationCollector:
         waiting = GaugeMetricFamily("tidegate_generation_waiting", "Sequences waiting for a slot",
                                     labels=["model"])
         rate = GaugeMetricFamily("tidegate_generation_tokens_per_second",
-                                 "Generated tokens per second of step time (smoothed)",
+                                 "Generated tokens per second while generating (smoothed)",
                                  labels=["model"])
         for model, statistics in self._engines.items():
             stats = statistics()

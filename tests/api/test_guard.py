@@ -1,12 +1,13 @@
-"""run_guarded: a request's work is cancelled when its client leaves or its timeout passes,
-told by tidegate's protocol (the disconnect extension) or, under other servers, by a task
-watching ``receive``; the protocol's way leaves no garbage for the cyclic collector."""
+"""run_guarded and streams: a request's work is cancelled when its client leaves (or its
+timeout passes), told by tidegate's protocol (the disconnect extension) or, under other
+servers, by a task watching ``receive``; the protocol's way leaves no garbage for the cyclic
+collector."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from starlette.requests import Request
 
 from tidegate.api.common import ClientDisconnected
 from tidegate.api.guard import DISCONNECT_EXTENSION, run_guarded
+from tidegate.api.sse import EventStreamResponse
 from tidegate.errors import RequestTimeout
 
 Callbacks = set[Callable[[], None]]
@@ -148,3 +150,38 @@ def test_a_request_that_waited_leaves_no_cyclic_garbage(saved_garbage: list[Any]
     gc.collect()
     names = {type(obj).__name__ for obj in saved_garbage}
     assert "_RequestGuard" not in names, names
+
+
+@pytest.mark.parametrize("extension", [True, False], ids=["extension", "watcher"])
+def test_a_stream_stops_and_closes_its_source_when_the_client_leaves(extension: bool) -> None:
+    async def scenario() -> None:
+        callbacks: Callbacks = set()
+        yielded, closed = asyncio.Event(), asyncio.Event()
+        client = _Client()
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                yield b"data: 1\n\n"
+                yielded.set()
+                await asyncio.Event().wait()
+                yield b"never"
+            finally:
+                closed.set()
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        response = EventStreamResponse(events())
+        streaming = asyncio.create_task(
+            response(_scope(callbacks if extension else None), client.receive, send))
+        await yielded.wait()
+        if extension:
+            assert len(callbacks) == 1
+            for callback in list(callbacks):
+                callback()
+        else:
+            client.leave()
+        await streaming  # ends normally: nobody is left to answer
+        assert closed.is_set() and not callbacks
+
+    asyncio.run(scenario())

@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope
 from tidegate.api.common import ClientDisconnected
 from tidegate.errors import RequestTimeout
 
-__all__ = ["DISCONNECT_EXTENSION", "DisconnectCallbacks", "run_guarded"]
+__all__ = ["DISCONNECT_EXTENSION", "DisconnectCallbacks", "disconnect_callbacks", "run_guarded"]
 
 T = TypeVar("T")
 
@@ -35,6 +35,13 @@ class DisconnectCallbacks(Protocol):
 
     def add(self, callback: Callable[[], None], /) -> None: ...
     def discard(self, callback: Callable[[], None], /) -> None: ...
+
+
+def disconnect_callbacks(scope: Scope) -> DisconnectCallbacks | None:
+    """The connection's disconnect callbacks, if the server offers :data:`DISCONNECT_EXTENSION`."""
+    extension = (scope.get("extensions") or {}).get(DISCONNECT_EXTENSION) or {}
+    callbacks: DisconnectCallbacks | None = extension.get("callbacks")
+    return callbacks
 
 
 # Without the extension, only requests still waiting after this long get a task that watches for
@@ -65,8 +72,7 @@ class _RequestGuard:
         self._deadline = loop.time() + timeout_s
         self.timeout_s = timeout_s
         self.outcome: Literal["disconnected", "timeout"] | None = None
-        extension = (scope.get("extensions") or {}).get(DISCONNECT_EXTENSION) or {}
-        self._callbacks: DisconnectCallbacks | None = extension.get("callbacks")
+        self._callbacks = disconnect_callbacks(scope)
         self._on_lost: Callable[[], None] | None = None
         if self._callbacks is None:
             self._handle = loop.call_later(min(_WATCH_AFTER_S, timeout_s), self._start)

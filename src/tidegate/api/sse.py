@@ -1,11 +1,13 @@
 """Server-sent events: encoding, and a response that races the producer against the client.
 
 :class:`EventStreamResponse` sends each chunk an async iterator yields, as it yields it. A
-second task listens for ``http.disconnect``; when the client goes away the producer is
-cancelled at once, so whatever it holds (a sequence's slot, an upstream connection) is released
-by its own ``async with``/``finally`` blocks within one step. When the server's drain cuts the
-request at shutdown, the producer is cancelled the same way and the stream ends with an error
-event and ``[DONE]``, so the client knows it was cut rather than finished.
+second task listens for ``http.disconnect`` (under tidegate's own protocol, a callback from the
+connection instead: :data:`~tidegate.api.guard.DISCONNECT_EXTENSION`); when the client goes away
+the producer is cancelled at once, so whatever it holds (a sequence's slot, an upstream
+connection) is released by its own ``async with``/``finally`` blocks within one step. When the
+server's drain cuts the request at shutdown, the producer is cancelled the same way and the
+stream ends with an error event and ``[DONE]``, so the client knows it was cut rather than
+finished.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from tidegate.api.drain import Drain
 from tidegate.api.errors import error_response
+from tidegate.api.guard import disconnect_callbacks
 
 __all__ = ["DONE", "EventStreamResponse", "sse_event"]
 
@@ -53,19 +56,31 @@ class EventStreamResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         producer = asyncio.ensure_future(self._produce(send))
-        watcher = asyncio.ensure_future(self._watch(receive))
+        # tidegate's protocol calls back when the connection is lost; elsewhere a task watches.
+        callbacks = disconnect_callbacks(scope)
+
+        def on_lost() -> None:
+            producer.cancel()
+
+        if callbacks is not None:
+            callbacks.add(on_lost)
+            tasks: tuple[asyncio.Future[None], ...] = (producer,)
+        else:
+            tasks = (producer, asyncio.ensure_future(self._watch(receive)))
         cut = False
         try:
-            await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             if self._drain is None or not self._drain.was_cut(asyncio.current_task()):
                 raise
             cut = True
         finally:
-            for task in (producer, watcher):
+            if callbacks is not None:
+                callbacks.discard(on_lost)
+            for task in tasks:
                 task.cancel()
             # Let the producer's cleanup (closing the iterator) run to completion.
-            await asyncio.gather(producer, watcher, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._close_body()
         if cut:

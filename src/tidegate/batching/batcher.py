@@ -117,7 +117,12 @@ class Batcher(Generic[R]):
         self._batches = 0
         self._items = 0
         self._failed = 0
-        self._rate = 0.0  # EWMA of items/s while computing: Retry-After, max_queue_wait_ms
+        self._rate = 0.0
+        """EWMA of the rate the queue drains at, in items per second: Retry-After and
+        ``max_queue_wait_ms``. Each batch counts from the later of the previous batch's end and
+        its own oldest input's arrival, so the time between batches (the event loop busy with
+        other requests, as under overload) counts, not only compute."""
+        self._last_finished: float | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -168,7 +173,7 @@ class Batcher(Generic[R]):
             )
         wait_limit_ms = self._config.max_queue_wait_ms
         if wait_limit_ms is not None and self._rate > 0:
-            wait_ms = 1000 * (len(self._queue) + size) / (self._rate * self._config.concurrency)
+            wait_ms = 1000 * (len(self._queue) + size) / self._rate
             if wait_ms > wait_limit_ms:
                 self._metrics.rejected += 1
                 raise Overloaded(
@@ -387,9 +392,14 @@ class Batcher(Generic[R]):
         self, items: list[_Item], started: float, finished: float, backlogged: bool
     ) -> None:
         compute_s = finished - started
-        if compute_s > 0:
-            rate = len(items) / compute_s
+        since = min(item.enqueued_at for item in items)
+        if self._last_finished is not None:
+            since = max(since, self._last_finished)
+        if finished > since:
+            rate = len(items) / (finished - since)
             self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+        self._last_finished = finished if self._last_finished is None else max(
+            finished, self._last_finished)
         self._metrics.compute.observe(compute_s)
         queue_wait = self._metrics.queue_wait
         for item in items:

@@ -129,7 +129,11 @@ class GenerationEngine:
         self._closing = False
         self._steps_started = 0
         self._steps_done = 0
-        self._rate = 0.0  # EWMA of generated tokens per second of step time
+        self._rate = 0.0
+        """EWMA of generated tokens per second while busy: each step counts from the previous
+        step's end (or its own start after an idle wait), so the event loop's time between steps
+        counts too. Retry-After and ``max_queue_wait_ms``."""
+        self._last_step_end: float | None = None
         self._last_decode: tuple[str, ...] = ()
         self._dropped_names: tuple[str, ...] = ()  # of the step in flight, for its report
 
@@ -274,6 +278,7 @@ class GenerationEngine:
                 self._expire_slow_readers(self._clock())
                 plan = self._plan()
                 if plan is None:
+                    self._last_step_end = None  # idle: the next step's rate starts at its start
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -328,8 +333,10 @@ class GenerationEngine:
         m.step_seconds.observe(now - started)
         if outcome.decoded:
             m.batch_size.observe(len(outcome.decoded))
-        if now > started:
-            rate = len(outcome.tokens) / (now - started)
+        since = started if self._last_step_end is None else self._last_step_end
+        self._last_step_end = now
+        if now > since:
+            rate = len(outcome.tokens) / (now - since)
             self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
         self._last_decode = tuple(self._batch_names.get(i, "?") for i in outcome.decoded)
         report = StepReport(
