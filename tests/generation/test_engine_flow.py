@@ -17,7 +17,7 @@ from tidegate.errors import (
     RuntimeFailure,
 )
 from tidegate.generation import SamplingParams
-from tidegate.generation.engine import GenerationEngine
+from tidegate.generation.engine import GenerationEngine, StepReport
 from tidegate.generation.worker import StepWorker
 from tidegate.runtimes.causal_lm import CausalLMRuntime
 
@@ -156,6 +156,23 @@ def test_max_queue_wait_refuses_when_the_work_ahead_would_take_too_long(
 
     run_engine(llama, scenario, clock=TickingClock(), max_num_seqs=1, max_waiting=1000,
                max_queue_wait_ms=500)
+
+
+def test_the_rate_counts_the_time_between_steps(llama: CausalLMRuntime) -> None:
+    """Steps take no time on this clock, but 1 s passes between them (the event loop busy with
+    other requests): the engine generates 1 token/s, which is what its queue drains at."""
+    clock = FakeClock()
+
+    def between_steps(_: StepReport) -> None:
+        clock.now += 1.0
+
+    async def scenario(engine: GenerationEngine) -> None:
+        result = await engine.submit(PROMPT, SamplingParams(max_tokens=6, temperature=0)
+                                     ).collect()
+        assert result.completion_tokens == 6
+        assert engine.statistics().tokens_per_second == pytest.approx(1.0)
+
+    run_engine(llama, scenario, clock=clock, on_step=between_steps, max_num_seqs=1)
 
 
 def test_prefill_budget_spreads_admission_over_steps(llama: CausalLMRuntime) -> None:

@@ -32,6 +32,7 @@ from tidegate.errors import (
     TidegateError,
 )
 from tidegate.runtimes.base import Prepared
+from tidegate.throughput import DrainRate
 
 __all__ = ["Batcher", "BatcherStatistics"]
 
@@ -117,12 +118,8 @@ class Batcher(Generic[R]):
         self._batches = 0
         self._items = 0
         self._failed = 0
-        self._rate = 0.0
-        """EWMA of the rate the queue drains at, in items per second: Retry-After and
-        ``max_queue_wait_ms``. Each batch counts from the later of the previous batch's end and
-        its own oldest input's arrival, so the time between batches (the event loop busy with
-        other requests, as under overload) counts, not only compute."""
-        self._last_finished: float | None = None
+        self._drain = DrainRate()
+        """Items per second the queue drains at: Retry-After and ``max_queue_wait_ms``."""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -172,8 +169,8 @@ class Batcher(Generic[R]):
                 retry_after_s=self._retry_after(), status=self._config.overload_status,
             )
         wait_limit_ms = self._config.max_queue_wait_ms
-        if wait_limit_ms is not None and self._rate > 0:
-            wait_ms = 1000 * (len(self._queue) + size) / self._rate
+        if wait_limit_ms is not None and self._drain.per_second > 0:
+            wait_ms = 1000 * (len(self._queue) + size) / self._drain.per_second
             if wait_ms > wait_limit_ms:
                 self._metrics.rejected += 1
                 raise Overloaded(
@@ -218,7 +215,7 @@ class Batcher(Generic[R]):
             rejected_requests=self._metrics.rejected,
             cancelled_items=self._metrics.withdrawn,
             failed_batches=self._failed,
-            items_per_second=self._rate,
+            items_per_second=self._drain.per_second,
         )
 
     def __repr__(self) -> str:
@@ -231,9 +228,10 @@ class Batcher(Generic[R]):
     # -- internals -----------------------------------------------------------------------------
 
     def _retry_after(self) -> int:
-        if self._rate <= 0:
+        rate = self._drain.per_second
+        if rate <= 0:
             return 1
-        return max(1, math.ceil(len(self._queue) / self._rate))
+        return max(1, math.ceil(len(self._queue) / rate))
 
     def _queue_depth(self) -> int:
         return len(self._queue)
@@ -392,14 +390,8 @@ class Batcher(Generic[R]):
         self, items: list[_Item], started: float, finished: float, backlogged: bool
     ) -> None:
         compute_s = finished - started
-        since = min(item.enqueued_at for item in items)
-        if self._last_finished is not None:
-            since = max(since, self._last_finished)
-        if finished > since:
-            rate = len(items) / (finished - since)
-            self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
-        self._last_finished = finished if self._last_finished is None else max(
-            finished, self._last_finished)
+        self._drain.observe(len(items), ready_at=min(item.enqueued_at for item in items),
+                            end=finished)
         self._metrics.compute.observe(compute_s)
         queue_wait = self._metrics.queue_wait
         for item in items:

@@ -45,6 +45,7 @@ from tidegate.generation.sequence import SequenceState
 from tidegate.generation.stats import EngineStatistics, GenerationMetrics, HistogramSnapshot
 from tidegate.generation.stream import GenerationStream
 from tidegate.generation.worker import PrefillRequest, StepOutcome, StepPlan
+from tidegate.throughput import DrainRate
 
 __all__ = [
     "GenerationConfig", "GenerationEngine", "GenerationModel", "StepReport", "StepRunner",
@@ -129,11 +130,9 @@ class GenerationEngine:
         self._closing = False
         self._steps_started = 0
         self._steps_done = 0
-        self._rate = 0.0
-        """EWMA of generated tokens per second while busy: each step counts from the previous
-        step's end (or its own start after an idle wait), so the event loop's time between steps
-        counts too. Retry-After and ``max_queue_wait_ms``."""
-        self._last_step_end: float | None = None
+        self._drain = DrainRate()
+        """Generated tokens per second while busy: Retry-After and ``max_queue_wait_ms``."""
+        self._busy_since: float | None = None  # the first step's start after an idle wait
         self._last_decode: tuple[str, ...] = ()
         self._dropped_names: tuple[str, ...] = ()  # of the step in flight, for its report
 
@@ -214,7 +213,7 @@ class GenerationEngine:
         if wait_limit_ms is not None:
             wait_s = expected_wait_s(waiting=len(self._waiting),
                                      mean_completion_tokens=self._mean_completion(),
-                                     tokens_per_s=self._rate)
+                                     tokens_per_s=self._drain.per_second)
             if wait_s is not None and wait_s * 1000 > wait_limit_ms:
                 self._metrics.rejected += 1
                 raise Overloaded(
@@ -251,7 +250,7 @@ class GenerationEngine:
             steps_started=self._steps_started,
             prompt_tokens=m.prompt_tokens,
             generated_tokens=m.generated_tokens,
-            tokens_per_second=self._rate,
+            tokens_per_second=self._drain.per_second,
             finished=dict(m.finished),
             rejected=m.rejected,
             aborted_slow_readers=m.aborted_slow_readers,
@@ -278,7 +277,8 @@ class GenerationEngine:
                 self._expire_slow_readers(self._clock())
                 plan = self._plan()
                 if plan is None:
-                    self._last_step_end = None  # idle: the next step's rate starts at its start
+                    self._drain.idle()
+                    self._busy_since = None
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -333,11 +333,11 @@ class GenerationEngine:
         m.step_seconds.observe(now - started)
         if outcome.decoded:
             m.batch_size.observe(len(outcome.decoded))
-        since = started if self._last_step_end is None else self._last_step_end
-        self._last_step_end = now
-        if now > since:
-            rate = len(outcome.tokens) / (now - since)
-            self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+        # Decoding continues from the step before: only a step after an idle wait counts from
+        # its own start.
+        if self._busy_since is None:
+            self._busy_since = started
+        self._drain.observe(len(outcome.tokens), ready_at=self._busy_since, end=now)
         self._last_decode = tuple(self._batch_names.get(i, "?") for i in outcome.decoded)
         report = StepReport(
             index=self._steps_done,
@@ -430,5 +430,5 @@ class GenerationEngine:
     def _retry_after(self) -> int:
         return retry_after_s(waiting=len(self._waiting),
                              mean_completion_tokens=self._mean_completion(),
-                             tokens_per_s=self._rate)
+                             tokens_per_s=self._drain.per_second)
 
