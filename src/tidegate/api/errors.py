@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import uuid
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tidegate.api.ids import new_id
 from tidegate.errors import (
     AuthenticationRequired,
     InvalidApiKey,
@@ -100,7 +100,7 @@ def _upstream_response(exc: UpstreamError) -> Response:
 
 def unexpected_error_response(request: Request, exc: BaseException) -> Response:
     """A 500 for a bug: the traceback goes to the log under a request id, never to the client."""
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = request.headers.get("x-request-id") or new_id()
     log.error(
         "unhandled error in %s %s (request id %s)",
         request.method, request.url.path, request_id, exc_info=exc,

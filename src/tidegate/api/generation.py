@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ from tidegate.api.drain import Drain
 from tidegate.api.errors import error_response
 from tidegate.api.generation_params import Endpoint, check_local, optional, sampling_params
 from tidegate.api.guard import run_guarded
+from tidegate.api.ids import new_id
 from tidegate.api.logprobs import LogprobEncoder
 from tidegate.api.schemas import parse_json_object
 from tidegate.api.sse import DONE, EventStreamResponse, sse_event
@@ -133,7 +133,7 @@ class _Encoder:
         self.logprobs = logprobs
         """Set when the request asked for logprobs: then chunks are made by logprob_delta."""
         prefix = "chatcmpl" if request.endpoint == "chat" else "cmpl"
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.id = new_id(prefix)
         self.created = int(time.time())
         chat = request.endpoint == "chat"
         self.object = "chat.completion.chunk" if chat else "text_completion"

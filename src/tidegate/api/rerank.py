@@ -16,7 +16,6 @@ batcher (``models.served.RerankModel``).
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +27,7 @@ from tidegate.api.auth import admit, authenticate
 from tidegate.api.common import app_state, endpoint, read_json_body
 from tidegate.api.generation_params import optional
 from tidegate.api.guard import run_guarded
+from tidegate.api.ids import new_id
 from tidegate.api.schemas import parse_json_object
 from tidegate.config import Config
 from tidegate.errors import InvalidRequest, PayloadTooLarge
@@ -156,7 +156,7 @@ def encode_rerank_response(parsed: RerankRequest, model: str, result: RerankResu
          **({"document": {"text": parsed.documents[i]}} if parsed.return_documents else {})}
         for i in order
     ]
-    return orjson.dumps({"id": f"rerank-{uuid.uuid4().hex}", "model": model, "results": results,
+    return orjson.dumps({"id": new_id("rerank"), "model": model, "results": results,
                          "usage": {"total_tokens": result.tokens}})
 
 
