@@ -42,6 +42,7 @@ __all__ = [
     "RequestError",
     "RequestTimeout",
     "RuntimeFailure",
+    "RuntimeLost",
     "ShuttingDown",
     "TidegateError",
     "UnsupportedMediaType",
@@ -55,6 +56,13 @@ __all__ = [
 
 class TidegateError(Exception):
     """Base class of every error raised by tidegate."""
+
+
+class RuntimeLost(RuntimeError):
+    """Raised by a runtime that can compute nothing more (the process running its model died).
+    Not an answer to a request: the model's engine ends its requests with
+    :class:`ModelUnavailable` and the model cache marks the model failed, to be loaded again
+    after its backoff."""
 
 
 class ConfigError(TidegateError):

@@ -3,6 +3,7 @@ engine over the continuous-batching pipeline, compared with transformers' own ge
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -363,6 +364,58 @@ def test_a_lost_pipeline_process_fails_the_step_with_a_clear_error(
         worker.step(StepPlan(drop=(), prefill=()))
     worker.reset()  # nothing left to cancel: no error
     runtime.close()
+
+
+def test_a_model_whose_pipeline_process_died_is_failed_then_loaded_again(
+        gpt2_dir: Path, genai_cache: Path) -> None:
+    """The engine ends its requests with 503, the cache marks the model failed (Retry-After
+    for the backoff), and the first request after the backoff loads it again."""
+    from tidegate.clock import FakeClock
+    from tidegate.config import Config, ServerConfig
+    from tidegate.errors import ModelUnavailable
+    from tidegate.metrics import Metrics
+    from tidegate.models.manager import ModelManager, ModelState
+
+    config = Config(
+        server=ServerConfig(cache_dir=str(genai_cache)),
+        models=(ModelConfig(id="g", runtime=RuntimeKind.CAUSAL_LM, source=str(gpt2_dir),
+                            backend=Backend.OPENVINO, precision=Precision.FP32,
+                            generation=_generation(pipeline_process=True)),),
+    )
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+
+    async def complete(manager: ModelManager) -> int:
+        async with manager.lease("g") as served:
+            result = await served.generator().engine.submit([1, 2, 3], greedy).collect()
+            return result.completion_tokens
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        manager = ModelManager(config, Metrics(), clock=clock)
+        await manager.start()
+        try:
+            assert await complete(manager) == 4
+            async with manager.lease("g") as served:
+                runtime = served.generator().runtime
+                assert runtime.pid is not None
+                os.kill(runtime.pid, signal.SIGKILL)
+                with pytest.raises(ModelUnavailable, match="runtime was lost"):
+                    await served.generator().engine.submit([1, 2, 3], greedy).collect()
+            for _ in range(200):  # the unload runs in a task of the manager's
+                if manager.snapshot("g").status is ModelState.FAILED:
+                    break
+                await asyncio.sleep(0.01)
+            snapshot = manager.snapshot("g")
+            assert snapshot.status is ModelState.FAILED and "runtime lost" in str(snapshot.error)
+            with pytest.raises(ModelUnavailable) as backing_off:
+                await complete(manager)
+            assert backing_off.value.retry_after_s >= 1
+            clock.advance(backing_off.value.retry_after_s)
+            assert await complete(manager) == 4  # loaded again, in a new process
+        finally:
+            await manager.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_in_process_the_pipeline_is_this_processs_own(gpt2_dir: Path, genai_cache: Path) -> None:

@@ -36,6 +36,7 @@ from tidegate.errors import (
     Overloaded,
     RequestTimeout,
     RuntimeFailure,
+    RuntimeLost,
     TidegateError,
 )
 from tidegate.generation.detok import TokenDecoder
@@ -95,6 +96,9 @@ class GenerationEngine:
     """Continuous batching over one causal LM; see the module docstring for the step cycle.
 
     ``on_step`` is called on the event loop after every completed step; it must not raise.
+    ``on_lost`` is called once, with the reason, if the runtime raises
+    :class:`~tidegate.errors.RuntimeLost`: every live sequence has then ended with
+    :class:`ModelUnavailable`, and the engine refuses new ones until it is closed.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class GenerationEngine:
         executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_step: Callable[[StepReport], None] | None = None,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self._runtime = runtime
@@ -118,6 +123,8 @@ class GenerationEngine:
         )
         self._clock = clock
         self._on_step = on_step
+        self._on_lost = on_lost
+        self._lost: str | None = None  # why the runtime can compute nothing more
         self._worker = runtime.create_worker()
         self._waiting: deque[SequenceState] = deque()
         self._running: dict[int, SequenceState] = {}
@@ -199,6 +206,9 @@ class GenerationEngine:
         """Raise what :meth:`submit` would if no sequence can wait now (:class:`Overloaded`,
         :class:`ModelUnavailable`), so a caller can refuse before tokenizing a prompt: under
         overload, refusing must cost less than serving."""
+        if self._lost is not None:
+            raise ModelUnavailable(self.model, f"its runtime was lost ({self._lost}); "
+                                   "it will be loaded again")
         if self._closing or self._task is None:
             state = "shutting down" if self._closing else "not started"
             raise ModelUnavailable(self.model, f"the generation engine is {state}")
@@ -286,6 +296,9 @@ class GenerationEngine:
                 started = self._clock()
                 try:
                     outcome = await loop.run_in_executor(self._executor, self._worker.step, plan)
+                except RuntimeLost as exc:
+                    self._runtime_lost(exc)
+                    return
                 except Exception as exc:
                     log.exception("generation step failed for model %s", self.model)
                     self._steps_done += 1
@@ -411,6 +424,20 @@ class GenerationEngine:
                             now - since)
                 self._metrics.aborted_slow_readers += 1
                 self._end(seq, "abort", error=RequestTimeout(model=self.model, timeout_s=timeout))
+
+    def _runtime_lost(self, exc: RuntimeLost) -> None:
+        """The runtime can compute nothing more: end every live sequence with 503 and tell the
+        owner (the model cache reloads the model)."""
+        self._lost = str(exc)
+        self._steps_done += 1
+        log.error("model %s lost its runtime: %s", self.model, exc)
+        error = ModelUnavailable(self.model, f"its runtime was lost ({exc}); it will be loaded "
+                                 "again")
+        for seq in list(self._live.values()):
+            seq.in_batch = False
+            self._end(seq, "error", error=error)
+        if self._on_lost is not None:
+            self._on_lost(self._lost)
 
     def _fail_batch(self, exc: Exception) -> None:
         """The worker raised: its batch is unusable. Fail everything that was in it."""

@@ -5,6 +5,7 @@ concurrency limit and ``load_timeout_s``, in a thread; its memory measured; fail
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -143,6 +144,7 @@ class Loader:
             async with self._clock.timeout_at(deadline):
                 runtime, measured = await self._run_factory(entry)
             served = served_model(entry.config, runtime, self._metrics)
+            served.on_lost = functools.partial(self._runtime_lost, entry)
             await served.start()
         except Exception as exc:
             timed_out = isinstance(exc, TimeoutError)
@@ -192,11 +194,23 @@ class Loader:
             measured = max(0, _rss_bytes() - before) if solo else 0
         return runtime, measured
 
+    def _runtime_lost(self, entry: Entry, reason: str) -> None:
+        """A loaded model's runtime can compute nothing more: unload it and mark it failed, so
+        requests get 503 with Retry-After and one after the backoff loads it again. (Its
+        engine calls this once, before it stops; an unloaded model's engine has stopped.)"""
+        if entry.state is not ModelState.LOADED:
+            return
+        self._spawn(self._unload_lost(entry, reason), f"lost:{entry.config.id}")
+
+    async def _unload_lost(self, entry: Entry, reason: str) -> None:
+        await self._cache.evict([entry], reason="lost")
+        self._fail(entry, f"runtime lost: {reason}", None)
+
     def _fail(self, entry: Entry, detail: str, exc: BaseException | None) -> None:
         entry.failures += 1
         backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (entry.failures - 1))
         entry.failed(detail, retry_at=self._clock.now() + backoff)
         self._cache.stats.load_failures += 1
-        log.error("model %s failed to load: %s (retry allowed in %.0fs)",
+        log.error("model %s failed: %s (a load is allowed again in %.0fs)",
                   entry.config.id, detail, backoff, exc_info=exc)
         self._cache.notify()

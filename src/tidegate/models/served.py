@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
@@ -106,6 +106,9 @@ class _Served(ABC):
     def __init__(self, config: ModelConfig, metrics: Metrics) -> None:
         self.config = config
         self._metrics = metrics
+        self.on_lost: Callable[[str], None] | None = None
+        """Set by the model cache: called (with the reason) if the runtime can compute nothing
+        more, e.g. the process running its model died."""
 
     @property
     def id(self) -> str:
@@ -307,10 +310,14 @@ class TextGenerationModel(_Served):
 
         self._engine = GenerationEngine(
             self.runtime, model=self.id, config=self.config.generation,
-            metrics=self._metrics.for_generation(self.id),
+            metrics=self._metrics.for_generation(self.id), on_lost=self._runtime_lost,
         )
         await self._engine.start()
         self._metrics.track_engine(self.id, self._engine.statistics)
+
+    def _runtime_lost(self, reason: str) -> None:
+        if self.on_lost is not None:
+            self.on_lost(reason)
 
     async def aclose(self) -> None:
         if self._engine is not None:

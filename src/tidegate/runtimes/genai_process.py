@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tidegate.engines import Precision
+from tidegate.errors import RuntimeLost
 from tidegate.generation.genai_worker import GenaiWorker, generation_config
 from tidegate.generation.params import SamplingParams
 from tidegate.generation.steps import StepOutcome, StepPlan
@@ -66,7 +67,7 @@ class PipelineCallFailed(RuntimeError):
     """A call raised in the pipeline's process; the message names the original exception."""
 
 
-class PipelineProcessDied(RuntimeError):
+class PipelineProcessDied(RuntimeLost):
     """The pipeline's process is gone: nothing more can run on this model."""
 
 
