@@ -19,6 +19,7 @@ that explain it, and ``api.errors`` maps each class to one HTTP status and OpenA
     ├── ShuttingDown           503 shutting_down: the server is draining (or cut the request)
     ├── RequestTimeout         504: the request waited longer than its timeout
     ├── RuntimeFailure         500: the model raised while computing
+    ├── RuntimeLost            503: the runtime can compute nothing more (its process died)
     └── UpstreamError          a remote replica failed (status on the instance)
         ├── UpstreamBadGateway   502: unreachable, broken connection, or its 5xx
         ├── UpstreamTimeout      504: no answer within the read timeout
@@ -58,11 +59,6 @@ class TidegateError(Exception):
     """Base class of every error raised by tidegate."""
 
 
-class RuntimeLost(RuntimeError):
-    """Raised by a runtime that can compute nothing more (the process running its model died).
-    Not an answer to a request: the model's engine ends its requests with
-    :class:`ModelUnavailable` and the model cache marks the model failed, to be loaded again
-    after its backoff."""
 
 
 class ConfigError(TidegateError):
@@ -213,6 +209,12 @@ class RequestTimeout(TidegateError):
         super().__init__(f"Request to model '{model}' timed out after {timeout_s:g}s.")
         self.model = model
         self.timeout_s = timeout_s
+
+
+class RuntimeLost(TidegateError):
+    """Raised by a runtime that can compute nothing more (the process running its model died).
+    The model's engine ends its requests with :class:`ModelUnavailable` and the model cache
+    marks the model failed, to be loaded again after its backoff."""
 
 
 class RuntimeFailure(TidegateError):

@@ -22,6 +22,7 @@ from tidegate.errors import (
     RequestError,
     RequestTimeout,
     RuntimeFailure,
+    RuntimeLost,
     ShuttingDown,
     TidegateError,
     UnsupportedMediaType,
@@ -45,6 +46,7 @@ _STATUS: dict[type[TidegateError], tuple[int, str]] = {
     ModelUnavailable: (503, "service_unavailable"),
     RequestTimeout: (504, "timeout"),
     RuntimeFailure: (500, "server_error"),
+    RuntimeLost: (503, "service_unavailable"),
 }
 
 
