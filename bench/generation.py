@@ -127,7 +127,7 @@ class GenerationResults:
 
 def render_config(model_dir: Path, *, model_id: str = MODEL_ID, backend: Backend = Backend.AUTO,
                   precision: Precision = Precision.AUTO, threads: int | None = None,
-                  **generation: int | float) -> str:
+                  pipeline_process: bool | None = None, **generation: int | float) -> str:
     lines = [
         "[server]", f'host = "{HOST}"', 'log_level = "info"', "",
         "[[models]]", f'id = "{model_id}"', 'runtime = "causal-lm"', f'source = "{model_dir}"',
@@ -135,6 +135,8 @@ def render_config(model_dir: Path, *, model_id: str = MODEL_ID, backend: Backend
         *([] if threads is None else [f"intra_op_threads = {threads}"]),
         "[models.generation]",
         *(f"{key} = {value}" for key, value in generation.items()),
+        *([] if pipeline_process is None
+          else [f"pipeline_process = {str(pipeline_process).lower()}"]),
     ]
     return "\n".join(lines) + "\n"
 

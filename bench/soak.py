@@ -120,6 +120,8 @@ class SoakSettings:
     generation engine)."""
     threads: int | None = None
     """The model's compute threads (``intra_op_threads``); default: the engine's own."""
+    pipeline_process: bool | None = None
+    """Generation: ``[models.generation] pipeline_process`` (None: unset, tidegate decides)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -418,7 +420,8 @@ def _soak_generation(settings: SoakSettings, workdir: Path) -> SoakRun:
     wait: dict[str, float] = ({} if settings.queue_wait_ms is None
                               else {"max_queue_wait_ms": settings.queue_wait_ms})
     config = render_config(model.path, model_id=GENERATION_MODEL, max_num_seqs=GENERATION_SEQS,
-                           max_waiting=GENERATION_QUEUE, threads=settings.threads, **wait)
+                           max_waiting=GENERATION_QUEUE, threads=settings.threads,
+                           pipeline_process=settings.pipeline_process, **wait)
     with tidegate_from_toml(config, workdir=workdir, name="soak-generation") as server:
         rss_start = rss_kib(_pid(server))
         requests = encode_posts(COMPLETIONS_PATH, _port(server), _completion_bodies())
@@ -595,6 +598,12 @@ def _command(settings: SoakSettings) -> str:
         args += ["--rate", f"{settings.rate:g}"]
     if len(settings.workloads) == 1:
         args += ["--only", settings.workloads[0].value]
+    if settings.queue_wait_ms is not None:
+        args += ["--queue-wait-ms", f"{settings.queue_wait_ms:g}"]
+    if settings.threads is not None:
+        args += ["--threads", str(settings.threads)]
+    if settings.pipeline_process is not None:
+        args += ["--pipeline-process", str(settings.pipeline_process).lower()]
     return shlex.join(args)
 
 
@@ -655,6 +664,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="also bound the queue in time (max_queue_wait_ms, in "
                              "[models.batching] or [models.generation]); the latency bound uses "
                              "it if smaller")
+    parser.add_argument("--pipeline-process", choices=["true", "false"],
+                        help="generation: run OpenVINO GenAI's pipeline in a child process or "
+                             "not ([models.generation] pipeline_process; default: unset)")
     parser.add_argument("--threads", type=int,
                         help="the model's compute threads (intra_op_threads; default: the "
                              "engine's own, one per core)")
@@ -672,7 +684,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     workloads = (SoakWorkload(args.only),) if args.only else tuple(SoakWorkload)
     settings = SoakSettings(workloads=workloads, soak_s=args.soak_s, rate=args.rate,
                             capacity_s=args.capacity_s, queue_wait_ms=args.queue_wait_ms,
-                            threads=args.threads)
+                            threads=args.threads,
+                            pipeline_process=(None if args.pipeline_process is None
+                                              else args.pipeline_process == "true"))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tidegate-soak-") as tmp:
         results = run_soak(settings, Path(tmp))
