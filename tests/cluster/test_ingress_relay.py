@@ -11,7 +11,7 @@ import orjson
 
 from tidegate.auth.keyring import ApiKey, hash_key
 from tidegate.clock import FakeClock
-from tidegate.cluster.ingress import _relay, _split_usage
+from tidegate.cluster.ingress import _relay
 from tidegate.cluster.wire import ResponseHead
 from tidegate.config import ApiKeyConfig
 from tidegate.errors import TidegateError, UpstreamBadGateway
@@ -71,13 +71,6 @@ def test_the_usage_event_is_charged_and_removed_unless_asked_for() -> None:
     kept = asyncio.run(_collect(FixedStream(chunks), kept_key, keep_usage=True))
     assert b"".join(kept) == b"".join(chunks)
     assert (kept_key.prompt_tokens, kept_key.completion_tokens) == (7, 3)
-
-
-def test_split_usage_leaves_other_events_whole() -> None:
-    rest, usage = _split_usage(LAST + USAGE + DONE)
-    assert usage == (7, 3)
-    assert rest == LAST + DONE
-    assert _split_usage(DELTA) == (DELTA, None)
 
 
 def test_a_stream_that_ends_early_is_charged_what_it_delivered() -> None:

@@ -30,6 +30,7 @@ from starlette.routing import Mount, Route
 from tidegate.upstream.config import UpstreamConfig
 
 __all__ = [
+    "STREAM_PROMPT_TOKENS",
     "FakeClock",
     "FaultyUpstream",
     "refused_url",
@@ -51,6 +52,10 @@ def refused_url() -> str:
 def vector_for(text: str) -> list[float]:
     """The fixed embedding the fake upstream returns for ``text``."""
     return [float(len(text)), float(sum(map(ord, text)) % 997), 1.0]
+
+
+STREAM_PROMPT_TOKENS = 5
+"""The prompt tokens a stream's usage chunk reports (``stream_options.include_usage``)."""
 
 
 class _DropConnection(Exception):
@@ -196,7 +201,7 @@ class FaultyUpstream:
         if (failure := self._injected()) is not None:
             return failure
         if body.get("stream"):
-            return StreamingResponse(self._sse(body.get("model")), media_type="text/event-stream")
+            return StreamingResponse(self._sse(body), media_type="text/event-stream")
         await self._wait_gate()
         payload = {
             "id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
@@ -215,7 +220,9 @@ class FaultyUpstream:
         }
         return self._answer("/v1/completions", payload)
 
-    async def _sse(self, model: str | None) -> AsyncIterator[bytes]:
+    async def _sse(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        model = body.get("model")
+        options = body.get("stream_options")
         for i in range(self.stream_chunks):
             if i == self.stall_after:
                 await self._stall.wait()
@@ -226,6 +233,13 @@ class FaultyUpstream:
             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
             if i == 0:
                 await self._wait_gate()
+        if isinstance(options, dict) and options.get("include_usage"):  # as OpenAI: a last chunk
+            usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                     "choices": [], "usage": {"prompt_tokens": STREAM_PROMPT_TOKENS,
+                                              "completion_tokens": self.stream_chunks,
+                                              "total_tokens": STREAM_PROMPT_TOKENS
+                                              + self.stream_chunks}}
+            yield b"data: " + orjson.dumps(usage) + b"\n\n"
         yield b"data: [DONE]\n\n"
         self.finished["/v1/chat/completions"] += 1
 

@@ -2,7 +2,8 @@
 
 A local causal LM is served by its continuous-batching engine, which refuses what it cannot
 honour (:mod:`tidegate.api.generation_params`); a remote model's body is relayed to its upstream
-unchanged (streams chunk by chunk, never buffered whole). Logprobs, when asked for, go out with
+unchanged but for the model's name and, with an API key, a stream's request for its usage
+(:mod:`tidegate.api.usage`); streams go chunk by chunk, never buffered whole. Logprobs, when asked for, go out with
 the text they belong to (:mod:`tidegate.api.logprobs`). A non-streamed answer is bounded by
 ``request_timeout_s`` and cancelled when its client hangs up
 (:func:`tidegate.api.guard.run_guarded`); a stream races its client in
@@ -32,6 +33,7 @@ from tidegate.api.ids import new_id
 from tidegate.api.logprobs import LogprobEncoder
 from tidegate.api.schemas import parse_json_object
 from tidegate.api.sse import DONE, EventStreamResponse, sse_event
+from tidegate.api.usage import StreamUsage, ask_for_usage, usage_tokens
 from tidegate.auth.keyring import ApiKey
 from tidegate.errors import InvalidRequest, RequestTimeout, TidegateError
 from tidegate.generation.params import SamplingParams
@@ -308,44 +310,23 @@ async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
 
 
 async def _relay_events(stack: contextlib.AsyncExitStack[Any], upstream_stream: UpstreamStream,
-                        key: ApiKey | None) -> AsyncIterator[bytes]:
+                        key: ApiKey | None, *, keep_usage: bool) -> AsyncIterator[bytes]:
     """The upstream's bytes as they arrive; leaving early closes the upstream stream, which
-    returns or discards its connection. With an API key, the last ``usage`` the replica
-    reports (``stream_options.include_usage``) is counted against it."""
-    usage: dict[str, Any] | None = None
-    partial = b""  # an event's start, when a read ended inside it
+    returns or discards its connection. With an API key the stream was asked for its usage,
+    which is charged to the key (:class:`tidegate.api.usage.StreamUsage`) and, unless the
+    client asked for it too (``keep_usage``), not relayed."""
+    usage = None if key is None else StreamUsage(strip=not keep_usage)
     try:
         async with stack, upstream_stream:
             async for chunk in upstream_stream:
-                if key is not None:
-                    complete, _, partial = (partial + chunk).rpartition(b"\n")
-                    if b'"usage"' in complete:
-                        usage = _chunk_usage(complete) or usage
-                    if len(partial) > 65536:  # no usage event is this long
-                        partial = b""
-                yield chunk
-    finally:  # also when the client hangs up after the usage event
-        if key is not None and usage is not None:
-            _record_usage(key, usage)
-
-
-def _chunk_usage(chunk: bytes) -> dict[str, Any] | None:
-    """The ``usage`` object of the last SSE event in ``chunk`` that has one."""
-    found = None
-    for line in chunk.splitlines():
-        if line.startswith(b"data:") and b'"usage"' in line:
-            with contextlib.suppress(orjson.JSONDecodeError):
-                data = orjson.loads(line[5:])
-                if isinstance(data, dict) and isinstance(data.get("usage"), dict):
-                    found = data["usage"]
-    return found
-
-
-def _record_usage(key: ApiKey, usage: object) -> None:
-    if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        key.record(prompt if isinstance(prompt, int) else 0,
-                   completion if isinstance(completion, int) else 0)
+                relayed = chunk if usage is None else usage.feed(chunk)
+                if relayed:
+                    yield relayed
+            if usage is not None and (rest := usage.close()):
+                yield rest
+    finally:  # also when the client hangs up, before the usage event or after it
+        if usage is not None:
+            usage.charge(key)
 
 
 async def _serve_remote(request: GenerationRequest, model: RemoteModel,
@@ -355,15 +336,19 @@ async def _serve_remote(request: GenerationRequest, model: RemoteModel,
     body = {**request.body, "model": client.upstream_model}
     path = "/v1/chat/completions" if request.endpoint == "chat" else "/v1/completions"
     if request.stream:
+        if context.key is not None and not request.include_usage:
+            body = ask_for_usage(body)
         upstream_stream = await client.open_stream(path, body)
-        return EventStreamResponse(_relay_events(stack.pop_all(), upstream_stream, context.key),
+        events = _relay_events(stack.pop_all(), upstream_stream, context.key,
+                               keep_usage=request.include_usage)
+        return EventStreamResponse(events,
                                    media_type=upstream_stream.media_type or "text/event-stream",
                                    headers=context.headers, drain=context.drain)
     data = await client.request_json(path, body)
     if isinstance(data, dict) and "model" in data:
         data["model"] = model.id  # clients asked for tidegate's name, not the replica's
-    if context.key is not None and isinstance(data, dict):
-        _record_usage(context.key, data.get("usage"))
+    if context.key is not None and (found := usage_tokens(data)) is not None:
+        context.key.record(*found)
     response = json_response(data)
     if context.headers:
         response.headers.update(context.headers)

@@ -15,7 +15,6 @@ charged what the model reports; the usage event is dropped again if the client d
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from tidegate.api.openapi import encode_openapi
 from tidegate.api.rerank import resolve_model
 from tidegate.api.schemas import parse_json_object
 from tidegate.api.sse import DONE, EventStreamResponse
+from tidegate.api.usage import StreamUsage, ask_for_usage, charge_answer
 from tidegate.auth.keyring import ApiKey, KeyRing
 from tidegate.clock import MonotonicClock
 from tidegate.cluster.promtext import ExpositionError, merge_expositions
@@ -138,67 +138,27 @@ def _response_headers(head: ResponseHead, extra: dict[str, str] | None) -> dict[
     return headers
 
 
-def _usage(data: object) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an answer's ``usage`` (a reranker's ``total_tokens``
-    counts as prompt tokens, as the single-process server charges them)."""
-    if not isinstance(data, dict) or not isinstance(data.get("usage"), dict):
-        return None
-    usage = data["usage"]
-    prompt = usage.get("prompt_tokens", usage.get("total_tokens"))
-    completion = usage.get("completion_tokens", 0)
-    return (prompt if isinstance(prompt, int) else 0,
-            completion if isinstance(completion, int) else 0)
-
-
-def _charge(key: ApiKey, content: bytes) -> None:
-    with contextlib.suppress(orjson.JSONDecodeError):
-        found = _usage(orjson.loads(content))
-        if found is not None:
-            key.record(*found)
-
-
-def _split_usage(chunk: bytes) -> tuple[bytes, tuple[int, int] | None]:
-    """``chunk`` without its usage event (``choices`` empty, ``usage`` set), and that event's
-    usage; ``(chunk, None)`` if it has none."""
-    events = chunk.split(b"\n\n")
-    for index, event in enumerate(events):
-        if event.startswith(b"data:") and b'"usage"' in event:
-            with contextlib.suppress(orjson.JSONDecodeError):
-                data = orjson.loads(event[5:])
-                if isinstance(data, dict) and data.get("choices") == []:
-                    rest = events[:index] + events[index + 1:]
-                    return b"\n\n".join(rest), _usage(data)
-    return chunk, None
-
-
 async def _relay(stream: ReplicaStream, key: ApiKey | None, *, keep_usage: bool
                  ) -> AsyncIterator[bytes]:
     """The replica's chunks as they come; an error mid-stream ends it with an error event and
     ``[DONE]``. Leaving early (the client hung up, the drain cut it) closes the replica's
     stream. A key is charged the usage the model reports, or, for a stream that ends before
-    it (hung up, cut, failed), one completion token per content event it got."""
-    emitted = 0
-    charged = key is None
+    it (hung up, cut, failed), one completion token per content event it got
+    (:class:`tidegate.api.usage.StreamUsage`)."""
+    usage = None if key is None else StreamUsage(strip=not keep_usage)
     try:
         async for received in stream.chunks():
-            chunk = received
-            if key is not None and not charged:
-                if b'"usage"' in chunk:
-                    rest, found = _split_usage(chunk)
-                    if found is not None:
-                        key.record(*found)
-                        charged = True
-                        if not keep_usage:
-                            chunk = rest
-                emitted += chunk.count(b'"content":"') + chunk.count(b'"text":"')
+            chunk = received if usage is None else usage.feed(received)
             if chunk:
                 yield chunk
+        if usage is not None and (rest := usage.close()):
+            yield rest
     except TidegateError as exc:
         yield b"data: " + bytes(error_response(exc).body) + b"\n\n"
         yield DONE
     finally:
-        if not charged and key is not None:
-            key.record(0, emitted)
+        if usage is not None:
+            usage.charge(key)
         await stream.aclose()
 
 
@@ -228,15 +188,13 @@ async def _relay_request(request: Request) -> Response:
         head, content = await state.replicas.call(model, _forwarded(request, body), timeout_s,
                                                   coalesce=path not in _GENERATION_ROUTES)
         if key is not None and head.status < 300:
-            _charge(key, content)
+            charge_answer(key, content)
         return Response(content, status_code=head.status,
                         headers=_response_headers(head, headers))
     options = data.get("stream_options")
     asked = isinstance(options, dict) and options.get("include_usage") is True
     if key is not None and not asked:
-        options = dict(options) if isinstance(options, dict) else {}
-        data = {**data, "stream_options": {**options, "include_usage": True}}
-        body = orjson.dumps(data)
+        body = orjson.dumps(ask_for_usage(data))
     stream = await state.replicas.stream(model, _forwarded(request, body), timeout_s)
     if stream.head.status >= 300:  # refused before streaming: a plain error body
         parts = [chunk async for chunk in stream.chunks()]
