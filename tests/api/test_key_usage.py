@@ -11,7 +11,13 @@ from collections.abc import AsyncIterator
 import orjson
 
 from tidegate.api.generation import _relay_events
-from tidegate.api.usage import StreamUsage, ask_for_usage, charge_answer, usage_tokens
+from tidegate.api.usage import (
+    StreamUsage,
+    ask_for_usage,
+    charge_answer,
+    prompt_tokens_of,
+    usage_tokens,
+)
 from tidegate.auth.keyring import ApiKey, KeyRing, hash_key
 from tidegate.clock import FakeClock
 from tidegate.config import ApiKeyConfig
@@ -115,8 +121,9 @@ def test_a_long_unfinished_event_is_relayed_not_held() -> None:
 class _Upstream:
     """Just what ``_relay_events`` uses of an upstream stream: a context and its reads."""
 
-    def __init__(self, reads: list[bytes]) -> None:
+    def __init__(self, reads: list[bytes], headers: dict[str, str] | None = None) -> None:
         self.reads = reads
+        self.headers = headers or {}
         self.closed = False
 
     async def __aenter__(self) -> _Upstream:
@@ -131,8 +138,9 @@ class _Upstream:
 
 
 async def _relay(reads: list[bytes], key: ApiKey | None, *, keep_usage: bool,
-                 take: int | None = None) -> tuple[list[bytes], _Upstream]:
-    upstream = _Upstream(reads)
+                 take: int | None = None, headers: dict[str, str] | None = None
+                 ) -> tuple[list[bytes], _Upstream]:
+    upstream = _Upstream(reads, headers)
     events = _relay_events(contextlib.AsyncExitStack(), upstream,  # type: ignore[arg-type]
                            key, keep_usage=keep_usage)
     out = []
@@ -165,3 +173,18 @@ def test_a_relayed_stream_left_early_is_charged_what_it_delivered() -> None:
                                        keep_usage=False, take=2))
     assert out == [DELTA, DELTA] and upstream.closed
     assert (key.prompt_tokens, key.completion_tokens) == (0, 2)
+
+
+def test_the_prompt_tokens_header_is_read_strictly() -> None:
+    assert prompt_tokens_of([("Content-Type", "x"), ("X-Tidegate-Prompt-Tokens", " 12 ")]) == 12
+    for odd in ("-1", "1e3", "", "١٢", "9" * 12):  # negative, float, empty, not ASCII, huge
+        assert prompt_tokens_of([("x-tidegate-prompt-tokens", odd)]) == 0, odd
+    assert prompt_tokens_of([]) == 0
+
+
+def test_a_stream_left_early_is_charged_the_prompt_its_upstream_gave() -> None:
+    key = _key()
+    out, _ = asyncio.run(_relay([DELTA, DELTA, USAGE, DONE], key, keep_usage=False, take=1,
+                                headers={"x-tidegate-prompt-tokens": "9"}))
+    assert out == [DELTA]
+    assert (key.prompt_tokens, key.completion_tokens) == (9, 1)

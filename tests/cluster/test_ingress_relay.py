@@ -50,8 +50,8 @@ def _key() -> ApiKey:
 
 
 async def _collect(stream: FixedStream, key: ApiKey | None, *, keep_usage: bool,
-                   take: int | None = None) -> list[bytes]:
-    relay = _relay(stream, key, keep_usage=keep_usage)
+                   take: int | None = None, prompt_tokens: int = 0) -> list[bytes]:
+    relay = _relay(stream, key, keep_usage=keep_usage, prompt_tokens=prompt_tokens)
     out = []
     async for chunk in relay:
         out.append(chunk)
@@ -91,3 +91,15 @@ def test_a_replica_lost_mid_stream_ends_it_with_an_error_event_and_done() -> Non
     error = orjson.loads(out[1].removeprefix(b"data: "))["error"]
     assert error["code"] == "upstream_error" and "lost mid-stream" in error["message"]
     assert stream.closed
+
+
+def test_a_stream_that_ends_early_is_charged_the_prompt_its_replica_gave() -> None:
+    key = _key()
+    stream = FixedStream([DELTA, DELTA, LAST + USAGE, DONE])
+    out = asyncio.run(_collect(stream, key, keep_usage=False, take=1, prompt_tokens=11))
+    assert out == [DELTA]
+    assert (key.prompt_tokens, key.completion_tokens) == (11, 1)
+    whole = _key()  # run to its end, the usage event is what counts
+    asyncio.run(_collect(FixedStream([DELTA, LAST + USAGE, DONE]), whole, keep_usage=False,
+                         prompt_tokens=11))
+    assert (whole.prompt_tokens, whole.completion_tokens) == (7, 3)

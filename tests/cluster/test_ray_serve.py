@@ -152,11 +152,17 @@ def test_keys_are_checked_at_the_ingress(on_ray: ServerProcess) -> None:
     assert [card["id"] for card in models["data"]] == [EMBED]
 
 
+def _tokens(server: ServerProcess, kind: str | None = None) -> float:
+    """team-a's tokens charged (of one kind, or all)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("tidegate_api_key_tokens_total") and 'key="team-a"' in line
+               and (kind is None or f'kind="{kind}"' in line))
+
+
 def test_streams_are_charged_their_usage_without_showing_it(on_ray: ServerProcess) -> None:
     def tokens() -> float:
-        text = httpx.get(on_ray.url + "/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("tidegate_api_key_tokens_total") and 'key="team-a"' in line)
+        return _tokens(on_ray)
 
     before = tokens()
     chunks = list(_client(on_ray).chat.completions.create(
@@ -192,17 +198,23 @@ def test_a_disconnect_cancels_the_replicas_sequence(on_ray: ServerProcess) -> No
                    if line.startswith(prefix) and f'reason="{reason}"' in line)
 
     aborted = finished("abort")  # no earlier test here ends a stream early: a settled count
+    prompt_before = _tokens(on_ray, "prompt")
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": CHAT, "messages": MESSAGES, "max_tokens": 240, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", on_ray.url + "/v1/chat/completions", json=body, headers=headers,
                       timeout=30) as response:
         assert response.status_code == 200
+        prompt = int(response.headers["x-tidegate-prompt-tokens"])  # the replica's, relayed
         next(line for line in response.iter_lines() if '"content":"' in line)
     deadline = time.monotonic() + 10
     while finished("abort") == aborted and time.monotonic() < deadline:
         time.sleep(0.1)
     assert finished("abort") == aborted + 1  # cancelled, not run to its 240 tokens
+    # Hung up before the usage event, the key is still charged the prompt.
+    while _tokens(on_ray, "prompt") == prompt_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert prompt > 0 and _tokens(on_ray, "prompt") == prompt_before + prompt
 
 
 # Importing ray.serve here (to read its status) trips pydantic deprecations in Ray's own models.

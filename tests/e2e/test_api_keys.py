@@ -245,6 +245,7 @@ def test_a_stream_cut_short_by_its_client_is_still_charged(server: ServerProcess
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers,
                       timeout=30) as response:
         assert response.status_code == 200
+        prompt = int(response.headers["x-tidegate-prompt-tokens"])
         events = 0
         for line in response.iter_lines():
             events += line.startswith("data: ")
@@ -257,7 +258,7 @@ def test_a_stream_cut_short_by_its_client_is_still_charged(server: ServerProcess
             break
         assert time.monotonic() < deadline, f"the hung-up stream was not charged: {tokens}"
         time.sleep(0.05)  # polling the server's metrics, bounded by the deadline
-    assert tokens['key="hangup",kind="prompt"'] >= 1
+    assert prompt >= 1 and tokens['key="hangup",kind="prompt"'] == prompt
 
 
 def test_metrics_are_labelled_by_id_and_no_key_appears_anywhere(server: ServerProcess) -> None:

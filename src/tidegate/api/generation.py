@@ -3,9 +3,9 @@
 A local causal LM is served by its continuous-batching engine, which refuses what it cannot
 honour (:mod:`tidegate.api.generation_params`); a remote model's body is relayed to its upstream
 unchanged but for the model's name and, with an API key, a stream's request for its usage
-(:mod:`tidegate.api.usage`); streams go chunk by chunk, never buffered whole. Logprobs, when asked for, go out with
-the text they belong to (:mod:`tidegate.api.logprobs`). A non-streamed answer is bounded by
-``request_timeout_s`` and cancelled when its client hangs up
+(:mod:`tidegate.api.usage`); streams go chunk by chunk, never buffered whole. Logprobs, when
+asked for, go out with the text they belong to (:mod:`tidegate.api.logprobs`). A non-streamed
+answer is bounded by ``request_timeout_s`` and cancelled when its client hangs up
 (:func:`tidegate.api.guard.run_guarded`); a stream races its client in
 :class:`tidegate.api.sse.EventStreamResponse`.
 """
@@ -33,7 +33,13 @@ from tidegate.api.ids import new_id
 from tidegate.api.logprobs import LogprobEncoder
 from tidegate.api.schemas import parse_json_object
 from tidegate.api.sse import DONE, EventStreamResponse, sse_event
-from tidegate.api.usage import StreamUsage, ask_for_usage, usage_tokens
+from tidegate.api.usage import (
+    PROMPT_TOKENS_HEADER,
+    StreamUsage,
+    ask_for_usage,
+    prompt_tokens_of,
+    usage_tokens,
+)
 from tidegate.auth.keyring import ApiKey
 from tidegate.errors import InvalidRequest, RequestTimeout, TidegateError
 from tidegate.generation.params import SamplingParams
@@ -299,8 +305,9 @@ async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
                 else LogprobEncoder(runtime.decoder, request.endpoint))
     encoder = _Encoder(request, model.id, logprobs)
     if request.stream:
+        headers = {**(context.headers or {}), PROMPT_TOKENS_HEADER: str(len(prompt_ids))}
         return EventStreamResponse(_local_events(stack.pop_all(), stream, encoder, context.key),
-                                   headers=context.headers, drain=context.drain)
+                                   headers=headers, drain=context.drain)
     async with stream:
         result = await stream.collect()
     if context.key is not None:
@@ -315,7 +322,8 @@ async def _relay_events(stack: contextlib.AsyncExitStack[Any], upstream_stream: 
     returns or discards its connection. With an API key the stream was asked for its usage,
     which is charged to the key (:class:`tidegate.api.usage.StreamUsage`) and, unless the
     client asked for it too (``keep_usage``), not relayed."""
-    usage = None if key is None else StreamUsage(strip=not keep_usage)
+    usage = None if key is None else StreamUsage(
+        strip=not keep_usage, prompt_tokens=prompt_tokens_of(upstream_stream.headers.items()))
     try:
         async with stack, upstream_stream:
             async for chunk in upstream_stream:

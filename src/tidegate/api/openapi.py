@@ -534,6 +534,8 @@ def _paths(config: Config) -> dict[str, Any]:
             "requestBody": _body(request, example),
             "responses": {
                 "200": {"description": "The whole answer (`stream` false), or its SSE stream.",
+                        "headers": {"X-Tidegate-Prompt-Tokens": {
+                            "$ref": "#/components/headers/X-Tidegate-Prompt-Tokens"}},
                         "content": {JSON: {"schema": _ref(response)},
                                     "text/event-stream": {"schema": _event(chunk)}}},
                 **_errors(*_INFERENCE_ERRORS),
@@ -782,6 +784,10 @@ def build_openapi(config: Config) -> dict[str, Any]:
                                 "schema": {"type": "string"}},
                 "X-Request-Id": {"description": "The id the log's traceback is filed under.",
                                  "schema": {"type": "string"}},
+                "X-Tidegate-Prompt-Tokens": {
+                    "description": "A local model's stream: its prompt's tokens (what a key is "
+                                   "charged for the prompt if the stream ends early).",
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"}},
             },
             "securitySchemes": {
                 "adminToken": {"type": "http", "scheme": "bearer",

@@ -7,20 +7,35 @@ usage event, or simply not ask for it. So with a key, a relayed stream is always
 usage (:func:`ask_for_usage`), and :class:`StreamUsage` reads the stream as it passes: it finds
 the usage event, removes it again when the client did not ask for one, and counts the content
 events it let through, which are charged as completion tokens if no usage ever came. Prompt
-tokens are then unknown (the upstream tokenized the prompt) and charged as 0.
+tokens are then what the stream's :data:`PROMPT_TOKENS_HEADER` says (tidegate sends it with a
+local model's stream, so a Ray replica's or a tidegate upstream's prompt is charged), or 0 (any
+other upstream tokenized the prompt itself).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
 from tidegate.auth.keyring import ApiKey
 
-__all__ = ["StreamUsage", "ask_for_usage", "charge_answer", "usage_tokens"]
+__all__ = [
+    "PROMPT_TOKENS_HEADER",
+    "StreamUsage",
+    "ask_for_usage",
+    "charge_answer",
+    "prompt_tokens_of",
+    "usage_tokens",
+]
+
+PROMPT_TOKENS_HEADER = "x-tidegate-prompt-tokens"
+"""Sent with a local model's stream: its prompt's tokens, known before the first event, so a
+relay in front (the Ray ingress, a tidegate gateway) can charge them if the stream ends before
+its usage event."""
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 """Where one SSE event ends: a blank line, with any of the three line endings the format
@@ -44,6 +59,15 @@ def usage_tokens(data: object) -> tuple[int, int] | None:
     return (prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0,
             completion if isinstance(completion, int) and not isinstance(completion, bool)
             else 0)
+
+
+def prompt_tokens_of(headers: Iterable[tuple[str, str]]) -> int:
+    """The prompt tokens a stream's :data:`PROMPT_TOKENS_HEADER` says; 0 without a valid one."""
+    for name, value in headers:
+        if name.lower() == PROMPT_TOKENS_HEADER:
+            digits = value.strip()
+            return int(digits) if digits.isascii() and digits.isdigit() and len(digits) < 10 else 0
+    return 0
 
 
 def charge_answer(key: ApiKey, content: bytes) -> None:
@@ -71,10 +95,12 @@ class StreamUsage:
     :meth:`close` returns what is still held, and :meth:`charge` charges the key once.
     """
 
-    __slots__ = ("_charged", "_held", "_strip", "delivered", "usage")
+    __slots__ = ("_charged", "_held", "_prompt_tokens", "_strip", "delivered", "usage")
 
-    def __init__(self, *, strip: bool) -> None:
+    def __init__(self, *, strip: bool, prompt_tokens: int = 0) -> None:
+        """``prompt_tokens``: what the stream's prompt is charged if no usage comes."""
         self._strip = strip
+        self._prompt_tokens = prompt_tokens
         self._held = b""  # the start of an event whose end has not arrived
         self._charged = False
         self.usage: tuple[int, int] | None = None
@@ -105,15 +131,15 @@ class StreamUsage:
         return kept if self._strip else b""
 
     def charge(self, key: ApiKey | None) -> None:
-        """Charge ``key`` (once): the usage reported, or 0 prompt tokens and one completion
-        token per content event delivered."""
+        """Charge ``key`` (once): the usage reported, or the prompt's tokens (as far as known)
+        and one completion token per content event delivered."""
         if key is None or self._charged:
             return
         self._charged = True
         if self.usage is not None:
             key.record(*self.usage)
         else:
-            key.record(0, self.delivered)
+            key.record(self._prompt_tokens, self.delivered)
 
     def _read(self, complete: bytes) -> bytes:
         if b'"usage"' not in complete:

@@ -36,7 +36,13 @@ from tidegate.api.openapi import encode_openapi
 from tidegate.api.rerank import resolve_model
 from tidegate.api.schemas import parse_json_object
 from tidegate.api.sse import DONE, EventStreamResponse
-from tidegate.api.usage import StreamUsage, ask_for_usage, charge_answer
+from tidegate.api.usage import (
+    PROMPT_TOKENS_HEADER,
+    StreamUsage,
+    ask_for_usage,
+    charge_answer,
+    prompt_tokens_of,
+)
 from tidegate.auth.keyring import ApiKey, KeyRing
 from tidegate.clock import MonotonicClock
 from tidegate.cluster.promtext import ExpositionError, merge_expositions
@@ -138,14 +144,15 @@ def _response_headers(head: ResponseHead, extra: dict[str, str] | None) -> dict[
     return headers
 
 
-async def _relay(stream: ReplicaStream, key: ApiKey | None, *, keep_usage: bool
-                 ) -> AsyncIterator[bytes]:
+async def _relay(stream: ReplicaStream, key: ApiKey | None, *, keep_usage: bool,
+                 prompt_tokens: int = 0) -> AsyncIterator[bytes]:
     """The replica's chunks as they come; an error mid-stream ends it with an error event and
     ``[DONE]``. Leaving early (the client hung up, the drain cut it) closes the replica's
     stream. A key is charged the usage the model reports, or, for a stream that ends before
-    it (hung up, cut, failed), one completion token per content event it got
-    (:class:`tidegate.api.usage.StreamUsage`)."""
-    usage = None if key is None else StreamUsage(strip=not keep_usage)
+    it (hung up, cut, failed), ``prompt_tokens`` (as the replica's head gave them) and one
+    completion token per content event it got (:class:`tidegate.api.usage.StreamUsage`)."""
+    usage = None if key is None else StreamUsage(strip=not keep_usage,
+                                                 prompt_tokens=prompt_tokens)
     try:
         async for received in stream.chunks():
             chunk = received if usage is None else usage.feed(received)
@@ -202,8 +209,13 @@ async def _relay_request(request: Request) -> Response:
         return Response(b"".join(parts), status_code=stream.head.status,
                         headers=_response_headers(stream.head, headers))
     media = dict(stream.head.headers).get(b"content-type", b"text/event-stream")
-    response = EventStreamResponse(_relay(stream, key, keep_usage=asked),
-                                   media_type=media.decode("latin-1"), headers=headers,
+    prompt = prompt_tokens_of((name.decode("latin-1"), value.decode("latin-1"))
+                              for name, value in stream.head.headers)
+    relayed = dict(headers or {})
+    if prompt:
+        relayed[PROMPT_TOKENS_HEADER] = str(prompt)
+    response = EventStreamResponse(_relay(stream, key, keep_usage=asked, prompt_tokens=prompt),
+                                   media_type=media.decode("latin-1"), headers=relayed,
                                    drain=state.drain)
     return response  # type: ignore[return-value]
 
