@@ -17,12 +17,14 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+from tidegate.clock import Clock, MonotonicClock
 from tidegate.cluster.coalesce import Coalescer, QueueFull
 from tidegate.cluster.hub import HUB_NAMESPACE, MetricsHub, hub_name
 from tidegate.cluster.ingress import ReplicaStream, create_ingress_app
@@ -110,8 +112,9 @@ class HandleReplicas:
     503."""
 
     def __init__(self, config: Config, hub: str, prefix: str, *,
-                 deployer: Deployer | None = None) -> None:
+                 deployer: Deployer | None = None, clock: Clock | None = None) -> None:
         self._config = config
+        self._clock = clock or MonotonicClock()
         self._prefix = prefix
         self._models = {m.id: m for m in config.models}
         self._deployer = deployer
@@ -130,7 +133,7 @@ class HandleReplicas:
         self._call_timeout_s = config.server.request_timeout_s + _CALL_MARGIN_S
         self._hub_name = hub
         self._hub: Any = None
-        self._reports: tuple[float, Sequence[ReplicaReport]] = (0.0, ())
+        self._reports: tuple[float, Sequence[ReplicaReport]] = (-math.inf, ())  # never read
         self._refresh: asyncio.Task[None] | None = None
 
     def _failure(self, model: str, exc: BaseException) -> Exception:
@@ -236,7 +239,7 @@ class HandleReplicas:
         its way), or for an autoscaled model one more than its ``target_ongoing_requests``,
         so that the autoscaler can see demand above its target."""
         at, reports = self._reports
-        if time.monotonic() - at > _REPLICA_COUNT_TTL_S and self._refresh is None:
+        if self._clock.now() - at > _REPLICA_COUNT_TTL_S and self._refresh is None:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_reports())
         return self._calls_per_replica[model] * max(
             1, sum(report.model == model for report in reports))
@@ -267,7 +270,7 @@ class HandleReplicas:
 
     async def reports(self) -> Sequence[ReplicaReport]:
         at, reports = self._reports
-        if time.monotonic() - at < _REPORTS_TTL_S:
+        if self._clock.now() - at < _REPORTS_TTL_S:
             return reports
         try:
             if self._hub is None:
@@ -280,7 +283,7 @@ class HandleReplicas:
             log.warning("the metrics hub did not answer: %s", exc)
             self._hub = None
             reports = ()
-        self._reports = (time.monotonic(), reports)
+        self._reports = (self._clock.now(), reports)
         return reports
 
 

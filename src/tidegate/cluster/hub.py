@@ -6,8 +6,7 @@ died, it was scaled down) drops out after :data:`STALE_AFTER_S`."""
 
 from __future__ import annotations
 
-import time
-
+from tidegate.clock import Clock, MonotonicClock
 from tidegate.cluster.wire import ReplicaReport
 
 __all__ = ["HUB_NAMESPACE", "REPORT_INTERVAL_S", "STALE_AFTER_S", "MetricsHub", "hub_name"]
@@ -25,18 +24,19 @@ class MetricsHub:
     """Reports by replica id, each with the hub's own receive time (so nodes' clocks never
     matter)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock = clock or MonotonicClock()
         self._reports: dict[str, tuple[float, ReplicaReport]] = {}
 
     def report(self, report: ReplicaReport) -> None:
-        self._reports[report.replica] = (time.monotonic(), report)
+        self._reports[report.replica] = (self._clock.now(), report)
 
     def leave(self, replica: str) -> None:
         self._reports.pop(replica, None)
 
     def reports(self, max_age_s: float = STALE_AFTER_S) -> list[ReplicaReport]:
         """The fresh reports, oldest replica first; stale ones are forgotten."""
-        now = time.monotonic()
+        now = self._clock.now()
         for replica in [r for r, (at, _) in self._reports.items() if now - at > max_age_s]:
             del self._reports[replica]
         return [report for _, report in self._reports.values()]
