@@ -134,6 +134,7 @@ def test_requests_share_one_pipeline_and_a_cancel_frees_its_slot(
         gpt2_dir: Path, genai_cache: Path) -> None:
     runtime = GenaiLMRuntime(gpt2_dir, genai_cache, precision=Precision.FP32,
                              generation=_generation(max_num_seqs=2))
+    assert "_encoder" in vars(runtime)  # chosen at load, not on the first prompt
     prompt = runtime.encode(PROMPTS[0])
 
     async def scenario(engine: GenerationEngine) -> None:

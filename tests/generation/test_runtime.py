@@ -31,6 +31,12 @@ def test_bfloat16_halves_parameter_memory(llama_dir: Path, llama: CausalLMRuntim
     assert half.context_length == 64
 
 
+def test_the_prompt_encoder_is_chosen_at_load(gpt2_dir: Path) -> None:
+    runtime = CausalLMRuntime(gpt2_dir)
+    assert "_encoder" in vars(runtime)  # its probe ran in the constructor (the load's thread)
+    assert runtime.choose_encoder() is runtime.choose_encoder()
+
+
 def test_default_chat_format_without_a_template(gpt2_dir: Path) -> None:
     runtime = CausalLMRuntime(gpt2_dir)
     assert not runtime.has_chat_template

@@ -90,6 +90,7 @@ class CausalLMRuntime(LMText):
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.decoder: TokenDecoder = fast_decoder(self.tokenizer)
         """Decodes generated ids as ``tokenizer.decode`` does, faster where it can."""
+        self.choose_encoder()
         self.model: Any = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=_DTYPES[dtype], local_files_only=True
         )

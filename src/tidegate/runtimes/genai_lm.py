@@ -139,6 +139,7 @@ class GenaiLMRuntime(LMText):
         self.precision = precision
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.decoder = fast_decoder(self.tokenizer)
+        self.choose_encoder()
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         native = _context_length(config, self.tokenizer)
         self.context_length = min(generation.max_context_tokens or native, native)

@@ -151,6 +151,12 @@ class LMText:
     def tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return self._encoder(text, add_special_tokens)
 
+    def choose_encoder(self) -> Callable[[str, bool], list[int]]:
+        """The prompt encoder, chosen now if it was not yet: :func:`backend_encoder`'s equality
+        probe tokenizes a few texts, which a runtime does at load rather than on its first
+        prompt (on the event loop, where every other request would wait for it)."""
+        return self._encoder
+
     @functools.cached_property
     def _encoder(self) -> Callable[[str, bool], list[int]]:
         fast = backend_encoder(self.tokenizer)
