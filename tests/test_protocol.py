@@ -26,6 +26,8 @@ class MemoryTransport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.written = b""
+        self.sends: list[bytes] = []
+        """Each write (one ``writelines`` counts once): a send system call on a socket."""
         self.closed = asyncio.Event()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -33,6 +35,12 @@ class MemoryTransport(asyncio.Transport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += bytes(data)
+        self.sends.append(bytes(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        data = b"".join(list_of_data)
+        self.written += data
+        self.sends.append(data)
 
     def close(self) -> None:
         self.closed.set()
@@ -208,3 +216,63 @@ def test_a_connection_over_the_cap_is_answered_503_and_closed() -> None:
             each.connection_lost(None)
 
     asyncio.run(main())
+
+
+def test_an_answers_head_and_body_go_out_in_one_send() -> None:
+    async def scenario() -> None:
+        protocol, transport = connect()
+        protocol.data_received(WHOLE + WHOLE)  # two answers, one send each
+        async with asyncio.timeout(10):
+            while transport.written.count(b"ok") < 2:
+                await asyncio.sleep(0)
+        assert len(transport.sends) == 2
+        assert all(send.startswith(b"HTTP/1.1 200") and send.endswith(b"\r\n\r\nok")
+                   for send in transport.sends)
+        assert not transport.is_closing()
+
+    asyncio.run(scenario())
+
+
+def test_a_streams_head_goes_out_before_its_first_event() -> None:
+    release = asyncio.Event()
+    headed = asyncio.Event()
+
+    async def stream_app(scope: Any, receive: Callable[[], Awaitable[Any]],
+                         send: Callable[[Any], Awaitable[None]]) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        headed.set()
+        await release.wait()  # the first event comes much later
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def scenario() -> None:
+        protocol, transport = connect(app=stream_app)
+        protocol.data_received(WHOLE)
+        await headed.wait()
+        await answered(transport, b"\r\n\r\n")  # within the loop's turn, not held
+        assert transport.sends[0].startswith(b"HTTP/1.1 200") and b"data:" not in transport.written
+        release.set()
+        await answered(transport, b"0\r\n\r\n")  # the chunked body's end
+        assert transport.written.index(b"data: 1") > transport.written.index(b"\r\n\r\n")
+
+    asyncio.run(scenario())
+
+
+def test_a_held_write_goes_out_before_the_connection_closes() -> None:
+    from tidegate.protocol import _CoalescingTransport
+
+    async def scenario() -> None:
+        transport = MemoryTransport()
+        coalescing = _CoalescingTransport(transport, asyncio.get_running_loop())
+        coalescing.write(b"head")
+        coalescing.close()
+        assert transport.sends == [b"head"] and transport.is_closing()
+        await asyncio.sleep(0)  # the turn's end: nothing more (the flush was cancelled)
+        assert transport.sends == [b"head"]
+        late = _CoalescingTransport(transport, asyncio.get_running_loop())
+        late.write(b"x")  # the connection closed meanwhile: nothing is written
+        await asyncio.sleep(0)
+        assert transport.sends == [b"head"]
+
+    asyncio.run(scenario())

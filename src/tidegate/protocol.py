@@ -17,6 +17,8 @@ Errors use OpenAI's shape, like every other answer. A request that arrives whole
 (nearly all of them) starts no timer: the deadline is armed only when a read leaves a head or
 a body incomplete.
 
+An answer's head and body go out in one send system call, not two (:class:`_CoalescingTransport`).
+
 A request sent while the answer to the one before is still under way (pipelined, or sent early
 on a keep-alive connection) waits for that answer: uvicorn will not run it before, so its clock
 starts when that answer is complete, not at its first byte. Otherwise a slow answer would let
@@ -77,6 +79,51 @@ def _timeout_response(message: str) -> bytes:
     ])
 
 
+class _CoalescingTransport:
+    """The connection's transport as one response sees it: a write is held until the next
+    write or the end of the event loop's turn, whichever comes first, and the two go out in
+    one ``writev``. uvicorn writes a response's head and its body separately, and a handler
+    sends both in one turn, so an answer costs one send system call instead of two (and its
+    client one read): 2,000 requests, 2,001 ``writev`` against 4,002 ``write`` (strace). A
+    stream's head that no event follows in the same turn goes out at the turn's end.
+    """
+
+    __slots__ = ("_flush", "_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._flush: asyncio.Handle | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            self._held = data
+            self._flush = self._loop.call_soon(self._write_held)
+            return
+        self._held = None
+        assert self._flush is not None
+        self._flush.cancel()
+        self._flush = None
+        if not self._transport.is_closing():
+            self._transport.writelines((held, data))
+
+    def _write_held(self) -> None:
+        held, self._held, self._flush = self._held, None, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+        self._write_held()
+        self._transport.close()
+
+
 class LimitedHttpProtocol(HttpToolsProtocol):
     """One connection. ``limits`` is set on the subclass :func:`http_protocol` makes."""
 
@@ -133,6 +180,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         self._reading = _Reading.BODY
         super().on_headers_complete()
+        # The response's writes (uvicorn's cycle) go out in pairs; see _CoalescingTransport.
+        self.cycle.transport = _CoalescingTransport(  # type: ignore[assignment]
+            self.transport, self.loop)
 
     def on_message_complete(self) -> None:
         self._disarm()
