@@ -99,6 +99,14 @@ class WrkResult:
     """Connect, read and write errors plus timeouts, as wrk counts them."""
     command: tuple[str, ...]
 
+    @property
+    def ok_per_s(self) -> float:
+        """2xx responses per second: what the server served, where ``requests_per_s`` also
+        counts its fast refusals (a 429 answered in microseconds is not capacity)."""
+        if self.requests <= 0:
+            return 0.0
+        return self.requests_per_s * (self.requests - self.non_2xx) / self.requests
+
 
 @dataclass(frozen=True, slots=True)
 class BatchTotals:

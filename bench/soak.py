@@ -4,13 +4,15 @@
 For embeddings (the bundled MiniLM, one short sentence per request) and for generation
 (non-streamed completions, ``max_tokens`` 16, from the random-weight GPT-2 of
 ``bench.tiny_gpt2``), each against its own server with a small bounded queue
-(``max_queue_items`` / ``max_waiting``):
+(``max_queue_items`` / ``max_waiting``), bounded in time too (``max_queue_wait_ms``:
+:data:`QUEUE_WAIT_MS`, or ``--queue-wait-ms``):
 
-1. **capacity**: a closed-loop run (wrk at 64 connections for embeddings; as many clients as
-   decode slots for generation) gives requests/s;
-2. **warm-up**: the same request shapes, closed loop and then a 30 s open-loop burst at the
-   soak rate (so the refusal path and the connection pool have been exercised and the
-   connections the overload needs are open), then the server's RSS;
+1. **capacity**: on a server without the bound in time, a closed-loop run (wrk at 64
+   connections for embeddings; as many clients as decode slots for generation) gives
+   requests/s (2xx only) and the service time; then the soak's server starts, with it;
+2. **warm-up**: a closed-loop run of the same shape (the recovery's baseline), then a 30 s
+   open-loop burst at the soak rate (so the refusal path and the connection pool have been
+   exercised and the connections the overload needs are open), then the server's RSS;
 3. **soak**: an open-loop load (``bench.open_loop``: a fixed arrival rate, new connections as
    needed) at 4x capacity for ``--soak-s`` seconds (default 60);
 4. **recovery**: as soon as the last soak request is sent, a closed-loop load of the pre-soak
@@ -19,10 +21,10 @@ For embeddings (the bundled MiniLM, one short sentence per request) and for gene
 
 Checks: only 2xx and 429/503 (every 429/503 with ``Retry-After``); the admitted requests' p99
 latency (from each request's due time) within the queue bound's drain time,
-``queue bound / capacity + service time`` (service time: one batch's mean compute time for
-embeddings, one request's mean latency at capacity for generation); RSS after the soak within
-5% of RSS after the warm-up; no error lines in the server log; the recovery load reaches 0.9x
-its pre-soak throughput within 5 s.
+``min(queue bound / capacity, max_queue_wait_ms) + service time`` (service time: one batch's
+mean compute time for embeddings, one request's mean latency at capacity for generation); RSS
+after the soak within 5% of RSS after the warm-up; no error lines in the server log; the
+recovery load reaches 0.9x its pre-soak throughput within 5 s.
 """
 
 from __future__ import annotations
@@ -78,10 +80,10 @@ __all__ = [
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 GENERATION_MODEL = "bench-gpt2"
 COMPLETIONS_PATH = "/v1/completions"
-EMBEDDING_QUEUE = 256
+EMBEDDING_QUEUE = 1024
 EMBEDDING_CLIENTS = 64
 GENERATION_SEQS = 16
-GENERATION_QUEUE = 64
+GENERATION_QUEUE = 128
 GENERATION_MAX_TOKENS = 16
 RECOVERY_WITHIN_S = 5
 RECOVERY_FRACTION = 0.9
@@ -94,6 +96,17 @@ _ERROR_LINE = re.compile(r"(^|\s)(ERROR|CRITICAL)[:\s]|Traceback")
 class SoakWorkload(enum.StrEnum):
     EMBEDDINGS = "embeddings"
     GENERATION = "generation"
+
+
+QUEUE_WAIT_MS = {SoakWorkload.EMBEDDINGS: 300.0, SoakWorkload.GENERATION: 150.0}
+"""Each workload's ``max_queue_wait_ms`` on the soak's server, as a deployment would set it:
+above the latency of a closed loop at capacity (a request waits for about one batch and
+computes in the next: p99 90 to 175 ms for embeddings at 64 connections on 2 Zen 4 cores, whose
+mean batch compute ran from 28 to 130 ms in different hours), or the bound refuses what the
+model would serve and clients that retry at once (wrk, the recovery load) meet mostly
+refusals; at 3 mean batch times (102 ms) a 64-client closed loop fell from 938 to 127 req/s.
+The queues in items (``EMBEDDING_QUEUE``, ``GENERATION_QUEUE``) are sized to drain slower
+than this, as memory guards, so that the bound in time is the one the soak tests."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -116,12 +129,18 @@ class SoakSettings:
     drain_timeout_s: float = 30.0
     max_connections: int = 2000
     queue_wait_ms: float | None = None
-    """Also bound the queue in time (``max_queue_wait_ms`` of the batcher, or of the
-    generation engine)."""
+    """Bound every workload's queue in time to this (``max_queue_wait_ms`` of the batcher, or
+    of the generation engine), 0 for no bound in time; ``None``: :data:`QUEUE_WAIT_MS`."""
     threads: int | None = None
     """The model's compute threads (``intra_op_threads``); default: the engine's own."""
     pipeline_process: bool | None = None
     """Generation: ``[models.generation] pipeline_process`` (None: unset, tidegate decides)."""
+
+
+    def wait_ms(self, workload: SoakWorkload) -> float | None:
+        """The soak server's ``max_queue_wait_ms`` for ``workload``, ``None`` for none."""
+        wait = QUEUE_WAIT_MS[workload] if self.queue_wait_ms is None else self.queue_wait_ms
+        return wait or None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -253,7 +272,6 @@ class _Target:
     capacity_how: str
     service_s: float
     service_how: str
-    baseline_rps: float | None
     rss_start_kib: int
     queue_wait_s: float | None = None
 
@@ -272,13 +290,12 @@ class _Soaked:
 
 async def _phases(target: _Target, settings: SoakSettings) -> _Soaked:
     port, pid = _port(target.server), _pid(target.server)
-    baseline = target.baseline_rps
-    if baseline is None:  # the recovery load's own pre-soak throughput
-        record, start = await closed_loop(port, target.requests, clients=target.clients,
-                                          duration_s=settings.capacity_s)
-        baseline = _throughput(record, start, settings.capacity_s)
-        print(f"  pre-soak closed loop ({target.clients} clients, this generator): "
-              f"{baseline:.1f} req/s", flush=True)
+    # the recovery load's own throughput before the soak, on the soak's server
+    record, start = await closed_loop(port, target.requests, clients=target.clients,
+                                      duration_s=settings.capacity_s)
+    baseline = _throughput(record, start, settings.capacity_s)
+    print(f"  pre-soak closed loop ({target.clients} clients, this generator): "
+          f"{baseline:.1f} req/s", flush=True)
     rate = settings.rate or settings.overload * target.capacity_rps
     if settings.burst_s > 0:
         burst = await open_loop(port, target.requests, rate=rate, duration_s=settings.burst_s,
@@ -372,9 +389,9 @@ def _batch_compute(base_url: str) -> tuple[float | None, float | None]:
 def _soak_embeddings(settings: SoakSettings, workdir: Path) -> SoakRun:
     bodies = embedding_bodies(EMBEDDING_MODEL, make_sentences(_BODIES))
     bodies_path = write_bodies(workdir / "soak-embeddings.jsonl", bodies)
-    toml = _embeddings_toml(settings.queue_wait_ms, settings.threads)
-    with tidegate_from_toml(toml, workdir=workdir, name="soak-embeddings") as server:
-        rss_start = rss_kib(_pid(server))
+    capacity_toml = _embeddings_toml(None, settings.threads)
+    with tidegate_from_toml(capacity_toml, workdir=workdir,
+                            name="soak-embeddings-capacity") as server:
         if settings.warmup_s > 0:
             run_wrk(server.embeddings_url, bodies_path, connections=EMBEDDING_CLIENTS,
                     duration_s=settings.warmup_s)
@@ -386,18 +403,22 @@ def _soak_embeddings(settings: SoakSettings, workdir: Path) -> SoakRun:
             raise RuntimeError("the server's /metrics has no tidegate_batch_compute_seconds")
         batches = (count_after or 0) - (count_before or 0)
         compute_s = ((sum_after or 0) - (sum_before or 0)) / batches if batches else 0.0
-        print(f"  capacity (wrk, {EMBEDDING_CLIENTS} connections): {wrk.requests_per_s:.1f} "
-              f"req/s, p99 {wrk.p99_ms:.1f} ms, mean batch compute {compute_s * 1000:.1f} ms",
-              flush=True)
+        print(f"  capacity (wrk, {EMBEDDING_CLIENTS} connections): {wrk.ok_per_s:.1f} 2xx/s "
+              f"({wrk.non_2xx} refused), p99 {wrk.p99_ms:.1f} ms, mean batch compute "
+              f"{compute_s * 1000:.1f} ms", flush=True)
+    wait_ms = settings.wait_ms(SoakWorkload.EMBEDDINGS)
+    toml = _embeddings_toml(wait_ms, settings.threads)
+    with tidegate_from_toml(toml, workdir=workdir, name="soak-embeddings") as server:
         target = _Target(
             workload=SoakWorkload.EMBEDDINGS, server=server,
             requests=encode_posts(EMBEDDINGS_PATH, _port(server), bodies),
             clients=EMBEDDING_CLIENTS, queue_key="max_queue_items", queue_bound=EMBEDDING_QUEUE,
-            capacity_rps=wrk.requests_per_s,
-            capacity_how=f"wrk, {EMBEDDING_CLIENTS} connections, {settings.capacity_s} s",
+            capacity_rps=wrk.ok_per_s,
+            capacity_how=f"wrk, {EMBEDDING_CLIENTS} connections, {settings.capacity_s} s, 2xx "
+                         f"only",
             service_s=compute_s, service_how="mean batch compute time at capacity (/metrics)",
-            baseline_rps=None, rss_start_kib=rss_start,
-            queue_wait_s=None if settings.queue_wait_ms is None else settings.queue_wait_ms / 1000,
+            rss_start_kib=rss_kib(_pid(server)),
+            queue_wait_s=None if wait_ms is None else wait_ms / 1000,
         )
         return _soak(target, settings)
 
@@ -417,13 +438,16 @@ def _soak_generation(settings: SoakSettings, workdir: Path) -> SoakRun:
 
     model = build_tiny_gpt2(workdir / "soak-gpt2")
     print(f"  model: {model.describe()}", flush=True)
-    wait: dict[str, float] = ({} if settings.queue_wait_ms is None
-                              else {"max_queue_wait_ms": settings.queue_wait_ms})
-    config = render_config(model.path, model_id=GENERATION_MODEL, max_num_seqs=GENERATION_SEQS,
-                           max_waiting=GENERATION_QUEUE, threads=settings.threads,
-                           pipeline_process=settings.pipeline_process, **wait)
-    with tidegate_from_toml(config, workdir=workdir, name="soak-generation") as server:
-        rss_start = rss_kib(_pid(server))
+
+    def config(wait_ms: float | None) -> str:
+        wait: dict[str, float] = {} if wait_ms is None else {"max_queue_wait_ms": wait_ms}
+        return render_config(model.path, model_id=GENERATION_MODEL,
+                             max_num_seqs=GENERATION_SEQS, max_waiting=GENERATION_QUEUE,
+                             threads=settings.threads,
+                             pipeline_process=settings.pipeline_process, **wait)
+
+    with tidegate_from_toml(config(None), workdir=workdir,
+                            name="soak-generation-capacity") as server:
         requests = encode_posts(COMPLETIONS_PATH, _port(server), _completion_bodies())
 
         async def capacity() -> tuple[LoadRecord, float]:
@@ -439,15 +463,18 @@ def _soak_generation(settings: SoakSettings, workdir: Path) -> SoakRun:
         service_s = statistics.fmean(latencies) if latencies else 0.0
         print(f"  capacity ({GENERATION_SEQS} clients): {rps:.1f} req/s, mean latency "
               f"{service_s * 1000:.1f} ms", flush=True)
+    wait_ms = settings.wait_ms(SoakWorkload.GENERATION)
+    with tidegate_from_toml(config(wait_ms), workdir=workdir, name="soak-generation") as server:
         target = _Target(
-            workload=SoakWorkload.GENERATION, server=server, requests=requests,
+            workload=SoakWorkload.GENERATION, server=server,
+            requests=encode_posts(COMPLETIONS_PATH, _port(server), _completion_bodies()),
             clients=GENERATION_SEQS, queue_key="max_waiting", queue_bound=GENERATION_QUEUE,
             capacity_rps=rps,
             capacity_how=f"{GENERATION_SEQS} closed-loop clients (= max_num_seqs), "
                          f"{settings.capacity_s} s",
             service_s=service_s, service_how="mean request latency at capacity",
-            baseline_rps=rps, rss_start_kib=rss_start,
-            queue_wait_s=None if settings.queue_wait_ms is None else settings.queue_wait_ms / 1000,
+            rss_start_kib=rss_kib(_pid(server)),
+            queue_wait_s=None if wait_ms is None else wait_ms / 1000,
         )
         return _soak(target, settings)
 
@@ -607,26 +634,35 @@ def _command(settings: SoakSettings) -> str:
     return shlex.join(args)
 
 
+def _wait_text(settings: SoakSettings) -> str:
+    if settings.queue_wait_ms is None:
+        return " / ".join(f"{QUEUE_WAIT_MS[w]:g} ({w.value})" for w in settings.workloads)
+    return f"{settings.queue_wait_ms:g}" if settings.queue_wait_ms else "unset"
+
+
 def soak_markdown(results: SoakResults, checks: list[Check]) -> list[str]:
     settings = results.settings
     lines = [
         "## Overload soak (open loop, bounded queue)",
         "",
         f"Command: `{_command(settings)}` (or `python -m bench.run_all --only soak`). Per "
-        "workload, on its own server: capacity from a closed-loop run; a warm-up of the same "
-        f"requests (closed loop, then a {settings.burst_s:g} s open-loop burst at the soak "
-        f"rate); then an **open-loop** load (`bench/open_loop.py`: request *i* is sent at "
-        f"t0 + i / rate whatever the answers, on keep-alive connections opened as needed, at "
-        f"most {settings.max_connections}) at {settings.overload:g}x capacity for "
+        "workload: capacity (and the service time) from a closed-loop run on a server without "
+        "a bound in time; then a fresh server with `max_queue_wait_ms` "
+        f"{_wait_text(settings)}; on it a warm-up of the same "
+        f"requests (closed loop, the recovery's baseline, then a {settings.burst_s:g} s "
+        "open-loop burst at the soak rate); then an **open-loop** load "
+        "(`bench/open_loop.py`: request *i* is sent at t0 + i / rate whatever the answers, "
+        f"on keep-alive connections opened as needed, at most {settings.max_connections}) "
+        f"at {settings.overload:g}x capacity for "
         f"{settings.soak_s:g} s; the moment arrivals stop, a closed-loop load of the pre-soak "
         "shape, counted per second. Latency runs from each request's due time, so time spent "
         "waiting in the client counts. Embeddings: MiniLM, one ~12-word sentence per request. "
         f"Generation: non-streamed completions (`max_tokens` {GENERATION_MAX_TOKENS}) from the "
         "random-weight GPT-2 of `bench/tiny_gpt2.py`. The latency bound is the drain time of "
-        "a full queue, `queue bound / capacity + service time` (service time: one batch's "
-        "mean compute for embeddings, one request's mean latency at capacity for "
-        "generation). RSS is `VmRSS` of the server process and its children (an OpenVINO GenAI "
-        "model's pipeline runs in one), median of 5 reads with the server "
+        "a full queue, `min(queue bound / capacity, max_queue_wait_ms) + service time` "
+        "(service time: one batch's mean compute for embeddings, one request's mean latency "
+        "at capacity for generation). RSS is `VmRSS` of the server process and its children "
+        "(an OpenVINO GenAI model's pipeline runs in one), median of 5 reads with the server "
         "idle.",
         "",
         "| " + " | ".join(_HEADER) + " |",
@@ -661,9 +697,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--capacity-s", type=int, default=10,
                         help="seconds of the closed-loop capacity run (default 10)")
     parser.add_argument("--queue-wait-ms", type=float,
-                        help="also bound the queue in time (max_queue_wait_ms, in "
-                             "[models.batching] or [models.generation]); the latency bound uses "
-                             "it if smaller")
+                        help="bound both queues in time to this (max_queue_wait_ms, in "
+                             "[models.batching] or [models.generation]; 0: no bound in time); "
+                             "default: embeddings 300, generation 150; the latency bound uses "
+                             "it if smaller than the queue's drain time")
     parser.add_argument("--pipeline-process", choices=["true", "false"],
                         help="generation: run OpenVINO GenAI's pipeline in a child process or "
                              "not ([models.generation] pipeline_process; default: unset)")
@@ -677,6 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.soak_s <= 0 or (args.rate is not None and args.rate <= 0) or args.capacity_s < 1:
         raise SystemExit("--soak-s and --rate must be positive, --capacity-s at least 1")
+    if args.queue_wait_ms is not None and args.queue_wait_ms < 0:
+        raise SystemExit("--queue-wait-ms must be 0 (no bound in time) or more")
     if args.threads is not None and args.threads < 1:
         raise SystemExit("--threads must be at least 1")
     os.environ["HF_HUB_OFFLINE"] = "1"

@@ -143,10 +143,11 @@ class BatchingConfig:
     max_queue_items: int = 4096
     """Inputs queued beyond this are refused with 429 (or ``overload_status``)."""
     max_queue_wait_ms: float | None = None
-    """If set, inputs are also refused when the queue would take longer than this to drain at
-    the rate it drains now (batch to batch, the time between batches included): a bound in time
-    that tightens by itself when the server slows (a busy CPU), where ``max_queue_items`` stays
-    fixed."""
+    """If set, a request is also refused when it would have its results later than this after
+    its arrival (the batch computing now, whole batches ahead and its own, each timed by its
+    size as batches run now, slow ones allowed for; README, "Overload and cancellation"): a
+    bound in time that tightens by itself when the server slows (a busy CPU), where
+    ``max_queue_items`` stays fixed. An idle model takes any request."""
     target_p99_ms: float | None = None
     """If set, the batch size adapts so queue + compute p99 tracks this target."""
     overload_status: Literal[429, 503] = 429
@@ -207,10 +208,11 @@ class GenerationConfig:
     max_waiting: int = 256
     """Sequences waiting for a slot; beyond this, requests get 429 (or ``overload_status``)."""
     max_queue_wait_ms: float | None = None
-    """If set, a request is also refused when the sequences waiting ahead of it would take
-    longer than this to generate at the rate the engine generates now (their expected tokens,
-    from the mean completion so far, over tokens per second of busy time, the gaps between
-    steps included)."""
+    """If set, a request is also refused when it is expected to end later than this after its
+    arrival: the running and waiting sequences ahead holding the slots for their expected
+    tokens (the mean completion so far), then its own (at most its ``max_tokens``), at the step
+    time measured now (the gaps between steps included), scaled by the 99th percentile of recent
+    sequences' actual over expected time. A request that finds a slot free is taken."""
     stream_buffer: int = 64
     """Deltas buffered per stream before its reader counts as behind."""
     stream_timeout_s: float = 30.0

@@ -149,8 +149,8 @@ class Overloaded(TidegateError):
         if wait_limit_ms is None:
             why = f"{queued} inputs queued, limit {limit}"
         else:
-            why = (f"{queued} inputs queued would take about {wait_ms or 0:.0f} ms to compute, "
-                   f"limit {wait_limit_ms:g} ms")
+            why = (f"{queued} queued ahead, a new request would have its result in about "
+                   f"{wait_ms or 0:.0f} ms, limit {wait_limit_ms:g} ms")
         super().__init__(f"Model '{model}' is overloaded: {why}. Retry after {retry_after_s}s.")
         self.model = model
         self.queued = queued

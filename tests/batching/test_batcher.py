@@ -305,37 +305,68 @@ def test_on_loop_compute_answers_without_yielding_to_the_loop() -> None:
     asyncio.run(main())
 
 
-def test_max_queue_wait_refuses_what_would_wait_too_long_at_the_rate_now() -> None:
-    """A bound in time: the queue's drain time at the measured rate, which falls (and the
-    bound tightens) when batches compute slower."""
+class TimedModel:
+    """Batches of n inputs take 0.05 + 0.01 n s on a fake clock; ``hold()`` keeps the next
+    batches computing (the clock still) until ``release()``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def compute(self, payloads: Sequence[Any]) -> list[Any]:
+        self.started += 1
+        await self.gate.wait()
+        self.now += 0.05 + 0.01 * len(payloads)
+        return [p * 2 for p in payloads]
+
+
+def test_max_queue_wait_refuses_what_would_end_too_late() -> None:
+    """A bound on the time to a result: the batch computing now, whole batches ahead, the
+    input's own batch by its size (a batch's cost fitted from the batches so far), and the
+    wait of inputs already in the batch it joins. An idle model takes anything."""
 
     async def main() -> None:
-        now = [0.0]
-        per_item_s = [0.1]
-
-        def compute(payloads: list[Any]) -> list[Any]:
-            now[0] += per_item_s[0] * len(payloads)  # the batch's compute time, on the clock
-            return [p * 2 for p in payloads]
-
+        model = TimedModel()
         batcher: Batcher[Any] = Batcher(
-            model="m", compute=on_loop(compute), clock=lambda: now[0],
-            config=BatchingConfig(max_queue_wait_ms=500, max_wait_ms=0),
+            model="m", compute=model.compute, clock=model.clock,
+            config=BatchingConfig(max_queue_wait_ms=450, max_wait_ms=0, max_batch_size=20),
         )
         await batcher.start()
         try:
-            batcher.check_room(1000)  # no rate measured yet: only max_queue_items applies
-            assert await batcher.submit(items(1, 2)) == [2, 4]  # 10 inputs/s
-            batcher.check_room(5)  # 500 ms
-            with pytest.raises(Overloaded, match="about 600 ms to compute, limit 500 ms"):
-                batcher.check_room(6)
-            per_item_s[0] = 0.5  # the CPU got busy: 2 inputs/s
-            for _ in range(30):  # the rate's moving average follows
-                await batcher.submit(items(1))
-            with pytest.raises(Overloaded) as caught:
-                batcher.check_room(2)
+            batcher.check_room(1000)  # no batch timed yet: only max_queue_items applies
+            for _ in range(40):  # batches of 5 and of 20: 0.1 s and 0.25 s
+                assert await batcher.submit(items(*range(5))) == [2 * i for i in range(5)]
+                await batcher.submit(items(*range(20)))
+            batcher.check_room(60)  # idle: a batch of 0.65 s is taken all the same
+            model.gate.clear()
+            running = asyncio.create_task(batcher.submit(items(*range(20))))
+            while model.started < 81:
+                await asyncio.sleep(0)
+            # behind the running batch (0.25 s): 10 inputs end after 0.25 + 0.15 s
+            batcher.check_room(10)
+            queued = asyncio.create_task(batcher.submit(items(*range(10))))
+            await until_queued(batcher, 10)
+            model.now += 0.2  # the running batch has 0.05 s left
+            # 4 more join the queued batch: 0.05 + 0.19 s from now, but its first inputs
+            # have waited 0.2 s already: 440 ms
+            batcher.check_room(4)
+            with pytest.raises(Overloaded,
+                               match=r"10 queued ahead, .* result in about 50\d ms, "
+                                     r"limit 450 ms") as caught:
+                batcher.check_room(10)  # 0.2 + 0.05 + 0.25 s for the inputs queued first
             assert caught.value.retry_after_s >= 1
-            batcher.check_room(1)
+            # 10 to fill the queued batch and 1 in the next one: 0.2 + 0.05 + 0.25 s too
+            with pytest.raises(Overloaded):
+                batcher.check_room(11)
+            model.gate.set()
+            assert len(await running) == 20 and len(await queued) == 10
         finally:
+            model.gate.set()
             await batcher.aclose()
 
     asyncio.run(main())

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from tidegate.batching.policy import Decision, DispatchReason, decide, fill_batch
+import pytest
+
+from tidegate.batching.policy import Decision, DispatchReason, batch_ends_s, decide, fill_batch
 
 LIMITS = {"max_inflight": 2, "batch_size": 4, "max_batch_tokens": 100, "max_wait_s": 0.010}
 
@@ -45,3 +47,32 @@ def test_no_dispatch_while_every_slot_computes() -> None:
 def test_fill_batch_counts_inputs_not_requests() -> None:
     assert fill_batch([1] * 50, 64, 10_000) == (50, False)
     assert fill_batch([1] * 70, 64, 10_000) == (64, False)
+
+
+def ends(batch: int, items: int, inflight: list[tuple[int, float]], slots: int = 1) -> float:
+    """A batch of n inputs takes 0.1 + 0.01 n seconds; full batches hold 10 (0.2 s)."""
+    return batch_ends_s(batch=batch, items=items, batch_size=10, max_inflight=slots,
+                        fixed_s=0.1, item_s=0.01, inflight=inflight)
+
+
+def test_batch_ends_on_an_idle_model_after_its_own_compute() -> None:
+    assert ends(0, 5, []) == pytest.approx(0.15)
+
+
+def test_batch_ends_after_what_the_running_batch_has_left() -> None:
+    assert ends(0, 5, [(10, 0.05)]) == pytest.approx(0.15 + 0.15)
+    assert ends(0, 5, [(10, 0.5)]) == pytest.approx(0.15)  # overdue: counts as ending now
+
+
+def test_batch_ends_after_whole_batches_ahead() -> None:
+    """Inputs ahead are counted as full batches, not as a fraction of a rate: the third batch
+    waits for the running one and two full ones."""
+    assert ends(2, 3, [(10, 0.0)]) == pytest.approx(0.2 + 2 * 0.2 + 0.13)
+
+
+def test_batch_ends_with_slots_computing_at_once() -> None:
+    # two slots, one free: batch 0 starts now, batch 1 when the running one ends
+    assert ends(0, 10, [(10, 0.1)], slots=2) == pytest.approx(0.2)
+    assert ends(1, 10, [(10, 0.1)], slots=2) == pytest.approx(0.1 + 0.2)
+    # batch 2 runs on the free slot after batch 0's full round
+    assert ends(2, 10, [(10, 0.1)], slots=2) == pytest.approx(0.2 + 0.2)

@@ -130,32 +130,38 @@ def test_admission_beyond_the_queue_bound_is_overloaded(llama: CausalLMRuntime) 
     run_engine(llama, scenario, max_num_seqs=1, max_waiting=2, overload_status=503)
 
 
-def test_max_queue_wait_refuses_when_the_work_ahead_would_take_too_long(
-        llama: CausalLMRuntime) -> None:
-    class TickingClock(FakeClock):
-        def __call__(self) -> float:
-            self.now += 0.01  # time passes while a step computes, so a rate is measured
-            return self.now
+def test_max_queue_wait_refuses_what_would_end_too_late(llama: CausalLMRuntime) -> None:
+    """A bound on a new sequence's time to its end: the sequences ahead hold the slots for
+    the mean completion each (4 tokens here), then its own tokens (fewer if its
+    ``max_tokens`` is lower), at the measured step time (10 ms: the clock moves only between
+    steps)."""
+    clock = FakeClock()
+
+    def between_steps(_: StepReport) -> None:
+        clock.now += 0.01
 
     async def scenario(engine: GenerationEngine) -> None:
         first = await engine.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0)).collect()
-        assert first.completion_tokens == 4  # the mean completion so far: 4 tokens
-        rate = engine.statistics().tokens_per_second
-        assert rate > 0
-        per_sequence_ms = 1000 * 4 / rate  # the expected work of each waiting sequence
-        admitted = []
-        for ahead in range(1000):  # submit() is synchronous: each waits behind the others
-            if ahead * per_sequence_ms > 500:
-                with pytest.raises(Overloaded, match=r"to compute, limit 500 ms"):
-                    engine.submit(PROMPT, LONG)
-                break
+        assert first.completion_tokens == 4
+        admitted = [engine.submit(PROMPT, LONG)]  # a free slot takes it, whatever it costs
+        # with k waiting ahead (the one slot busy): 4 k + 4 steps; 500 ms admits k <= 11
+        for _ in range(11):
             admitted.append(engine.submit(PROMPT, LONG))
-        assert len(admitted) >= 2 and engine.statistics().rejected == 1
+        with pytest.raises(Overloaded,
+                           match=r"12 queued ahead, .* result in about 520 ms, limit 500 ms"):
+            engine.submit(PROMPT, LONG)
+        # a request for one token ends 3 steps sooner: 490 ms
+        short = SamplingParams(max_tokens=1, temperature=0)
+        assert engine.check_room(short.max_tokens) == pytest.approx(0.49)
+        admitted.append(engine.submit(PROMPT, short))
+        with pytest.raises(Overloaded):
+            engine.check_room(1)
+        assert engine.statistics().rejected == 2
         for stream in admitted:
             stream.cancel()
 
-    run_engine(llama, scenario, clock=TickingClock(), max_num_seqs=1, max_waiting=1000,
-               max_queue_wait_ms=500)
+    run_engine(llama, scenario, clock=clock, on_step=between_steps, max_num_seqs=1,
+               max_waiting=1000, max_queue_wait_ms=500)
 
 
 def test_the_rate_counts_the_time_between_steps(llama: CausalLMRuntime) -> None:

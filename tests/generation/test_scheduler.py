@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from tidegate.generation.scheduler import Admission, admit, retry_after_s
+from tidegate.generation.scheduler import Admission, admit, expected_steps, retry_after_s
 
 
 def plan(tokens: list[int], *, running: int = 0, seqs: int = 8, budget: int = 100) -> Admission:
@@ -28,3 +28,22 @@ def test_retry_after_estimates_queue_drain_time() -> None:
     assert retry_after_s(waiting=10, mean_completion_tokens=0, tokens_per_s=0) == 1
     assert retry_after_s(waiting=10, mean_completion_tokens=50, tokens_per_s=100) == 5
     assert retry_after_s(waiting=0, mean_completion_tokens=50, tokens_per_s=100) == 1
+
+
+def test_expected_steps_on_a_free_slot_are_the_sequences_own() -> None:
+    assert expected_steps(waiting=0, running_left=[5], max_num_seqs=2,
+                          mean_completion_tokens=10, own_tokens=3) == 3
+
+
+def test_expected_steps_wait_for_the_first_slot_to_free() -> None:
+    assert expected_steps(waiting=0, running_left=[7, 2], max_num_seqs=2,
+                          mean_completion_tokens=10, own_tokens=3) == 2 + 3
+
+
+def test_expected_steps_count_whole_sequences_ahead() -> None:
+    """Two slots freeing after 2 and 7 steps; five waiting ahead of 10 steps each take them in
+    turn: the new one gets the slot of the 5th ahead's round (slot 1 after 2 rounds)."""
+    assert expected_steps(waiting=5, running_left=[7, 2], max_num_seqs=2,
+                          mean_completion_tokens=10, own_tokens=3) == 7 + 2 * 10 + 3
+    assert expected_steps(waiting=4, running_left=[7, 2], max_num_seqs=2,
+                          mean_completion_tokens=10, own_tokens=3) == 2 + 2 * 10 + 3

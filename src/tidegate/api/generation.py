@@ -291,7 +291,7 @@ async def _serve_local(request: GenerationRequest, model: TextGenerationModel,
     limit = getattr(runtime, "max_top_logprobs", None)
     check_local(request.body, request.endpoint, request.params, model=model.id,
                 max_top_logprobs=limit if isinstance(limit, int) else None)
-    engine.check_room()  # a full queue refuses before tokenizing
+    engine.check_room(request.params.max_tokens)  # a full queue refuses before tokenizing
     if request.messages is not None:
         prompt_ids = await asyncio.to_thread(runtime.encode_chat, request.messages)
     else:

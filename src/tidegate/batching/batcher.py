@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from tidegate.batching.adaptive import AdaptiveBatchSize
 from tidegate.batching.compute import BatchResults, Compute
-from tidegate.batching.policy import Decision, DispatchReason, decide
+from tidegate.batching.policy import Decision, DispatchReason, batch_ends_s, decide
 from tidegate.batching.stats import BatchMetrics, nothing_queued
 from tidegate.config import BatchingConfig
 from tidegate.errors import (
@@ -32,7 +32,7 @@ from tidegate.errors import (
     TidegateError,
 )
 from tidegate.runtimes.base import Prepared
-from tidegate.throughput import DrainRate
+from tidegate.throughput import BatchCost, DrainRate
 
 __all__ = ["Batcher", "BatcherStatistics"]
 
@@ -119,7 +119,11 @@ class Batcher(Generic[R]):
         self._items = 0
         self._failed = 0
         self._drain = DrainRate()
-        """Items per second the queue drains at: Retry-After and ``max_queue_wait_ms``."""
+        """Items per second the queue drains at: Retry-After."""
+        self._cost = BatchCost()
+        """A batch's time from dispatch to results by its size: ``max_queue_wait_ms``."""
+        self._running: dict[int, tuple[int, float]] = {}
+        """Each batch computing now, by number: its inputs and when it was dispatched."""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -169,8 +173,11 @@ class Batcher(Generic[R]):
                 retry_after_s=self._retry_after(), status=self._config.overload_status,
             )
         wait_limit_ms = self._config.max_queue_wait_ms
-        if wait_limit_ms is not None and self._drain.per_second > 0:
-            wait_ms = 1000 * (len(self._queue) + size) / self._drain.per_second
+        if wait_limit_ms is None or not (self._queue or self._running):
+            return  # an idle model takes a request, however slow its batches have been
+        latency_s = self._expected_latency_s(size)
+        if latency_s is not None:
+            wait_ms = 1000 * latency_s
             if wait_ms > wait_limit_ms:
                 self._metrics.rejected += 1
                 raise Overloaded(
@@ -235,6 +242,38 @@ class Batcher(Generic[R]):
 
     def _queue_depth(self) -> int:
         return len(self._queue)
+
+    def _expected_latency_s(self, size: int) -> float | None:
+        """The longest a queued input would wait for its result, from its arrival, if ``size``
+        more joined the queue now; ``None`` before a batch was timed.
+
+        The new inputs' own batches are predicted (:func:`batch_ends_s`), and a batch they
+        join already holding inputs counts from its oldest input's arrival: an input admitted
+        when its batch was small must not see that batch grow past the bound afterwards.
+        """
+        cost = self._cost
+        if cost.item_s <= 0 and cost.fixed_s <= 0:
+            return None
+        now = self._clock()
+        slow = cost.slow
+        queue = self._queue
+        queued = len(queue)
+        size_of_batch = max(1, self.batch_size)
+        inflight = [(items, now - started) for items, started in self._running.values()]
+        first = queued // size_of_batch
+        last = (queued + max(1, size) - 1) // size_of_batch
+        worst = 0.0
+        for batch in {first, last}:
+            items = min(size_of_batch, queued + size - batch * size_of_batch)
+            ends_s = batch_ends_s(
+                batch=batch, items=items, batch_size=size_of_batch,
+                max_inflight=self._config.concurrency, fixed_s=cost.fixed_s * slow,
+                item_s=cost.item_s * slow, inflight=inflight,
+            )
+            head = batch * size_of_batch
+            waited_s = now - queue[head].enqueued_at if head < queued else 0.0
+            worst = max(worst, waited_s + ends_s)
+        return worst
 
     def _withdraw(self, request: _Request) -> None:
         if request.pending:
@@ -301,13 +340,15 @@ class Batcher(Generic[R]):
         metrics.batch_tokens.observe(tokens)
         backlogged = bool(queue)
         started = self._clock()
+        batch = self._batches
+        self._running[batch] = (count, started)
         future = asyncio.ensure_future(self._compute([item.payload for item in items]))
         if future.done():  # computed on the loop (``on_loop``): deliver in this same step
-            self._on_computed(future, items, started, backlogged)
+            self._on_computed(future, items, started, backlogged, batch)
             return
         self._pending.add(future)
         future.add_done_callback(
-            lambda done: self._on_computed(done, items, started, backlogged)
+            lambda done: self._on_computed(done, items, started, backlogged, batch)
         )
 
     @staticmethod
@@ -317,7 +358,8 @@ class Batcher(Generic[R]):
         return results
 
     def _on_computed(
-        self, done: asyncio.Future[Any], items: list[_Item], started: float, backlogged: bool
+        self, done: asyncio.Future[Any], items: list[_Item], started: float, backlogged: bool,
+        batch: int,
     ) -> None:
         self._pending.discard(done)
         try:
@@ -327,17 +369,18 @@ class Batcher(Generic[R]):
             task = asyncio.ensure_future(self._isolate(items, exc))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
-            task.add_done_callback(lambda _: self._finish(items, started, backlogged))
+            task.add_done_callback(lambda _: self._finish(items, started, backlogged, batch))
             return
         except asyncio.CancelledError as exc:  # the executor was shut down under us
             for group in self._by_request(items):
                 self._fail(group, exc)
         else:
             self._deliver(items, results)
-        self._finish(items, started, backlogged)
+        self._finish(items, started, backlogged, batch)
 
-    def _finish(self, items: list[_Item], started: float, backlogged: bool) -> None:
+    def _finish(self, items: list[_Item], started: float, backlogged: bool, batch: int) -> None:
         self._inflight -= 1
+        self._running.pop(batch, None)
         self._observe(items, started, self._clock(), backlogged)
         self._pump()
 
@@ -392,6 +435,7 @@ class Batcher(Generic[R]):
         compute_s = finished - started
         self._drain.observe(len(items), ready_at=min(item.enqueued_at for item in items),
                             end=finished)
+        self._cost.observe(len(items), compute_s)
         self._metrics.compute.observe(compute_s)
         queue_wait = self._metrics.queue_wait
         for item in items:

@@ -9,15 +9,17 @@ a wait ran out) and does what the returned :class:`Decision` says. Rules, in ord
    load never sits out the wait.
 4. The oldest queued input has waited ``max_wait`` (``timeout``): dispatch.
 5. Otherwise wait until rule 4 would fire, or until something changes.
+
+:func:`batch_ends_s` predicts when a queued batch would be done, for ``max_queue_wait_ms``.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Decision", "DispatchReason", "decide", "fill_batch"]
+__all__ = ["Decision", "DispatchReason", "batch_ends_s", "decide", "fill_batch"]
 
 
 class DispatchReason(enum.StrEnum):
@@ -84,3 +86,30 @@ def decide(
     if waited >= max_wait_s:
         return Decision(DispatchReason.TIMEOUT, count)
     return Decision(None, wake_after_s=max_wait_s - waited)
+
+
+def batch_ends_s(
+    *,
+    batch: int,
+    items: int,
+    batch_size: int,
+    max_inflight: int,
+    fixed_s: float,
+    item_s: float,
+    inflight: Sequence[tuple[int, float]],
+) -> float:
+    """Seconds until the ``batch``-th batch to be dispatched from the queue (0: the next one),
+    holding ``items`` inputs, would have its results.
+
+    A batch of ``n`` inputs takes ``fixed_s + n * item_s``; the batches ahead of it are full
+    (``batch_size``). Each starts on the first of ``max_inflight`` slots to come free; a batch
+    computing now, ``inflight`` as (inputs, seconds it has run), frees its slot after what it
+    has left. So an input behind a batch that has just started waits for all of it, and for
+    whole batches ahead, where inputs over a rate would count a fraction of each.
+    """
+    slots = max(1, max_inflight)
+    frees = sorted(max(0.0, fixed_s + n * item_s - ran) for n, ran in inflight)[:slots]
+    frees = [0.0] * (slots - len(frees)) + frees  # an idle slot is free now
+    full_s = fixed_s + max(1, batch_size) * item_s
+    # the j-th batch starts on slot j % slots, after j // slots full rounds
+    return frees[batch % slots] + (batch // slots) * full_s + fixed_s + items * item_s

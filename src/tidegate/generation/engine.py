@@ -41,12 +41,12 @@ from tidegate.errors import (
 )
 from tidegate.generation.detok import TokenDecoder
 from tidegate.generation.params import FinishReason, SamplingParams, TokenLogprob
-from tidegate.generation.scheduler import admit, expected_wait_s, retry_after_s
+from tidegate.generation.scheduler import admit, expected_steps, retry_after_s
 from tidegate.generation.sequence import SequenceState
 from tidegate.generation.stats import EngineStatistics, GenerationMetrics, HistogramSnapshot
 from tidegate.generation.stream import GenerationStream
 from tidegate.generation.worker import PrefillRequest, StepOutcome, StepPlan
-from tidegate.throughput import DrainRate
+from tidegate.throughput import DrainRate, RecentQuantile
 
 __all__ = [
     "GenerationConfig", "GenerationEngine", "GenerationModel", "StepReport", "StepRunner",
@@ -138,7 +138,13 @@ class GenerationEngine:
         self._steps_started = 0
         self._steps_done = 0
         self._drain = DrainRate()
-        """Generated tokens per second while busy: Retry-After and ``max_queue_wait_ms``."""
+        """Generated tokens per second while busy: Retry-After."""
+        self._step_s = 0.0
+        """A step's time, from the previous step's end while busy (EWMA): ``max_queue_wait_ms``."""
+        self._step_ended: float | None = None
+        self._slow = RecentQuantile(start=1.0, low=0.5, high=3.0)
+        """Actual over expected time of slow sequences (the 99th percentile of recent ones'):
+        a bound meant for nearly every request must allow for the slow ones."""
         self._busy_since: float | None = None  # the first step's start after an idle wait
         self._last_decode: tuple[str, ...] = ()
         self._dropped_names: tuple[str, ...] = ()  # of the step in flight, for its report
@@ -180,7 +186,7 @@ class GenerationEngine:
         :class:`ModelUnavailable` before :meth:`start` or after :meth:`aclose`. Generation is
         capped by the context: a sequence that reaches it ends with ``finish_reason="length"``.
         """
-        self.check_room()
+        expected_s = self.check_room(params.max_tokens)
         prompt = self._checked_prompt(prompt_ids)
         seq_id = self._next_id
         self._next_id += 1
@@ -196,16 +202,18 @@ class GenerationEngine:
             decoder=self._runtime.decoder, eos_token_ids=self._runtime.eos_token_ids,
             now=self._clock(),
         )
+        seq.expected_s = expected_s
         self._waiting.append(seq)
         self._live[seq_id] = seq
         self._metrics.prompt_tokens += len(prompt)
         self._wake.set()
         return stream
 
-    def check_room(self) -> None:
+    def check_room(self, max_tokens: int | None = None) -> float | None:
         """Raise what :meth:`submit` would if no sequence can wait now (:class:`Overloaded`,
         :class:`ModelUnavailable`), so a caller can refuse before tokenizing a prompt: under
-        overload, refusing must cost less than serving."""
+        overload, refusing must cost less than serving. Returns the time a sequence of at most
+        ``max_tokens`` submitted now is expected to take, if ``max_queue_wait_ms`` is set."""
         if self._lost is not None:
             raise ModelUnavailable(self.model, f"its runtime was lost ({self._lost}); "
                                    "it will be loaded again")
@@ -220,17 +228,39 @@ class GenerationEngine:
                 retry_after_s=self._retry_after(), status=self._config.overload_status,
             )
         wait_limit_ms = self._config.max_queue_wait_ms
-        if wait_limit_ms is not None:
-            wait_s = expected_wait_s(waiting=len(self._waiting),
-                                     mean_completion_tokens=self._mean_completion(),
-                                     tokens_per_s=self._drain.per_second)
-            if wait_s is not None and wait_s * 1000 > wait_limit_ms:
-                self._metrics.rejected += 1
-                raise Overloaded(
-                    model=self.model, queued=len(self._waiting), limit=limit,
-                    retry_after_s=self._retry_after(), status=self._config.overload_status,
-                    wait_ms=wait_s * 1000, wait_limit_ms=wait_limit_ms,
-                )
+        if wait_limit_ms is None:
+            return None
+        expected_s = self._expected_s(max_tokens)
+        occupied = len(self._waiting) + len(self._running)
+        if expected_s is None or occupied < self._config.max_num_seqs:
+            return expected_s  # a free slot takes it at once: there is no queue to bound
+        wait_ms = 1000 * expected_s * self._slow.value
+        if wait_ms > wait_limit_ms:
+            self._metrics.rejected += 1
+            raise Overloaded(
+                model=self.model, queued=len(self._waiting), limit=limit,
+                retry_after_s=self._retry_after(), status=self._config.overload_status,
+                wait_ms=wait_ms, wait_limit_ms=wait_limit_ms,
+            )
+        return expected_s
+
+    def _expected_s(self, max_tokens: int | None) -> float | None:
+        """How long a sequence submitted now would take to end (:func:`expected_steps` at the
+        measured step time); ``None`` before a step was timed or a sequence ended."""
+        mean = self._mean_completion()
+        if self._step_s <= 0 or mean <= 0:
+            return None
+        own = mean if max_tokens is None else min(mean, max_tokens)
+        running_left = [
+            max(1, min(seq.max_new, max(mean, len(seq.output_ids) + 1)) - len(seq.output_ids))
+            for seq in self._running.values()
+        ]
+        steps = expected_steps(
+            waiting=len(self._waiting), running_left=running_left,
+            max_num_seqs=self._config.max_num_seqs, mean_completion_tokens=mean,
+            own_tokens=own,
+        )
+        return steps * self._step_s
 
     def _checked_prompt(self, prompt_ids: Sequence[int]) -> tuple[int, ...]:
         prompt = tuple(int(token) for token in prompt_ids)
@@ -288,6 +318,7 @@ class GenerationEngine:
                 plan = self._plan()
                 if plan is None:
                     self._drain.idle()
+                    self._step_ended = None
                     self._busy_since = None
                     self._wake.clear()
                     await self._wake.wait()
@@ -351,6 +382,9 @@ class GenerationEngine:
         if self._busy_since is None:
             self._busy_since = started
         self._drain.observe(len(outcome.tokens), ready_at=self._busy_since, end=now)
+        step_s = now - (started if self._step_ended is None else self._step_ended)
+        self._step_s = step_s if self._step_s == 0 else 0.9 * self._step_s + 0.1 * step_s
+        self._step_ended = now
         self._last_decode = tuple(self._batch_names.get(i, "?") for i in outcome.decoded)
         report = StepReport(
             index=self._steps_done,
@@ -403,6 +437,8 @@ class GenerationEngine:
         if seq.in_batch:
             self._pending_drops.append(seq.id)
         self._metrics.finished[reason] += 1
+        if seq.expected_s and reason in ("stop", "length"):
+            self._slow.observe((self._clock() - seq.submitted_at) / seq.expected_s)
         if error is not None:
             seq.stream.fail(error)
         else:

@@ -13,10 +13,10 @@ The engine asks :func:`admit` before every model step. Rules:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Admission", "admit", "expected_wait_s", "retry_after_s"]
+__all__ = ["Admission", "admit", "expected_steps", "retry_after_s"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +50,26 @@ def admit(
     return Admission(count, tokens, budget_bound=False)
 
 
-def expected_wait_s(*, waiting: int, mean_completion_tokens: float,
-                    tokens_per_s: float) -> float | None:
-    """How long the ``waiting`` sequences' expected work takes at the observed generation
-    rate; ``None`` before anything was measured."""
-    if tokens_per_s <= 0 or mean_completion_tokens <= 0:
-        return None
-    return waiting * mean_completion_tokens / tokens_per_s
+def expected_steps(
+    *,
+    waiting: int,
+    running_left: Sequence[float],
+    max_num_seqs: int,
+    mean_completion_tokens: float,
+    own_tokens: float,
+) -> float:
+    """Model steps until a sequence submitted now would end, generating ``own_tokens``.
+
+    Each running sequence frees its slot after the steps it has left (``running_left``); a
+    free slot is free now. The ``waiting`` sequences ahead take slots first, in order, each
+    holding one for ``mean_completion_tokens`` steps (one token per step, its prefill giving
+    the first); the new sequence takes the slot that frees after theirs.
+    """
+    slots = max(1, max_num_seqs)
+    frees = [0.0] * (slots - len(running_left)) + sorted(running_left)[:slots]
+    # the j-th waiting sequence takes slot j % slots, after j // slots rounds of others
+    start = frees[waiting % slots] + (waiting // slots) * max(1.0, mean_completion_tokens)
+    return start + max(1.0, own_tokens)
 
 
 def retry_after_s(*, waiting: int, mean_completion_tokens: float, tokens_per_s: float) -> int:

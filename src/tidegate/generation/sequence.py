@@ -79,9 +79,9 @@ class _Ledger:
 
 
 class SequenceState:
-    __slots__ = ("_detok", "_eos", "_ledger", "_stops", "first_token_at", "generator", "id",
-                 "in_batch", "last_token_at", "max_new", "output_ids", "params", "prompt_ids",
-                 "request_id", "stream", "submitted_at", "text_parts")
+    __slots__ = ("_detok", "_eos", "_ledger", "_stops", "expected_s", "first_token_at",
+                 "generator", "id", "in_batch", "last_token_at", "max_new", "output_ids",
+                 "params", "prompt_ids", "request_id", "stream", "submitted_at", "text_parts")
 
     def __init__(
         self,
@@ -115,6 +115,8 @@ class SequenceState:
         self.text_parts: list[str] = []
         self.in_batch = False
         """Handed to the worker: its row must be dropped when it ends."""
+        self.expected_s: float | None = None
+        """How long it was expected to take when admitted (``max_queue_wait_ms``)."""
 
     @property
     def reports_logprobs(self) -> bool:
