@@ -135,6 +135,9 @@ class SoakSettings:
     """The model's compute threads (``intra_op_threads``); default: the engine's own."""
     pipeline_process: bool | None = None
     """Generation: ``[models.generation] pipeline_process`` (None: unset, tidegate decides)."""
+    malloc_arena_max: int | None = 2
+    """``MALLOC_ARENA_MAX`` in the servers' environment (README, "Memory under a varied
+    load"); ``None``: as inherited."""
 
 
     def wait_ms(self, workload: SoakWorkload) -> float | None:
@@ -486,6 +489,8 @@ def run_soak(settings: SoakSettings, workdir: Path) -> SoakResults:
     """Each workload against its own fresh server; a failed workload is recorded, not raised."""
     # Every soak connection is a socket on both ends; children inherit the raised limit.
     raise_fd_limit(settings.max_connections * 2 + 1024)
+    if settings.malloc_arena_max is not None:  # the servers inherit it
+        os.environ["MALLOC_ARENA_MAX"] = str(settings.malloc_arena_max)
     results = SoakResults(settings=settings)
     for workload in settings.workloads:
         print(f"== soak: {workload.value}", flush=True)
@@ -631,6 +636,8 @@ def _command(settings: SoakSettings) -> str:
         args += ["--threads", str(settings.threads)]
     if settings.pipeline_process is not None:
         args += ["--pipeline-process", str(settings.pipeline_process).lower()]
+    if settings.malloc_arena_max != 2:
+        args += ["--malloc-arena-max", str(settings.malloc_arena_max or 0)]
     return shlex.join(args)
 
 
@@ -663,7 +670,10 @@ def soak_markdown(results: SoakResults, checks: list[Check]) -> list[str]:
         "(service time: one batch's mean compute for embeddings, one request's mean latency "
         "at capacity for generation). RSS is `VmRSS` of the server process and its children "
         "(an OpenVINO GenAI model's pipeline runs in one), median of 5 reads with the server "
-        "idle.",
+        "idle; the servers run with "
+        + (f"`MALLOC_ARENA_MAX={settings.malloc_arena_max}`" if settings.malloc_arena_max
+           else "the environment's `MALLOC_ARENA_MAX`")
+        + " (README, \"Memory under a varied load\").",
         "",
         "| " + " | ".join(_HEADER) + " |",
         "|---|---|" + "---:|" * (len(_HEADER) - 3) + "---|",
@@ -707,6 +717,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int,
                         help="the model's compute threads (intra_op_threads; default: the "
                              "engine's own, one per core)")
+    parser.add_argument("--malloc-arena-max", type=int, default=2,
+                        help="MALLOC_ARENA_MAX in the servers' environment (default 2; 0: as "
+                             "inherited)")
     return parser
 
 
@@ -723,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workloads = (SoakWorkload(args.only),) if args.only else tuple(SoakWorkload)
     settings = SoakSettings(workloads=workloads, soak_s=args.soak_s, rate=args.rate,
                             capacity_s=args.capacity_s, queue_wait_ms=args.queue_wait_ms,
-                            threads=args.threads,
+                            threads=args.threads, malloc_arena_max=args.malloc_arena_max or None,
                             pipeline_process=(None if args.pipeline_process is None
                                               else args.pipeline_process == "true"))
     started = time.perf_counter()
