@@ -19,7 +19,7 @@ Sections, in order (``--only`` picks some):
 * ``gateway`` (not run by default, about 4 minutes): MiniLM and echo upstreams measured directly
   and through a tidegate gateway (``runtime = "remote"``) at 1, 10 and 64 connections, upstream
   connection reuse, and coalescing on vs off (``bench.gateway``);
-* ``soak`` (not run by default, about 5 minutes): an open-loop load at 4x the measured capacity
+* ``soak`` (not run by default, about 10 minutes): an open-loop load at 4x the measured capacity
   for 60 s (``--soak-s``) against a bounded queue, for embeddings and generation, with its
   status, latency-bound, RSS, log and recovery checks (``bench.soak``);
 * ``ray`` (not run by default, about 4 minutes): MiniLM on single-process tidegate and on a

@@ -10,7 +10,7 @@ For embeddings (the bundled MiniLM, one short sentence per request) and for gene
 1. **capacity**: on a server without the bound in time, a closed-loop run (wrk at 64
    connections for embeddings; as many clients as decode slots for generation) gives
    requests/s (2xx only) and the service time; then the soak's server starts, with it;
-2. **warm-up**: a closed-loop run of the same shape (the recovery's baseline), then a 30 s
+2. **warm-up**: a closed-loop run of the same shape (the recovery's baseline), then a 60 s
    open-loop burst at the soak rate (so the refusal path and the connection pool have been
    exercised and the connections the overload needs are open), then the server's RSS;
 3. **soak**: an open-loop load (``bench.open_loop``: a fixed arrival rate, new connections as
@@ -119,12 +119,15 @@ class SoakSettings:
     """A fixed arrival rate (requests/s) instead of ``overload`` x capacity."""
     capacity_s: int = 10
     warmup_s: int = 3
-    burst_s: float = 30.0
+    burst_s: float = 60.0
     """The warm-up's open-loop burst at the soak rate, long enough for the server's memory to
     reach the overload's high-water mark (the connections and requests in flight at its peak:
     ~8.5 KiB per connection, kept by the allocator after it closes). Repeated 20 s rounds at
     4,800 req/s grew RSS by 3.4 and 4.3 MB, then by 0.3-0.4 MB a round; with a 2 s burst the
-    soak ended 8-10% above the warm-up, with 10 s, 3-5%."""
+    soak ended 8-10% above the warm-up, with 10 s, 3-5%. With ``max_queue_wait_ms`` the
+    batches come in many more shapes and the plateau comes later: 20 s rounds at 3,500 req/s
+    grew RSS by 21, 7, 1.4 and 0.1 MB (``MALLOC_ARENA_MAX=2``), and after a 30 s burst the
+    embeddings soak still ended 5.4% above the warm-up."""
     recovery_s: int = 8
     drain_timeout_s: float = 30.0
     max_connections: int = 2000
