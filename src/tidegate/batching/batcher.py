@@ -104,7 +104,6 @@ class Batcher(Generic[R]):
         self._clock = clock
         self._queue: deque[_Item] = deque()
         self._queued_tokens = 0
-        self._inflight = 0
         self._pending: set[asyncio.Future[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._pumping = False
@@ -123,7 +122,8 @@ class Batcher(Generic[R]):
         self._cost = BatchCost()
         """A batch's time from dispatch to results by its size: ``max_queue_wait_ms``."""
         self._running: dict[int, tuple[int, float]] = {}
-        """Each batch computing now, by number: its inputs and when it was dispatched."""
+        """Each batch computing now, by number: its inputs and when it was dispatched (their
+        count is the batches in flight, for dispatch)."""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -214,7 +214,7 @@ class Batcher(Generic[R]):
         return BatcherStatistics(
             queued_items=len(self._queue),
             queued_tokens=self._queued_tokens,
-            inflight_batches=self._inflight,
+            inflight_batches=len(self._running),
             effective_batch_size=self.batch_size,
             batches=self._batches,
             items=self._items,
@@ -290,7 +290,7 @@ class Batcher(Generic[R]):
             now=self._clock(),
             oldest_enqueued_at=queue[0].enqueued_at if queue else None,
             head_tokens=(item.tokens for item in islice(queue, self.batch_size)),
-            inflight=self._inflight,
+            inflight=len(self._running),
             max_inflight=self._config.concurrency,
             batch_size=self.batch_size,
             max_batch_tokens=self._config.max_batch_tokens,
@@ -331,7 +331,6 @@ class Batcher(Generic[R]):
             item.request.pending -= 1
             tokens += item.tokens
         self._queued_tokens -= tokens
-        self._inflight += 1
         self._batches += 1
         self._items += count
         metrics = self._metrics
@@ -379,7 +378,6 @@ class Batcher(Generic[R]):
         self._finish(items, started, backlogged, batch)
 
     def _finish(self, items: list[_Item], started: float, backlogged: bool, batch: int) -> None:
-        self._inflight -= 1
         self._running.pop(batch, None)
         self._observe(items, started, self._clock(), backlogged)
         self._pump()
